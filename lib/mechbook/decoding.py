@@ -1,0 +1,139 @@
+"""Reading vectors as tokens: the logit lens and top tokens of any residual-space vector.
+
+The logit lens (nostalgebraist 2020; Merullo et al. 2024, section 3) decodes the
+residual stream after a layer with the model's own final norm and unembedding, as
+if the network stopped there. Both pieces come from the model itself, so the lens
+is right for every architecture: LayerNorm for GPT-2, RMSNorm with (1 + w) for
+Gemma, and Gemma 2's final-logit softcapping where the config sets it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechbook.models import LoadedModel
+
+
+def final_norm(model: LoadedModel, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+    """The model's final normalization (``ln_final``), applied to any residual vector."""
+    with torch.inference_mode():
+        return model.bridge.ln_final(resid)
+
+
+def unembed(model: LoadedModel, resid: Float[Tensor, "... d_model"], *, normalize: bool = True) -> Float[Tensor, "... d_vocab"]:
+    """Logits of residual vectors: final norm (unless ``normalize=False``), unembedding, softcap."""
+    with torch.inference_mode():
+        x = final_norm(model, resid) if normalize else resid
+        logits = model.hf_model.get_output_embeddings()(x)
+        cap = model.final_logit_softcap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def token_ranks(logits: Float[Tensor, "... d_vocab"], token_ids: Int[Tensor, "..."]) -> Int[Tensor, "..."]:
+    """1-based rank of each target token in its row of logits (1 = top token)."""
+    target = logits.gather(-1, token_ids.unsqueeze(-1))
+    return (logits > target).sum(-1) + 1
+
+
+def to_str(model: LoadedModel, token_id: int) -> str:
+    """A token as text, with its leading space visible, for tables."""
+    return model.tokenizer.decode([int(token_id)])
+
+
+def resid_post_names(model: LoadedModel) -> list[str]:
+    return [f"blocks.{layer}.hook_resid_post" for layer in range(model.n_layers)]
+
+
+def logit_lens(
+    model: LoadedModel,
+    resid: Float[Tensor, "batch layer d_model"],
+    targets: Mapping[str, Int[Tensor, "batch"]],
+    *,
+    chunk: int = 8,
+) -> pd.DataFrame:
+    """Rank, reciprocal rank and probability of target tokens after every layer.
+
+    ``resid`` holds one residual vector per prompt and layer (usually the last
+    position's ``hook_resid_post``); ``targets`` names token ids per prompt, e.g.
+    ``{"argument": ..., "answer": ...}``. Returns one row per prompt x layer x target.
+    """
+    rows = []
+    n_prompts, n_layers = resid.shape[:2]
+    for start in range(0, n_prompts, chunk):
+        logits = unembed(model, resid[start : start + chunk])  # [b, layer, vocab]
+        logprobs = logits.log_softmax(-1)
+        top = logits.argmax(-1)
+        for name, ids in targets.items():
+            ids_b = ids[start : start + chunk].to(logits.device).unsqueeze(1).expand(-1, n_layers)
+            ranks = token_ranks(logits, ids_b)
+            probs = logprobs.gather(-1, ids_b.unsqueeze(-1)).squeeze(-1).exp()
+            for i in range(ranks.shape[0]):
+                for layer in range(n_layers):
+                    rows.append(
+                        {
+                            "prompt": start + i,
+                            "layer": layer,
+                            "target": name,
+                            "token": to_str(model, ids_b[i, layer]),
+                            "rank": int(ranks[i, layer]),
+                            "reciprocal_rank": 1.0 / float(ranks[i, layer]),
+                            "prob": float(probs[i, layer]),
+                            "top_token": to_str(model, top[i, layer]),
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
+def top_tokens(
+    model: LoadedModel, vector: Float[Tensor, "d_model"], k: int = 10, *, normalize: bool = True
+) -> pd.DataFrame:
+    """The k tokens a residual-space vector promotes most (an MLP output, a difference of residuals).
+
+    ``normalize`` applies the final norm first, as the logit lens does; turn it off
+    to read the raw direction through the unembedding alone.
+    """
+    logits = unembed(model, vector.reshape(-1), normalize=normalize)
+    values, ids = logits.topk(k)
+    return pd.DataFrame(
+        {"rank": range(1, k + 1), "token": [to_str(model, i) for i in ids], "logit": values.tolist()}
+    )
+
+
+def top_tokens_per_layer(model: LoadedModel, resid: Float[Tensor, "layer d_model"], k: int = 5) -> pd.DataFrame:
+    """For one prompt: the top-k tokens of the logit lens after every layer (a table like the paper's)."""
+    logits = unembed(model, resid)
+    probs = logits.softmax(-1)
+    values, ids = probs.topk(k, dim=-1)
+    rows = []
+    for layer in range(resid.shape[0]):
+        for r in range(k):
+            rows.append(
+                {"layer": layer, "rank": r + 1, "token": to_str(model, ids[layer, r]), "prob": float(values[layer, r])}
+            )
+    return pd.DataFrame(rows)
+
+
+def single_token_id(model: LoadedModel, text: str) -> int:
+    """The id of ``text`` if it is exactly one token (no BOS), else a clear error."""
+    from mechbook.errors import MechbookError
+
+    ids = model.tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        pieces = model.tokenizer.convert_ids_to_tokens(ids)
+        raise MechbookError(
+            f"{text!r} is {len(ids)} tokens for {model.name} ({pieces}); use a single-token answer "
+            "or score it on its first token"
+        )
+    return ids[0]
+
+
+def stack_layers(cache: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
+    """Stack per-layer cached vectors ``[batch, d]`` into ``[batch, layer, d]``."""
+    return torch.stack([cache[n] for n in names], dim=1)

