@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mechbook.errors import MechbookError
 from mechbook.models import LoadedModel

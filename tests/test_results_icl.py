@@ -1,0 +1,64 @@
+"""Chapter results are published whole or not at all; the in-context helpers on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from mechbook import icl, results
+from mechbook.errors import MechbookError
+from mechbook.tasks import build_prompts
+
+
+def test_results_appear_only_when_finished(tmp_path):
+    saved = results.ChapterResults("a1", "org/model", root=tmp_path)
+    saved.save("table", pd.DataFrame({"x": [1, 2]}))
+    saved.save("facts", {"layer": 3})
+    final = tmp_path / "org--model" / "a1"
+    assert not final.exists()
+    assert results.complete_runs(tmp_path) == {}
+    saved.finish()
+    assert sorted(p.name for p in final.iterdir()) == ["_complete.json", "facts.json", "table.csv"]
+    assert results.complete_runs(tmp_path) == {"org/model": ["a1"]}
+    assert results.load_table("a1", "table", root=tmp_path)["model"].tolist() == ["org/model"] * 2
+
+
+def test_a_dying_rerun_keeps_the_previous_results(tmp_path):
+    first = results.ChapterResults("a1", "m", root=tmp_path)
+    first.save("table", pd.DataFrame({"x": [1]}))
+    first.finish()
+    second = results.ChapterResults("a1", "m", root=tmp_path)
+    second.save("table", pd.DataFrame({"x": [99]}))
+    # never finished: the process died
+    assert results.load_table("a1", "table", root=tmp_path)["x"].tolist() == [1]
+
+
+def test_results_from_an_older_format_are_refused_with_the_fix(tmp_path):
+    saved = results.ChapterResults("a1", "m", root=tmp_path)
+    saved.finish()
+    marker = tmp_path / "m" / "a1" / results.MARKER
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "format": 0}))
+    with pytest.raises(MechbookError, match="rerun that chapter"):
+        results.complete_runs(tmp_path)
+
+
+def test_missing_results_name_the_chapter(tmp_path):
+    with pytest.raises(MechbookError, match="run the chapter first"):
+        results.load_table("a9", "table", root=tmp_path)
+
+
+def test_accuracy_and_lens_tables_on_a_tiny_model(tiny_gpt2):
+    prompts = build_prompts("capitals", tiny_gpt2, n=4, multi_token="first")
+    logits, resid = icl.run_prompts(tiny_gpt2, prompts)
+    assert resid.shape == (4, tiny_gpt2.n_layers, tiny_gpt2.d_model)
+    acc = icl.accuracy_table(tiny_gpt2, prompts, logits)
+    assert len(acc) == 4 and set(acc.columns) >= {"correct", "answer_rank", "answer_prob"}
+    assert (acc.correct == (acc.answer_rank == 1)).all()
+    lens = icl.lens_table(tiny_gpt2, prompts, resid)
+    assert len(lens) == 4 * tiny_gpt2.n_layers * 2
+    last = lens[lens.layer == tiny_gpt2.n_layers - 1].query("target == 'answer'")
+    assert last["rank"].tolist() == acc.answer_rank.tolist()
+    first = icl.first_top1_layer(lens)
+    assert len(first) == 4
