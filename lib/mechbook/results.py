@@ -4,7 +4,7 @@ Each chapter writes its key tables under ``<root>/<model>/<chapter>/`` as CSV or
 JSON. Files go to a staging folder first and the folder is swapped into place by
 :meth:`ChapterResults.finish`, so a chapter that dies halfway leaves the previous
 complete results untouched and never a half-written set. A ``_complete.json``
-marker, written last, records the model, chapter, library version and time.
+marker, written last, records the model, chapter, library version and files.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +67,11 @@ class ChapterResults:
 
     def finish(self) -> Path:
         """Publish the staged files as the chapter's complete results."""
+        from mechbook import __version__
+
+        # No timestamp: re-running unchanged code must leave committed results unchanged.
         marker = {"model": self.model_name, "chapter": self.chapter, "format": FORMAT,
-                  "files": sorted(self.written), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                  "mechbook": __version__, "files": sorted(self.written)}
         (self._staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         old = None
         if self.final.exists():
