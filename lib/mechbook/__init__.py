@@ -1,5 +1,11 @@
 """mechbook: hooking, patching and vector decoding for the book's chapters."""
 
+import warnings as _warnings
+
+# transformers and transformer-lens import tqdm.auto, which warns on stderr in a kernel
+# without ipywidgets; our own bars are plain tqdm, hidden when stderr is not a terminal.
+_warnings.filterwarnings("ignore", message="IProgress not found")
+
 from mechbook.errors import MechbookError
 from mechbook.models import DEFAULT_MODEL, LoadedModel, known_models, load_model
 
