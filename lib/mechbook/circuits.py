@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mechbook.errors import MechbookError
 from mechbook.hooks import HookFn, TokenBatch, run_last, temporary_hooks
