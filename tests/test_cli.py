@@ -65,9 +65,9 @@ def _cells_output(path: Path) -> str:
 
 
 def test_chapters_in_book_order(tmp_path: Path) -> None:
-    for stem in ["b1_x", "a10_x", "a2_x", "a1_x", "intro", "ab_not", "c1_other_paper"]:
+    for stem in ["c1_across", "b1_x", "a10_x", "a2_x", "a1_x", "intro", "ab_not", "d1_unknown_part"]:
         (tmp_path / f"{stem}.ipynb").write_text("{}")
-    assert [c.key for c in cli.find_chapters(tmp_path)] == ["a1", "a2", "a10", "b1"]
+    assert [c.key for c in cli.find_chapters(tmp_path)] == ["a1", "a2", "a10", "b1", "c1"]  # across-models last
 
 
 def test_select_chapters_by_key_or_stem(repo: Path) -> None:
@@ -257,3 +257,128 @@ def test_build_runs_jupyter_book_with_warnings_as_errors(
     assert Path(command[0]).name == "jupyter-book"
     assert command[1:] == ["build", ".", "-W", "-n", "--keep-going"]
     assert kwargs["cwd"] == repo.resolve()
+
+
+# ------------------------------------------------------------ parameters from -p
+
+
+def test_parameter_reaches_only_the_chapters_that_take_it(repo: Path, capsys: pytest.CaptureFixture) -> None:
+    nb = nbformat.read(repo / "book" / "a1_first.ipynb", as_version=4)
+    nb.cells[1].source += "\nn_prompts = 8"
+    nb.cells[2].source = "print(model_name, n_prompts + 1)"
+    nbformat.write(nb, repo / "book" / "a1_first.ipynb")
+    out = repo / "runs"
+    code = cli.main(["--root", str(repo), "run", "--model", DEFAULT_MODEL, "--chapters", "a1", "b1",
+                     "--out", str(out), "-p", "n_prompts=16"])
+    assert code == 0, capsys.readouterr().out
+    assert _cells_output(out / DEFAULT_MODEL / "a1_first.ipynb") == f"{DEFAULT_MODEL} 17\n"
+    b1 = nbformat.read(out / DEFAULT_MODEL / "b1_third.ipynb", as_version=4)
+    assert "n_prompts" not in "".join(c.source for c in b1.cells)  # b1 does not take it: not injected
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("n_prompts=many", "mechbook: error: chapter a1: parameter n_prompts = 'many' is not an integer like its "
+                           "default; pass e.g. -p n_prompts=8\n"),
+        ("n_prompts=True", "is not an integer like its default; pass e.g. -p n_prompts=8\n"),
+        ("threshold=0.5", "no chosen chapter takes parameter 'threshold'; they take: n_prompts, seed\n"),
+        ("n_prompts", "parameter 'n_prompts' is not NAME=VALUE; write e.g. -p n_prompts=16\n"),
+        ("model_name=gpt2", "set the model with --model, not -p model_name=...\n"),
+    ],
+)
+def test_parameters_papermill_cannot_use_are_one_line_errors(
+    repo: Path, capsys: pytest.CaptureFixture, given: str, message: str
+) -> None:
+    nb = nbformat.read(repo / "book" / "a1_first.ipynb", as_version=4)
+    nb.cells[1].source += "\nn_prompts = 8\nseed = 0"
+    nbformat.write(nb, repo / "book" / "a1_first.ipynb")
+    code = cli.main(["--root", str(repo), "run", "--model", DEFAULT_MODEL, "--chapters", "a1", "-p", given])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("mechbook: error: ") and err.endswith(message)
+    assert not (repo / "runs").exists()  # refused before any notebook ran
+
+
+def test_a_parameter_with_an_expression_default_is_passed_as_given(repo: Path) -> None:
+    nb = nbformat.read(repo / "book" / "a1_first.ipynb", as_version=4)
+    nb.cells[1].source += "\nthreshold = 1 / 5"
+    nbformat.write(nb, repo / "book" / "a1_first.ipynb")
+    chapters = cli.select_chapters(repo / "book", ["a1"])
+    assert cli.chapter_parameters(chapters, "m", ["threshold=0.3"]) == {"a1": {"model_name": "m", "threshold": 0.3}}
+
+
+def test_coerce_parameter_follows_the_default() -> None:
+    assert cli.coerce_parameter("x", 3, 0.5, "c") == 3.0 and isinstance(cli.coerce_parameter("x", 3, 0.5, "c"), float)
+    assert cli.coerce_parameter("x", 7, "abc", "c") == "7"  # a string parameter takes any text
+    assert cli.coerce_parameter("x", [1, 2], (0,), "c") == (1, 2)
+    assert cli.coerce_parameter("x", "anything", None, "c") == "anything"
+    with pytest.raises(MechbookError, match="pass e.g. -p x=False"):
+        cli.coerce_parameter("x", 1, False, "c")
+
+
+# ------------------------------------------------------------- across-models chapters
+
+
+def _results_reader(path: Path) -> Path:
+    """An across-models chapter: lists the models with results, as c1 does."""
+    return _chapter(path, body="from mechbook import results\nprint(sorted(results.complete_runs()))")
+
+
+def _a1_writing_results(repo: Path) -> None:
+    _chapter(repo / "book" / "a1_first.ipynb",
+             body="from mechbook import results\nresults.ChapterResults('a1_first', model_name).finish()")
+
+
+def test_across_models_chapter_runs_last_and_the_book_copy_is_updated(
+    repo: Path, capsys: pytest.CaptureFixture
+) -> None:
+    _results_reader(repo / "book" / "c1_across.ipynb")
+    _a1_writing_results(repo)
+    out = repo / "runs"
+    code = cli.main(["--root", str(repo), "run", "--model", "smollm2-135m", "--chapters", "c1", "a1", "--out", str(out)])
+    summary = capsys.readouterr().out
+    assert code == 0, summary
+    rows = [row.split() for row in summary.strip().splitlines()[2:]]
+    assert [(r[0], r[1], Path(r[3]).parent.name) for r in rows] == [
+        ("a1", "ok", "smollm2-135m"), ("c1", "ok", "smollm2-135m"), ("c1", "ok", "book")]
+    assert (repo / "results" / "smollm2-135m" / "a1_first" / "_complete.json").exists()
+    assert _cells_output(out / "smollm2-135m" / "c1_across.ipynb") == "['smollm2-135m']\n"
+    assert _cells_output(repo / "book" / "c1_across.ipynb") == "['smollm2-135m']\n"  # what `mechbook build` shows
+    assert "papermill" not in json.loads((repo / "book" / "c1_across.ipynb").read_text())["metadata"]
+
+
+def test_no_book_update(repo: Path, capsys: pytest.CaptureFixture) -> None:
+    book_copy = _results_reader(repo / "book" / "c1_across.ipynb")
+    before = book_copy.read_bytes()
+    _a1_writing_results(repo)
+    assert cli.main(["--root", str(repo), "run", "--model", DEFAULT_MODEL, "--chapters", "a1",
+                     "--out", str(repo / "runs"), "--no-book-update"]) == 0
+    assert book_copy.read_bytes() == before
+    assert [row.split()[0] for row in capsys.readouterr().out.strip().splitlines()[2:]] == ["a1"]
+
+
+def test_results_of_an_older_version_stop_an_across_models_run(repo: Path, capsys: pytest.CaptureFixture) -> None:
+    _results_reader(repo / "book" / "c1_across.ipynb")
+    old = repo / "results" / "gpt2" / "a2_second"
+    old.mkdir(parents=True)
+    (old / "accuracy.csv").write_text("task,accuracy\ncapitals,0.5\n")  # no _complete.json: before markers existed
+    code = cli.main(["--root", str(repo), "run", "--model", DEFAULT_MODEL, "--chapters", "c1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "written by an older mechbook" in err and "python -m mechbook run --model gpt2 --chapters a2" in err
+    # the run that rewrites it is allowed
+    _chapter(repo / "book" / "a2_second.ipynb",
+             body="from mechbook import results\nresults.ChapterResults('a2_second', model_name).finish()")
+    code = cli.main(["--root", str(repo), "run", "--model", "gpt2", "--chapters", "a2", "c1", "--out", str(repo / "runs")])
+    assert code == 0, capsys.readouterr()
+    assert _cells_output(repo / "runs" / "gpt2" / "c1_across.ipynb") == "['gpt2']\n"
+
+
+def test_refresh_of_an_across_models_chapter_checks_the_results(repo: Path, capsys: pytest.CaptureFixture) -> None:
+    _results_reader(repo / "book" / "c1_across.ipynb")
+    saved = repo / "results" / "smollm2-135m" / "b1_third"
+    saved.mkdir(parents=True)
+    (saved / "_complete.json").write_text(json.dumps({"model": "smollm2-135m", "chapter": "b1_third", "format": 0}))
+    assert cli.main(["--root", str(repo), "refresh", "--chapters", "c1"]) == 2
+    assert "(format 0, now 1)" in capsys.readouterr().err

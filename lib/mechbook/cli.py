@@ -1,17 +1,20 @@
 """The command line: list models, run the chapters on a model, build and refresh the book.
 
     python -m mechbook models
-    python -m mechbook run --model smollm2-135m [--chapters a1 b2] [--out runs]
+    python -m mechbook run --model smollm2-135m [--chapters a1 b2] [--out runs] [-p n_prompts=16]
     python -m mechbook build
     python -m mechbook refresh [--chapters a1]
 
-Chapters are the notebooks ``book/a*.ipynb`` (Paper A) and ``book/b*.ipynb`` (Paper B);
+Chapters are the notebooks ``book/a*.ipynb`` (Paper A), ``book/b*.ipynb`` (Paper B) and
+``book/c*.ipynb`` (across models: they read the others' results, so they run last);
 ``a1`` names ``book/a1_logit_lens_capitals.ipynb``. Every notebook is executed by
 papermill with ``book/`` as working directory and the venv's ``python3`` kernel, and is
 written under a temporary name that is renamed into place only when complete, so a
 killed run never leaves a half-written notebook behind.
 
-Bad input (unknown model, unknown chapter) prints one line to stderr and exits with 2.
+Bad input (unknown model or chapter, a parameter a chapter does not take or whose value
+does not fit its default's type, results written by an older mechbook) prints one line
+to stderr and exits with 2, before any notebook starts.
 """
 
 from __future__ import annotations
@@ -31,10 +34,13 @@ from typing import Any, Sequence
 
 from mechbook.errors import MechbookError
 from mechbook.models import DEFAULT_MODEL, REGISTRY, cached_model_dir, known_models
-from mechbook.results import safe_name
+from mechbook.results import RESULTS_ENV, check_results, safe_name
 
 KERNEL_NAME = "python3"
-CHAPTER_PATTERN = re.compile(r"^(?P<paper>[ab])(?P<number>\d+)(?:_|$)")
+# a<N>: Paper A, b<N>: Paper B, c<N>: across models (reads the other chapters' results).
+# Chapters run in book order: by letter, then number, so c-chapters run after the ones they read.
+CHAPTER_PATTERN = re.compile(r"^(?P<paper>[abc])(?P<number>\d+)(?:_|$)")
+CROSS_MODEL_PREFIX = "c"
 TEMP_DIR_NAME = ".mechbook-tmp"  # hidden: neither jupyter-book nor pytest looks inside
 BUILD_ARGS = ["build", ".", "-W", "-n", "--keep-going"]  # warnings (and broken references) are errors
 
@@ -75,7 +81,7 @@ def find_root(start: Path | None = None) -> Path:
 
 
 def find_chapters(book_dir: Path) -> list[Chapter]:
-    """Every chapter notebook in ``book_dir``, Paper A first, then by number (a2 before a10)."""
+    """Every chapter notebook in ``book_dir``: Paper A, Paper B, then across-models, each by number (a2 before a10)."""
     chapters = []
     for path in book_dir.glob("*.ipynb"):
         match = CHAPTER_PATTERN.match(path.stem)
@@ -88,7 +94,7 @@ def select_chapters(book_dir: Path, wanted: Sequence[str] | None) -> list[Chapte
     """The chapters named by short key (``a1``) or file stem, in book order; all if none named."""
     chapters = find_chapters(book_dir)
     if not chapters:
-        raise MechbookError(f"no chapter notebooks (a*.ipynb, b*.ipynb) in {book_dir}")
+        raise MechbookError(f"no chapter notebooks (a*.ipynb, b*.ipynb, c*.ipynb) in {book_dir}")
     if not wanted:
         return chapters
     by_name = {c.key: c for c in chapters} | {c.stem: c for c in chapters}
@@ -125,6 +131,106 @@ def parameters_cell_defaults(nb: Any) -> dict[str, Any]:
                         defaults[node.targets[0].id] = ast.unparse(node.value)
             return defaults
     raise MechbookError("it has no code cell tagged 'parameters'; tag the cell that sets model_name")
+
+
+def parse_parameter(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` from the command line; VALUE is read as a Python literal, else kept as text."""
+    name, sep, raw = text.partition("=")
+    name = name.strip()
+    if not sep or not name.isidentifier():
+        raise MechbookError(f"parameter {text!r} is not NAME=VALUE; write e.g. -p n_prompts=16")
+    if name == "model_name":
+        raise MechbookError("set the model with --model, not -p model_name=...")
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        value = raw
+    return name, value
+
+
+_KIND_NAMES = {bool: "True or False", int: "an integer", float: "a number", list: "a list", tuple: "a list"}
+
+
+def coerce_parameter(name: str, value: Any, default: Any, where: str) -> Any:
+    """``value`` as the type of the chapter's default, or a MechbookError that shows a value that fits.
+
+    Papermill injects whatever it is given; a string where the chapter expects an int
+    would only fail deep inside the notebook.
+    """
+    if default is None or isinstance(default, str):
+        return value if default is None else str(value)
+    kind = type(default)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind in (list, tuple):
+        ok = isinstance(value, (list, tuple))
+        value = kind(value) if ok else value
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise MechbookError(
+            f"{where}: parameter {name} = {value!r} is not {_KIND_NAMES.get(kind, kind.__name__)} like its default; "
+            f"pass e.g. -p {name}={default!r}"
+        )
+    return value
+
+
+def chapter_parameters(chapters: Sequence[Chapter], model: str, given: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Chapter key -> papermill parameters: the model, and each ``-p`` value the chapter's parameters cell takes."""
+    import nbformat
+
+    pairs = [parse_parameter(text) for text in given]
+    notebooks = {c.key: nbformat.read(c.path, as_version=4) for c in chapters}
+    defaults = {key: parameters_cell_defaults(nb) for key, nb in notebooks.items()}
+    # A default written as an expression (``threshold = 1 / 5``) has no literal type to check against.
+    for key, nb in notebooks.items():
+        defaults[key] |= {name: None for name in _expression_parameters(nb)}
+    for name, _ in pairs:
+        if not any(name in d for d in defaults.values()):
+            takes = sorted({p for d in defaults.values() for p in d} - {"model_name"})
+            raise MechbookError(
+                f"no chosen chapter takes parameter {name!r}; they take: {', '.join(takes) or 'only model_name'}"
+            )
+    return {
+        c.key: {"model_name": model} | {
+            name: coerce_parameter(name, value, defaults[c.key][name], f"chapter {c.key}")
+            for name, value in pairs if name in defaults[c.key]
+        }
+        for c in chapters
+    }
+
+
+def _expression_parameters(nb: Any) -> set[str]:
+    """Names in the parameters cell assigned something other than a literal."""
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
+            names = set()
+            for node in ast.parse(cell.source).body:
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                    try:
+                        ast.literal_eval(node.value)
+                    except ValueError:
+                        names.add(node.targets[0].id)
+            return names
+    return set()
+
+
+def check_results_for(chapters: Sequence[Chapter], model: str, results_root: Path) -> None:
+    """Before an across-models chapter runs, refuse old results it would read (unless this run rewrites them)."""
+    if not any(c.key.startswith(CROSS_MODEL_PREFIX) for c in chapters):
+        return
+    check_results(results_root, skip={(safe_name(model), c.stem) for c in chapters})
+
+
+def results_root(root: Path) -> Path:
+    """Where the chapters write their results: ``$MECHBOOK_RESULTS`` or ``results/`` in the repository."""
+    env = os.environ.get(RESULTS_ENV)
+    return Path(env) if env else root / "results"
 
 
 # --------------------------------------------------------------------------- execution
@@ -232,8 +338,12 @@ def run_chapters(
     parameters: dict[str, Any] | None,
     strip: bool,
     stop_on_failure: bool,
+    chapter_parameters: dict[str, dict[str, Any]] | None = None,
 ) -> list[ChapterResult]:
-    """Execute chapters one after another; a failure is recorded and later chapters still run."""
+    """Execute chapters one after another; a failure is recorded and later chapters still run.
+
+    ``chapter_parameters`` (chapter key -> parameters), when given, replaces ``parameters``.
+    """
     results = []
     for chapter in chapters:
         if out_dir is None:  # refresh: in place
@@ -247,7 +357,7 @@ def run_chapters(
                 chapter.path,
                 dest,
                 cwd=book_dir,
-                parameters=parameters,
+                parameters=chapter_parameters[chapter.key] if chapter_parameters else parameters,
                 label=chapter.key,
                 strip=strip,
                 failed_dest=failed_dest,
@@ -343,6 +453,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     book_dir = root / "book"
     chapters = select_chapters(book_dir, args.chapters)
     _check_parameters(chapters)
+    parameters = chapter_parameters(chapters, args.model, args.parameter or [])
+    check_results_for(chapters, args.model, results_root(root))
     out_root = args.out if args.out.is_absolute() else Path.cwd() / args.out
     out_dir = out_root / safe_name(args.model)  # same folder name as results/<model>/
     results = run_chapters(
@@ -350,11 +462,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         book_dir=book_dir,
         out_dir=out_dir,
         parameters={"model_name": args.model},
+        chapter_parameters=parameters,
         strip=False,
         stop_on_failure=args.stop_on_failure,
     )
+    expected = len(chapters)
+    # New results of this model: re-execute the book's across-models chapters in place, so that
+    # `mechbook build` shows the model beside the others (they load no model: seconds).
+    across = [c for c in find_chapters(book_dir) if c.key.startswith(CROSS_MODEL_PREFIX)]
+    wrote = any(r.status == "ok" and not r.chapter.startswith(CROSS_MODEL_PREFIX) for r in results)
+    if across and wrote and not args.no_book_update and len(results) == len(chapters):
+        _check_parameters(across, require_default=True)
+        results += run_chapters(across, book_dir=book_dir, out_dir=None, parameters=None, strip=True,
+                                stop_on_failure=False)
+        expected += len(across)
     print(summary_table(results))
-    return 0 if all(r.status == "ok" for r in results) and len(results) == len(chapters) else 1
+    return 0 if all(r.status == "ok" for r in results) and len(results) == expected else 1
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
@@ -362,6 +485,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     book_dir = root / "book"
     chapters = select_chapters(book_dir, args.chapters)
     _check_parameters(chapters, require_default=True)
+    check_results_for(chapters, DEFAULT_MODEL, results_root(root))
     results = run_chapters(
         chapters, book_dir=book_dir, out_dir=None, parameters=None, strip=True, stop_on_failure=args.stop_on_failure
     )
@@ -423,12 +547,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="execute chapters on a model into runs/<model>/",
         description="Execute chapter notebooks on MODEL into OUT/<model>/<chapter>.ipynb. A chapter that "
         "fails is reported (its executed copy is saved as <chapter>.failed.ipynb) and the later "
-        "chapters still run, unless --stop-on-failure. Exit code 1 if any chapter failed.",
+        "chapters still run, unless --stop-on-failure. Results go to results/<model>/; the book's "
+        "across-models chapters are then re-executed in place so that `mechbook build` shows the model. "
+        "Exit code 1 if any chapter failed.",
     )
     run.add_argument("--model", required=True, help="registry name (see: mechbook models) or local model folder")
     run.add_argument("--chapters", nargs="+", metavar="CHAPTER", help="e.g. a1 b2 (default: all)")
     run.add_argument("--out", type=Path, default=Path("runs"), help="output folder (default: runs/)")
     run.add_argument("--stop-on-failure", action="store_true", help="stop at the first failing chapter")
+    run.add_argument(
+        "-p", "--parameter", action="append", metavar="NAME=VALUE",
+        help="set a parameter of the chapters whose parameters cell has it, e.g. -p n_prompts=16 (repeatable)",
+    )
+    run.add_argument(
+        "--no-book-update", action="store_true",
+        help="do not re-execute the book's across-models chapters (book/c*.ipynb) in place after the run",
+    )
     run.set_defaults(func=cmd_run)
 
     build = commands.add_parser("build", help="build the HTML book from the committed outputs (no execution)")

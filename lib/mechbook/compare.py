@@ -3,50 +3,442 @@
 Reads whatever complete chapter results exist under the results folder (one folder per
 model, see :mod:`mechbook.results`), so a new run on another model shows up without
 code changes. Numbers the papers report for their own models are kept here, each with
-where it comes from, and are always marked as the paper's.
+where it comes from, and are always marked as the paper's ("GPT-2 small (paper)").
+
+Every ``*_table`` function returns a tidy DataFrame with a ``model`` column, or None when
+no model has the chapter's results (or they lack the columns this module reads);
+:func:`missing_note` then says which command writes them.
 """
 
 from __future__ import annotations
 
+import re
+from itertools import combinations
 from pathlib import Path
+from typing import Sequence
 
+import matplotlib.pyplot as plt
 import pandas as pd
+import seaborn as sns
 
 from mechbook.errors import MechbookError
-from mechbook.results import load_table
+from mechbook.results import load_json, load_table
 
-# The papers' numbers, as (quantity, task, model, value, source). Only what PAPERS.md lists.
+PAPER_SUFFIX = " (paper)"
+
+# The papers' numbers, as (quantity, task, condition, model, value, source). Only what PAPERS.md lists.
 PAPER_NUMBERS = pd.DataFrame(
     [
-        ("function layer, fraction of depth", "capitals", "GPT-2 medium (paper)", 2 / 3, "Paper A §3: about 2/3 of the way"),
-        ("transplant failure, in-domain", "capitals", "GPT-2 (paper)", 0.37, "Paper A §4"),
-        ("transplant failure, out-of-domain", "capitals", "GPT-2 (paper)", 0.20, "Paper A §4"),
-        ("transplant failure, in-domain", "uppercase", "GPT-2 (paper)", 0.04, "Paper A §4"),
-        ("transplant failure, out-of-domain", "uppercase", "GPT-2 (paper)", 0.05, "Paper A §4"),
-        ("transplant failure, in-domain", "past_tense", "GPT-2 (paper)", 0.19, "Paper A §4"),
-        ("transplant failure, out-of-domain", "past_tense", "GPT-2 (paper)", 0.22, "Paper A §4"),
-        ("circuit score on numerals (%)", "numerals circuit", "GPT-2 small (paper)", 81.0, "Paper B, cross-task table"),
-        ("circuit score on number words (%)", "numerals circuit", "GPT-2 small (paper)", 48.4, "Paper B, cross-task table"),
-        ("circuit score on numerals (%)", "numwords circuit", "GPT-2 small (paper)", 87.3, "Paper B, cross-task table"),
-        ("circuit score on number words (%)", "numwords circuit", "GPT-2 small (paper)", 81.1, "Paper B, cross-task table"),
-        ("circuit score on numerals (%)", "months circuit", "GPT-2 small (paper)", 43.7, "Paper B, cross-task table"),
-        ("circuit score on number words (%)", "months circuit", "GPT-2 small (paper)", 32.4, "Paper B, cross-task table"),
-        ("circuit heads", "numerals", "GPT-2 small (paper)", 14, "Paper B circuit files"),
-        ("circuit heads", "numwords", "GPT-2 small (paper)", 19, "Paper B circuit files"),
-        ("circuit heads", "months", "GPT-2 small (paper)", 13, "Paper B circuit files"),
+        ("function layer, fraction of depth", "capitals", "", "GPT-2 medium (paper)", 2 / 3, "Paper A §3: about 2/3 of the way"),
+        ("transplant failure, in-domain", "capitals", "", "GPT-2 (paper)", 0.37, "Paper A §4"),
+        ("transplant failure, out-of-domain", "capitals", "", "GPT-2 (paper)", 0.20, "Paper A §4"),
+        ("transplant failure, in-domain", "uppercase", "", "GPT-2 (paper)", 0.04, "Paper A §4"),
+        ("transplant failure, out-of-domain", "uppercase", "", "GPT-2 (paper)", 0.05, "Paper A §4"),
+        ("transplant failure, in-domain", "past_tense", "", "GPT-2 (paper)", 0.19, "Paper A §4"),
+        ("transplant failure, out-of-domain", "past_tense", "", "GPT-2 (paper)", 0.22, "Paper A §4"),
+        ("FFN ablation, accuracy drop", "uppercase", "abstractive", "BLOOM-176B (paper)", 0.73, "Paper A §5: top 24 of 70 FFNs removed"),
+        ("FFN ablation, accuracy drop", "uppercase", "extractive", "BLOOM-176B (paper)", 0.17, "Paper A §5: top 24 of 70 FFNs removed"),
+        ("circuit score on numerals (%)", "numerals circuit", "", "GPT-2 small (paper)", 81.0, "Paper B, cross-task table"),
+        ("circuit score on number words (%)", "numerals circuit", "", "GPT-2 small (paper)", 48.4, "Paper B, cross-task table"),
+        ("circuit score on numerals (%)", "numwords circuit", "", "GPT-2 small (paper)", 87.3, "Paper B, cross-task table"),
+        ("circuit score on number words (%)", "numwords circuit", "", "GPT-2 small (paper)", 81.1, "Paper B, cross-task table"),
+        ("circuit score on numerals (%)", "months circuit", "", "GPT-2 small (paper)", 43.7, "Paper B, cross-task table"),
+        ("circuit score on number words (%)", "months circuit", "", "GPT-2 small (paper)", 32.4, "Paper B, cross-task table"),
+        ("circuit heads", "numerals", "", "GPT-2 small (paper)", 14, "Paper B circuit files"),
+        ("circuit heads", "numwords", "", "GPT-2 small (paper)", 19, "Paper B circuit files"),
+        ("circuit heads", "months", "", "GPT-2 small (paper)", 13, "Paper B circuit files"),
+        ("heads in all three circuits", "all", "", "GPT-2 small (paper)", 8, "Paper B: 0.1 4.4 6.1 6.6 6.10 7.11 8.8 9.1"),
+        ("MLPs in all three circuits", "all", "", "GPT-2 small (paper)", 10, "Paper B: MLPs 0-4 and 6-10"),
     ],
-    columns=["quantity", "task", "model", "value", "source"],
+    columns=["quantity", "task", "condition", "model", "value", "source"],
 )
-
-
-def collect(chapter: str, name: str, root: str | Path | None = None) -> pd.DataFrame | None:
-    """A chapter's table across every model that has complete results, or None if no model has."""
-    try:
-        return load_table(chapter, name, root=root)
-    except MechbookError:
-        return None
+GPT2_SMALL_HEADS = 12 * 12
+PAPER_TASK_NAMES = {"number words": "numwords", "numerals": "numerals"}
+# The book stands in its "capitalize" task (red -> Red) for the paper's uppercasing, as chapters a5 and a6 do.
+BOOK_TASK = {"uppercase": "capitalize"}
 
 
 def paper_rows(quantity_prefix: str) -> pd.DataFrame:
     """The papers' numbers whose quantity starts with ``quantity_prefix``."""
     return PAPER_NUMBERS[PAPER_NUMBERS.quantity.str.startswith(quantity_prefix)].reset_index(drop=True)
+
+
+def is_paper(model: str) -> bool:
+    return model.endswith(PAPER_SUFFIX)
+
+
+# ------------------------------------------------------------------------ reading
+
+
+def collect(chapter: str, name: str, root: str | Path | None = None, columns: Sequence[str] = ()) -> pd.DataFrame | None:
+    """A chapter's table across every model that has complete results, or None if no model has.
+
+    Models whose table lacks one of ``columns`` (results of another version of the
+    chapter) are left out, so that one odd folder does not hide the others.
+    """
+    try:
+        table = load_table(chapter, name, root=root)
+    except MechbookError as exc:
+        if "no complete results" in str(exc):
+            return None
+        raise
+    if columns:
+        complete = table.groupby("model", sort=False)[list(columns)].apply(lambda t: t.notna().any().all()) \
+            if set(columns) <= set(table.columns) else pd.Series(False, index=table.model.unique())
+        table = table[table.model.isin(complete[complete].index)]
+    return table.reset_index(drop=True) if len(table) else None
+
+
+def chapter_key(chapter: str) -> str:
+    """``b2_node_pruning`` -> ``b2``."""
+    match = re.match(r"^([a-z]\d+)", chapter)
+    return match[1] if match else chapter
+
+
+def missing_note(chapter: str, model_name: str = "gemma3-270m") -> str:
+    """The one line shown where a chapter's results are absent for every model."""
+    return (f"No model has results of chapter `{chapter}` yet: `python -m mechbook run --model {model_name} "
+            f"--chapters {chapter_key(chapter)}` writes them (any model name from `python -m mechbook models`).")
+
+
+def order_models(models: Sequence[str], first: str | None = None) -> list[str]:
+    """Measured models (``first`` leading, the rest by name), then the papers' models."""
+    unique = list(dict.fromkeys(models))
+    measured = sorted(m for m in unique if not is_paper(m))
+    if first in measured:
+        measured = [first] + [m for m in measured if m != first]
+    return measured + sorted(m for m in unique if is_paper(m))
+
+
+def model_palette(models: Sequence[str]) -> dict[str, object]:
+    """Colours for measured models, greys for the papers' models, the same in every figure."""
+    measured = [m for m in models if not is_paper(m)]
+    papers = [m for m in models if is_paper(m)]
+    colours = dict(zip(measured, sns.color_palette("deep", max(len(measured), 1))))
+    greys = sns.color_palette("Greys", len(papers) + 2)[2:] if papers else []
+    return colours | dict(zip(papers, greys))
+
+
+# ------------------------------------------------------------------- the sections
+
+
+def icl_accuracy_table(root: str | Path | None = None) -> pd.DataFrame | None:
+    """Paper A, chapter a2: in-context accuracy per task (all items of a task)."""
+    table = collect("a2_tasks_accuracy", "accuracy", root, ["task", "group", "accuracy", "n"])
+    if table is None:
+        return None
+    table = table[table.group == "all"]
+    keep = [c for c in ["model", "task", "n_shots", "n", "accuracy", "ci_low", "ci_high"] if c in table.columns]
+    return table[keep].reset_index(drop=True)
+
+
+def function_layer_table(root: str | Path | None = None) -> pd.DataFrame | None:
+    """Paper A, chapters a3/a4: where the function is applied, as a fraction of depth, with the paper's 2/3."""
+    frames = []
+    stages = collect("a3_three_stages", "stages", root, ["task", "stage", "median_layer", "fraction_of_depth", "n_layers"])
+    if stages is not None:
+        stages = stages[stages.stage == "function_application"]
+        frames.append(stages.assign(measure="a3: answer overtakes the argument (logit lens)"))
+    update = collect("a4_ffn_update", "function_layer", root, ["task", "median_layer", "fraction_of_depth", "n_layers"])
+    if update is not None:
+        frames.append(update.assign(measure="a4: the MLP that raises the answer most"))
+    if not frames:
+        return None
+    cols = ["model", "task", "measure", "median_layer", "n_layers", "fraction_of_depth"]
+    measured = pd.concat([f[cols] for f in frames], ignore_index=True)
+    paper = paper_rows("function layer").assign(median_layer=float("nan"), n_layers=float("nan"),
+                                                 fraction_of_depth=lambda t: t.value)
+    # The paper's one number stands beside each measure.
+    paper = pd.concat([paper.assign(measure=measure) for measure in measured.measure.unique()], ignore_index=True)
+    return pd.concat([measured, paper[cols]], ignore_index=True)
+
+
+TRANSPLANT_METHOD = "replace FFNs with o"  # the paper's set-up: o stands in for the later FFNs
+
+
+def transplant_table(root: str | Path | None = None, method: str = TRANSPLANT_METHOD) -> pd.DataFrame | None:
+    """Paper A, chapter a5: how often transplanting o has no effect, with the paper's failure rates."""
+    table = collect("a5_transplant", "transplant", root, ["task", "domain", "method", "failure_rate"])
+    if table is None:
+        return None
+    table = table[table.method == method]
+    keep = [c for c in ["model", "task", "domain", "failure_rate", "median_rank_before", "median_rank_after",
+                        "top1_rate_after", "n"] if c in table.columns]
+    paper = paper_rows("transplant failure")
+    paper = pd.DataFrame({"model": paper.model, "task": paper.task.replace(BOOK_TASK),
+                          "domain": paper.quantity.str.split(", ").str[1],
+                          "failure_rate": paper.value})
+    return pd.concat([table[keep], paper], ignore_index=True)
+
+
+def ffn_ablation_table(root: str | Path | None = None) -> pd.DataFrame | None:
+    """Paper A, chapter a6: accuracy as the top FFNs are removed, abstractive vs extractive."""
+    table = collect("a6_abstractive_extractive", "ffn_ablation", root,
+                    ["task", "variant", "fraction_removed", "accuracy"])
+    if table is None:
+        return None
+    return table[[c for c in ["model", "task", "variant", "layers_removed", "fraction_removed", "n_layers", "accuracy", "n"]
+                  if c in table.columns]]
+
+
+def ffn_ablation_drop(ablation: pd.DataFrame, fraction: float = 1 / 3) -> pd.DataFrame:
+    """Accuracy lost when the top ``fraction`` of FFNs is removed (the ablation step nearest it), beside the paper's.
+
+    BLOOM-176B in the paper: 24 of 70 FFNs (about 1/3).
+    """
+    rows = []
+    for (model, task, variant), group in ablation.groupby(["model", "task", "variant"], sort=False):
+        intact = group.loc[group.fraction_removed.idxmin()]
+        step = group.loc[(group.fraction_removed - fraction).abs().idxmin()]
+        rows.append({"model": model, "task": task, "variant": variant, "fraction_removed": step.fraction_removed,
+                     "accuracy_intact": intact.accuracy, "accuracy_after": step.accuracy,
+                     "drop": intact.accuracy - step.accuracy})
+    paper = paper_rows("FFN ablation")
+    paper = pd.DataFrame({"model": paper.model, "task": paper.task.replace(BOOK_TASK), "variant": paper.condition,
+                          "fraction_removed": 24 / 70, "drop": paper.value})
+    return pd.concat([pd.DataFrame(rows), paper], ignore_index=True)
+
+
+def sequence_behaviour_table(root: str | Path | None = None) -> pd.DataFrame | None:
+    """Paper B, chapter b1: how often the model continues the sequence, per task (templates pooled)."""
+    table = collect("b1_sequence_data", "behaviour", root, ["task", "n", "top1_accuracy"])
+    if table is None:
+        return None
+    measures = [c for c in ["top1_accuracy", "solved_fraction"] if c in table.columns]
+    weighted = table[measures].multiply(table.n, axis=0).assign(model=table.model, task=table.task, n=table.n)
+    pooled = weighted.groupby(["model", "task"], sort=False).sum()
+    pooled[measures] = pooled[measures].divide(pooled.n, axis=0)
+    return pooled.reset_index()
+
+
+def circuit_size_table(root: str | Path | None = None) -> pd.DataFrame | None:
+    """Paper B, chapter b2: circuit size per task, also as a share of all heads, with the paper's head counts."""
+    table = collect("b2_node_pruning", "summary", root, ["task", "n_heads", "n_mlps"])
+    if table is None:
+        return None
+    keep = [c for c in ["model", "task", "n_heads", "n_mlps", "score", "threshold", "n_prompts"] if c in table.columns]
+    table = table[keep].copy()
+    totals = {model: info.get("n_layers", 0) * info.get("n_heads", 0)
+              for model, info in load_json("b5_components", "key_heads", root).items()}
+    table["share_of_heads"] = [row.n_heads / totals[row.model] if totals.get(row.model) else float("nan")
+                               for row in table.itertuples()]
+    paper = paper_rows("circuit heads")
+    paper = pd.DataFrame({"model": paper.model, "task": paper.task, "n_heads": paper.value,
+                          "share_of_heads": paper.value / GPT2_SMALL_HEADS})
+    both = pd.concat([table, paper], ignore_index=True)
+    return both.astype({c: "Int64" for c in ["n_heads", "n_mlps"] if c in both.columns})
+
+
+def circuit_overlap_table(root: str | Path | None = None) -> pd.DataFrame | None:
+    """Paper B, chapters b2/b4: heads and MLPs shared between the tasks' circuits (b2's circuits.json).
+
+    One row per model and pair of tasks (and one for all tasks): shared nodes and the
+    Jaccard index (shared / in either). The paper's row counts what all three share.
+    """
+    circuits = load_json("b2_node_pruning", "circuits", root)
+    rows = []
+    for model, by_task in circuits.items():
+        tasks = [t for t in by_task if isinstance(by_task[t], dict) and "heads" in by_task[t]]
+        groups = [tuple(pair) for pair in combinations(tasks, 2)] + ([tuple(tasks)] if len(tasks) > 2 else [])
+        for group in groups:
+            for kind in ("heads", "mlps"):
+                sets = [set(map(_node_label, by_task[t].get(kind, []))) for t in group]
+                union = set.union(*sets)
+                shared = set.intersection(*sets)
+                rows.append({"model": model, "tasks": " & ".join(group) if len(group) < 3 else "all",
+                             "kind": kind, "shared": len(shared), "in_either": len(union),
+                             "jaccard": len(shared) / len(union) if union else float("nan"),
+                             "shared_nodes": " ".join(sorted(shared, key=_node_order))})
+    if not rows:
+        return None
+    paper = [{"model": row.model, "tasks": "all", "kind": "heads" if "heads" in row.quantity else "mlps",
+              "shared": row.value} for row in PAPER_NUMBERS[PAPER_NUMBERS.quantity.str.contains("in all three")].itertuples()]
+    both = pd.concat([pd.DataFrame(rows), pd.DataFrame(paper)], ignore_index=True)
+    return both.astype({"shared": "Int64", "in_either": "Int64"})
+
+
+def _node_label(node) -> str:
+    """A head saved as [layer, head] (b2's circuits.json, the paper's file shape) -> "layer.head"; an MLP -> its layer."""
+    return ".".join(map(str, node)) if isinstance(node, (list, tuple)) else str(node)
+
+
+def _node_order(label: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"[.]", label))
+
+
+def cross_task_table(root: str | Path | None = None) -> pd.DataFrame | None:
+    """Paper B, chapter b4: each task's circuit scored on each task (% of the full model), with the paper's table."""
+    table = collect("b4_shared_circuit", "cross_task", root, ["circuit_task", "eval_task", "score"])
+    if table is None:
+        return None
+    keep = [c for c in ["model", "circuit_task", "eval_task", "score", "random_mean", "random_std", "n_random"]
+            if c in table.columns]
+    paper = paper_rows("circuit score on")
+    paper = pd.DataFrame({
+        "model": paper.model,
+        "circuit_task": paper.task.str.removesuffix(" circuit"),
+        "eval_task": paper.quantity.str.extract(r"circuit score on (.*) \(%\)")[0].map(PAPER_TASK_NAMES),
+        "score": paper.value,
+    })
+    return pd.concat([table[keep], paper], ignore_index=True)
+
+
+def subcircuit_effects_table(root: str | Path | None = None) -> pd.DataFrame | None:
+    """Paper B, chapter b6: accuracy and logit difference per prompt family and ablation condition."""
+    table = collect("b6_beyond", "effects", root, ["family", "condition", "accuracy"])
+    if table is None:
+        return None
+    return table[[c for c in ["model", "family", "condition", "accuracy", "logit_diff", "n_prompts"] if c in table.columns]]
+
+
+# ------------------------------------------------------------------------ figures
+
+
+def model_bars(data: pd.DataFrame, *, x: str, y: str, title: str, ylabel: str, xlabel: str | None = None,
+               models: Sequence[str] | None = None, col: str | None = None, ylim: tuple | None = None,
+               reference: float | None = None, height: float = 3.6, sharey: bool = True):
+    """Bars per ``x`` with one colour per model (the papers' models in grey); one panel per ``col``."""
+    models = list(models or order_models(data.model))
+    data = data[data.model.isin(models)]
+    panels = list(dict.fromkeys(data[col])) if col else [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(min(11, 1.5 + 4.2 * len(panels)), height), sharey=sharey,
+                             squeeze=False)
+    palette = model_palette(models)
+    for ax, panel in zip(axes[0], panels):
+        part = data if panel is None else data[data[col] == panel]
+        present = [m for m in models if m in set(part.model)]
+        sns.barplot(data=part, x=x, y=y, hue="model", hue_order=present, palette=palette, ax=ax,
+                    order=list(dict.fromkeys(part[x])), errorbar=None)
+        if reference is not None:
+            ax.axhline(reference, color="black", linewidth=0.8, linestyle="--")
+        ax.set(xlabel=xlabel if xlabel is not None else x, ylabel=ylabel, title=f"{col}: {panel}" if panel is not None else "")
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.tick_params(axis="x", rotation=20 if data[x].astype(str).str.len().max() > 10 else 0)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    handles = [plt.Rectangle((0, 0), 1, 1, color=palette[m]) for m in models]
+    fig.legend(handles, models, title="model", loc="upper left", bbox_to_anchor=(1.0, 0.9), frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def model_lines(data: pd.DataFrame, *, x: str, y: str, col: str, style: str, title: str, xlabel: str, ylabel: str,
+                models: Sequence[str] | None = None, height: float = 3.6):
+    """Lines over ``x``, one colour per model and one dash per ``style`` value; one panel per ``col``."""
+    models = list(models or order_models(data.model))
+    data = data[data.model.isin(models)]
+    panels = list(dict.fromkeys(data[col]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(11, height), sharey=True, squeeze=False)
+    palette = model_palette(models)
+    for ax, panel in zip(axes[0], panels):
+        sns.lineplot(data=data[data[col] == panel], x=x, y=y, hue="model", hue_order=models, palette=palette, style=style,
+                     marker="o", markersize=4, errorbar=None, ax=ax, legend=ax is axes[0][-1])
+        ax.set(title=f"{col}: {panel}", xlabel="", ylabel=ylabel, ylim=(-0.02, 1.02))
+    sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    fig.supxlabel(xlabel, fontsize="medium")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------ what held here
+
+
+def _by_model(table: pd.DataFrame, value: str, fmt: str, by: str = "task") -> str:
+    parts = []
+    for model, group in table.groupby("model", sort=False):
+        parts.append(f"{model}: " + ", ".join(f"{getattr(r, by)} {format(getattr(r, value), fmt)}" for r in group.itertuples()))
+    return "; ".join(parts)
+
+
+SECTION_LABELS = {
+    "icl_accuracy": "in-context accuracy (a2)", "function_layer": "function-application layer (a3/a4)",
+    "transplant": "transplanting o (a5)", "ffn_drop": "FFN removal (a6)", "sequence_behaviour": "sequence continuation (b1)",
+    "circuit_size": "circuit size (b2)", "circuit_overlap": "circuit overlap (b2)", "cross_task": "cross-task scores (b4)",
+    "subcircuit_effects": "sub-circuit ablation (b6)",
+}
+
+
+def what_held(tables: dict[str, pd.DataFrame | None], first: str | None = None) -> list[str]:
+    """Markdown bullet lines that read the side-by-side tables (keys as in the chapter)."""
+    lines = []
+    acc = tables.get("icl_accuracy")
+    if acc is not None:
+        acc = _ordered(acc, first)
+        lines.append("- In-context accuracy (Paper A tasks): " + _by_model(acc, "accuracy", ".0%") + ".")
+    layer = tables.get("function_layer")
+    if layer is not None:
+        measured = _ordered(layer[~layer.model.map(is_paper)], first)
+        a4 = measured[measured.measure.str.startswith("a4")]
+        use = a4 if len(a4) else measured
+        if len(use):
+            lo, hi = use.fraction_of_depth.min(), use.fraction_of_depth.max()
+            lines.append(f"- The function-application layer sits between {lo:.0%} and {hi:.0%} of the depth across "
+                         f"models and tasks ({_by_model(use, 'fraction_of_depth', '.2f')}); "
+                         f"the paper puts it about {2 / 3:.0%} of the way through GPT-2 medium.")
+    transplant = tables.get("transplant")
+    if transplant is not None:
+        measured = _ordered(transplant[~transplant.model.map(is_paper)], first)
+        paper = transplant[transplant.model.map(is_paper)]
+        if len(measured):
+            parts = []
+            for model, group in measured.groupby("model", sort=False):
+                merged = group.merge(paper[["task", "domain", "failure_rate"]], on=["task", "domain"], suffixes=("", "_paper"))
+                lower = int((merged.failure_rate < merged.failure_rate_paper).sum())
+                parts.append(f"{model} fails less often than the paper's GPT-2 in {lower} of {len(merged)} task × domain cells "
+                             f"(failure rate {group.failure_rate.min():.0%}–{group.failure_rate.max():.0%})")
+            lines.append(f"- Transplanting o ({TRANSPLANT_METHOD}): " + "; ".join(parts) + ".")
+    drop = tables.get("ffn_drop")
+    if drop is not None:
+        measured = _ordered(drop[~drop.model.map(is_paper)], first)
+        if len(measured):
+            wide = measured.pivot_table(index=["model", "task"], columns="variant", values="drop", sort=False)
+            if {"abstractive", "extractive"} <= set(wide.columns):
+                more = int((wide.abstractive > wide.extractive).sum())
+                lines.append(f"- Removing the top third of the FFNs costs abstractive prompts more accuracy than extractive "
+                             f"ones in {more} of {len(wide)} model × task cells; in BLOOM-176B the paper reports "
+                             f"drops of 73 vs 17 points.")
+    behaviour = tables.get("sequence_behaviour")
+    if behaviour is not None:
+        lines.append("- Sequence continuation, top-1 accuracy on the paper's prompts: "
+                     + _by_model(_ordered(behaviour, first), "top1_accuracy", ".0%") + ".")
+    size = tables.get("circuit_size")
+    if size is not None:
+        measured = _ordered(size[~size.model.map(is_paper)], first)
+        if len(measured):
+            lines.append("- Circuit heads found by node pruning: " + _by_model(measured, "n_heads", ".0f")
+                         + "; the paper's GPT-2 small circuits have 14 (numerals), 19 (number words) and 13 (months).")
+    overlap = tables.get("circuit_overlap")
+    if overlap is not None:
+        shared = _ordered(overlap[(overlap.tasks == "all") & (overlap.kind == "heads") & ~overlap.model.map(is_paper)], first)
+        if len(shared):
+            lines.append("- Heads in all three tasks' circuits: " + "; ".join(
+                f"{r.model}: {r.shared:.0f} of {r.in_either:.0f}" for r in shared.itertuples()) + " (the paper: 8 in GPT-2 small).")
+    cross = tables.get("cross_task")
+    if cross is not None:
+        measured = _ordered(cross[~cross.model.map(is_paper)], first)
+        if len(measured):
+            off = measured[measured.circuit_task != measured.eval_task]
+            own = measured[measured.circuit_task == measured.eval_task]
+            lines.append(f"- Cross-task scores: circuits keep {own.score.median():.0f}% of the full model's logit difference on "
+                         f"their own task and {off.score.median():.0f}% on the other tasks (medians over models and pairs; "
+                         "the paper's GPT-2 small numerals circuit: 81.0% / 48.4% on number words).")
+    effects = tables.get("subcircuit_effects")
+    if effects is not None:
+        parts = []
+        for model, group in _ordered(effects, first).groupby("model", sort=False):
+            means = group.groupby("condition", sort=False).accuracy.mean()
+            parts.append(f"{model}: " + ", ".join(f"{cond} {acc:.0%}" for cond, acc in means.items()))
+        lines.append(f"- Sub-circuit ablation on other sequences, accuracy averaged over the "
+                     f"{effects.family.nunique()} prompt families: " + "; ".join(parts) + ".")
+    missing = [SECTION_LABELS.get(name, name) for name, table in tables.items() if table is None]
+    if missing:
+        lines.append(f"- Not yet measured on any model: {', '.join(missing)} (each section above names the command).")
+    return lines
+
+
+def _ordered(table: pd.DataFrame, first: str | None) -> pd.DataFrame:
+    order = {m: i for i, m in enumerate(order_models(table.model, first))}
+    return table.sort_values("model", key=lambda s: s.map(order), kind="stable")

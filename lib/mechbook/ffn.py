@@ -623,6 +623,8 @@ def save_o_vector(
     """
     from safetensors.torch import save_file
 
+    from mechbook.results import sort_safetensors_header
+
     layer = model.check_layer(layer)
     vector = _check_vector(model, vector.detach().reshape(-1))
     path = Path(path)
@@ -634,6 +636,7 @@ def save_o_vector(
     os.close(fd)
     try:
         save_file({"o": vector.float().cpu().contiguous()}, tmp, metadata=meta)
+        sort_safetensors_header(tmp)  # same vector and metadata, same bytes: committed results stay put
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from mechbook.errors import MechbookError
 RESULTS_ENV = "MECHBOOK_RESULTS"
 MARKER = "_complete.json"
 FORMAT = 1
+CHAPTER_FOLDER = re.compile(r"^(?P<key>[a-z]\d+)_")  # a chapter's results folder: a2_tasks_accuracy, b2_...
 
 
 def safe_name(model_name: str) -> str:
@@ -91,16 +93,51 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
+def _rerun_command(model: str, chapter: str) -> str:
+    match = CHAPTER_FOLDER.match(chapter)
+    return f"python -m mechbook run --model {model} --chapters {match['key'] if match else chapter}"
+
+
+def check_results(root: str | Path | None = None, *, skip: set[tuple[str, str]] = frozenset()) -> None:
+    """Refuse results written by an older mechbook, naming the folder and the command that rewrites it.
+
+    Old means a marker of another format, or a chapter folder with no marker at all
+    (written before markers existed; a run that dies now leaves only hidden staging
+    folders). ``skip`` holds (model folder, chapter) pairs about to be rewritten anyway.
+    """
+    root = Path(root) if root else default_root()
+    if not root.is_dir():
+        return
+    for folder in sorted(p for p in root.glob("*/*") if p.is_dir() and not p.name.startswith(".")):
+        model_dir, chapter = folder.parent.name, folder.name
+        if not CHAPTER_FOLDER.match(chapter) or (model_dir, chapter) in skip:
+            continue
+        marker = folder / MARKER
+        if not marker.exists():
+            raise MechbookError(
+                f"{folder} has no {MARKER}: it was written by an older mechbook; rerun that chapter "
+                f"({_rerun_command(model_dir.replace('--', '/'), chapter)}) or delete the folder"
+            )
+        info = json.loads(marker.read_text())
+        if info.get("format") != FORMAT:
+            raise MechbookError(
+                f"{folder} was written by an older mechbook (format {info.get('format')}, now {FORMAT}); rerun that "
+                f"chapter ({_rerun_command(info.get('model', model_dir), chapter)}) or delete the folder"
+            )
+
+
 def complete_runs(root: str | Path | None = None) -> dict[str, list[str]]:
     """Model folder -> chapters with complete results under ``root``."""
     root = Path(root) if root else default_root()
     found: dict[str, list[str]] = {}
     for marker in sorted(root.glob(f"*/*/{MARKER}")):
+        if marker.parent.name.startswith("."):  # an old copy being replaced right now
+            continue
         info = json.loads(marker.read_text())
         if info.get("format") != FORMAT:
             raise MechbookError(
                 f"{marker.parent} was written by an older mechbook (format {info.get('format')}, now {FORMAT}); "
-                f"rerun that chapter: python -m mechbook run --model {info.get('model')} --chapters {info.get('chapter')}"
+                f"rerun that chapter: {_rerun_command(info.get('model'), info.get('chapter'))}"
             )
         found.setdefault(info["model"], []).append(info["chapter"])
     return found
@@ -117,3 +154,30 @@ def load_table(chapter: str, name: str, root: str | Path | None = None) -> pd.Da
     if not frames:
         raise MechbookError(f"no complete results of chapter {chapter!r} ({name}) under {root}; run the chapter first")
     return pd.concat(frames, ignore_index=True)
+
+
+def load_json(chapter: str, name: str, root: str | Path | None = None) -> dict[str, Any]:
+    """One JSON result of a chapter for every model that has complete results: model -> content."""
+    root = Path(root) if root else default_root()
+    found = {}
+    for model, chapters in complete_runs(root).items():
+        path = root / safe_name(model) / chapter / f"{name}.json"
+        if chapter in chapters and path.exists():
+            found[model] = json.loads(path.read_text())
+    return found
+
+
+def sort_safetensors_header(path: str | Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys, in place.
+
+    The safetensors writer orders the metadata by a hash map that changes from process
+    to process, so the same tensors and metadata give different bytes on every run:
+    committed results would show a diff after every refresh. Sorting makes them stable.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # keep the data 8-byte aligned, as the writer does
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length :])
