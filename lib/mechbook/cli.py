@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 from mechbook.errors import MechbookError
 from mechbook.models import DEFAULT_MODEL, REGISTRY, cached_model_dir, known_models
-from mechbook.results import RESULTS_ENV, check_results, safe_name
+from mechbook.results import check_results, default_root, safe_name
 
 KERNEL_NAME = "python3"
 # a<N>: Paper A, b<N>: Paper B, c<N>: across models (reads the other chapters' results).
@@ -227,12 +227,6 @@ def check_results_for(chapters: Sequence[Chapter], model: str, results_root: Pat
     check_results(results_root, skip={(safe_name(model), c.stem) for c in chapters})
 
 
-def results_root(root: Path) -> Path:
-    """Where the chapters write their results: ``$MECHBOOK_RESULTS`` or ``results/`` in the repository."""
-    env = os.environ.get(RESULTS_ENV)
-    return Path(env) if env else root / "results"
-
-
 # --------------------------------------------------------------------------- execution
 
 
@@ -335,14 +329,13 @@ def run_chapters(
     *,
     book_dir: Path,
     out_dir: Path | None,
-    parameters: dict[str, Any] | None,
+    parameters: dict[str, dict[str, Any]] | None,
     strip: bool,
     stop_on_failure: bool,
-    chapter_parameters: dict[str, dict[str, Any]] | None = None,
 ) -> list[ChapterResult]:
     """Execute chapters one after another; a failure is recorded and later chapters still run.
 
-    ``chapter_parameters`` (chapter key -> parameters), when given, replaces ``parameters``.
+    ``parameters`` maps a chapter key to the values papermill injects (None: the defaults).
     """
     results = []
     for chapter in chapters:
@@ -357,7 +350,7 @@ def run_chapters(
                 chapter.path,
                 dest,
                 cwd=book_dir,
-                parameters=chapter_parameters[chapter.key] if chapter_parameters else parameters,
+                parameters=parameters[chapter.key] if parameters else None,
                 label=chapter.key,
                 strip=strip,
                 failed_dest=failed_dest,
@@ -454,15 +447,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     chapters = select_chapters(book_dir, args.chapters)
     _check_parameters(chapters)
     parameters = chapter_parameters(chapters, args.model, args.parameter or [])
-    check_results_for(chapters, args.model, results_root(root))
+    check_results_for(chapters, args.model, default_root(root))
     out_root = args.out if args.out.is_absolute() else Path.cwd() / args.out
     out_dir = out_root / safe_name(args.model)  # same folder name as results/<model>/
     results = run_chapters(
         chapters,
         book_dir=book_dir,
         out_dir=out_dir,
-        parameters={"model_name": args.model},
-        chapter_parameters=parameters,
+        parameters=parameters,
         strip=False,
         stop_on_failure=args.stop_on_failure,
     )
@@ -485,7 +477,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     book_dir = root / "book"
     chapters = select_chapters(book_dir, args.chapters)
     _check_parameters(chapters, require_default=True)
-    check_results_for(chapters, DEFAULT_MODEL, results_root(root))
+    check_results_for(chapters, DEFAULT_MODEL, default_root(root))
     results = run_chapters(
         chapters, book_dir=book_dir, out_dir=None, parameters=None, strip=True, stop_on_failure=args.stop_on_failure
     )

@@ -32,12 +32,12 @@ def safe_name(model_name: str) -> str:
     return model_name.replace("/", "--")
 
 
-def default_root() -> Path:
-    """``$MECHBOOK_RESULTS``, else ``results/`` at the repository root (found from the cwd)."""
+def default_root(start: str | Path | None = None) -> Path:
+    """``$MECHBOOK_RESULTS``, else ``results/`` at the repository root (found from ``start``, default the cwd)."""
     env = os.environ.get(RESULTS_ENV)
     if env:
         return Path(env)
-    here = Path.cwd().resolve()
+    here = Path(start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / "_toc.yml").exists():
             return folder / "results"
@@ -98,6 +98,19 @@ def _rerun_command(model: str, chapter: str) -> str:
     return f"python -m mechbook run --model {model} --chapters {match['key'] if match else chapter}"
 
 
+def _read_marker(marker: Path, model: str) -> dict[str, Any]:
+    """A chapter's ``_complete.json``; a MechbookError naming the rerun command if an older mechbook wrote it."""
+    info = json.loads(marker.read_text())
+    if info.get("format") != FORMAT:
+        folder = marker.parent
+        raise MechbookError(
+            f"{folder} was written by an older mechbook (format {info.get('format')}, now {FORMAT}); rerun that "
+            f"chapter ({_rerun_command(info.get('model', model), info.get('chapter', folder.name))}) "
+            "or delete the folder"
+        )
+    return info
+
+
 def check_results(root: str | Path | None = None, *, skip: set[tuple[str, str]] = frozenset()) -> None:
     """Refuse results written by an older mechbook, naming the folder and the command that rewrites it.
 
@@ -118,12 +131,7 @@ def check_results(root: str | Path | None = None, *, skip: set[tuple[str, str]] 
                 f"{folder} has no {MARKER}: it was written by an older mechbook; rerun that chapter "
                 f"({_rerun_command(model_dir.replace('--', '/'), chapter)}) or delete the folder"
             )
-        info = json.loads(marker.read_text())
-        if info.get("format") != FORMAT:
-            raise MechbookError(
-                f"{folder} was written by an older mechbook (format {info.get('format')}, now {FORMAT}); rerun that "
-                f"chapter ({_rerun_command(info.get('model', model_dir), chapter)}) or delete the folder"
-            )
+        _read_marker(marker, model_dir.replace("--", "/"))
 
 
 def complete_runs(root: str | Path | None = None) -> dict[str, list[str]]:
@@ -133,12 +141,7 @@ def complete_runs(root: str | Path | None = None) -> dict[str, list[str]]:
     for marker in sorted(root.glob(f"*/*/{MARKER}")):
         if marker.parent.name.startswith("."):  # an old copy being replaced right now
             continue
-        info = json.loads(marker.read_text())
-        if info.get("format") != FORMAT:
-            raise MechbookError(
-                f"{marker.parent} was written by an older mechbook (format {info.get('format')}, now {FORMAT}); "
-                f"rerun that chapter: {_rerun_command(info.get('model'), info.get('chapter'))}"
-            )
+        info = _read_marker(marker, marker.parent.parent.name.replace("--", "/"))
         found.setdefault(info["model"], []).append(info["chapter"])
     return found
 
