@@ -63,6 +63,29 @@ def build_tiny_model(kind: str, directory: Path) -> Path:
     return directory
 
 
+def random_circuit_task(model, n_prompts: int = 6, length: int = 9, seed: int = 0):
+    """Random clean prompts, their shuffles as the corrupted set, the corrupted means and a logit-difference metric.
+
+    The metric compares the tokens whose logits the circuit moves most: the largest and
+    smallest entries of (full model - everything mean-ablated), so that a random tiny
+    model has a real circuit to find (its direct embedding path alone scores far below 100).
+    ``metric.answer_ids`` holds the only vocabulary ids it reads.
+    """
+    from mechbook.circuits import Circuit, circuit_means, run_circuit
+    from mechbook.hooks import run_last, tokenize
+    from mechbook.patching import logit_diff
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 300, (n_prompts, length), generator=g)
+    shuffled = torch.stack([row[torch.randperm(length, generator=g)] for row in ids])
+    clean, corrupted = tokenize(model, ids.tolist()), tokenize(model, shuffled.tolist())
+    means = circuit_means(model, corrupted)
+    moved = run_last(model, clean)[0] - run_circuit(model, clean, Circuit([], []), means)
+    metric = logit_diff(moved.argmax(-1), moved.argmin(-1))
+    metric.answer_ids = torch.cat([moved.argmax(-1), moved.argmin(-1)]).unique()
+    return clean, corrupted, means, metric
+
+
 @pytest.fixture(scope="session", params=["gpt2", "llama", "gemma3"])
 def tiny_dir(request, tmp_path_factory) -> Path:
     return build_tiny_model(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"))

@@ -10,20 +10,18 @@ import pytest
 import torch
 
 import mechbook
-from conftest import build_tiny_model
+from conftest import build_tiny_model, random_circuit_task
 from mechbook import MechbookError
 from mechbook.circuits import (
     Circuit,
     Edge,
     circuit_edges,
-    circuit_means,
     cross_task_scores,
     patch_head_outputs_fast,
     patch_paths,
     prune_edges,
     prune_nodes,
     random_circuits,
-    run_circuit,
     run_from_layer,
     score_circuit,
 )
@@ -107,24 +105,6 @@ def gqa_pair(request, tmp_path_factory):
     return mechbook.load_model(str(gqa)), mechbook.load_model(str(twin))
 
 
-def _task(model, n_prompts: int = 6, length: int = 9, seed: int = 0):
-    """Random clean prompts, their shuffles as the corrupted set, the corrupted means and a logit-difference metric.
-
-    The metric compares the tokens whose logits the circuit moves most: the largest and
-    smallest entries of (full model - everything mean-ablated), so that a random tiny
-    model has a real circuit to find (its direct embedding path alone scores far below 100).
-    """
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 300, (n_prompts, length), generator=g)
-    shuffled = torch.stack([row[torch.randperm(length, generator=g)] for row in ids])
-    clean, corrupted = tokenize(model, ids.tolist()), tokenize(model, shuffled.tolist())
-    means = circuit_means(model, corrupted)
-    moved = run_last(model, clean)[0] - run_circuit(model, clean, Circuit([], []), means)
-    metric = logit_diff(moved.argmax(-1), moved.argmin(-1))
-    metric.answer_ids = torch.cat([moved.argmax(-1), moved.argmin(-1)]).unique()  # the only logits it reads
-    return clean, corrupted, means, metric
-
-
 # --- run_from_layer --------------------------------------------------------------------------------
 
 
@@ -183,7 +163,7 @@ def test_run_from_layer_hooks_and_cache(tiny_model):
 
 
 def test_patch_head_outputs_fast_equals_patch_head_outputs(sharp):
-    clean, corrupted, means, metric = _task(sharp)
+    clean, corrupted, means, metric = random_circuit_task(sharp)
     slow = patch_head_outputs(sharp, clean, corrupted, metric)
     fast = patch_head_outputs_fast(sharp, clean, corrupted, metric, max_rows=16)  # several passes per layer
     assert list(fast.component) == list(slow.component)
@@ -245,7 +225,7 @@ def test_circuit_save_load_round_trip(tmp_path, tiny_gpt2):
 
 
 def test_score_circuit_and_random_control(sharp):
-    clean, corrupted, means, metric = _task(sharp)
+    clean, corrupted, means, metric = random_circuit_task(sharp)
     assert score_circuit(sharp, clean, Circuit.full(sharp), means, metric) == pytest.approx(100.0, abs=1e-4)
     empty = score_circuit(sharp, clean, Circuit([], []), means, metric)
     assert empty != pytest.approx(100.0, abs=1e-2)
@@ -293,7 +273,7 @@ def _sequential_reference(model, batch, means, metric, threshold):
 
 @pytest.mark.parametrize("threshold", [0.1, 0.3])
 def test_prune_nodes_matches_the_papers_sequential_loop(sharp, threshold):
-    clean, corrupted, means, metric = _task(sharp)
+    clean, corrupted, means, metric = random_circuit_task(sharp)
     found = prune_nodes(sharp, clean, means, metric, threshold=threshold)
     reference, decisions = _sequential_reference(sharp, clean, means, metric, threshold)
     log = found.log
@@ -307,7 +287,7 @@ def test_prune_nodes_matches_the_papers_sequential_loop(sharp, threshold):
 
 
 def test_prune_nodes_decision_log_is_complete(sharp):
-    clean, corrupted, means, metric = _task(sharp, seed=1)
+    clean, corrupted, means, metric = random_circuit_task(sharp, seed=1)
     found = prune_nodes(sharp, clean, means, metric, threshold=0.3)
     log = found.log
     assert list(log.columns) == ["round", "pass", "step", "component", "kind", "layer", "head", "score_without",
@@ -327,7 +307,7 @@ def test_prune_nodes_decision_log_is_complete(sharp):
 
 
 def test_prune_nodes_max_rounds_and_start(sharp):
-    clean, corrupted, means, metric = _task(sharp)
+    clean, corrupted, means, metric = random_circuit_task(sharp)
     one = prune_nodes(sharp, clean, means, metric, threshold=0.3, max_rounds=1)
     assert set(one.log["round"]) == {1}
     start = Circuit([(l, h) for l in range(sharp.n_layers) for h in range(2)], list(range(sharp.n_layers)))
@@ -338,7 +318,7 @@ def test_prune_nodes_max_rounds_and_start(sharp):
 
 @pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, 20, True, "0.2", None])
 def test_threshold_validation(tiny_gpt2, bad):
-    clean, corrupted, means, metric = _task(tiny_gpt2)
+    clean, corrupted, means, metric = random_circuit_task(tiny_gpt2)
     with pytest.raises(MechbookError, match=r"fraction in \(0, 1\]"):
         prune_nodes(tiny_gpt2, clean, means, metric, threshold=bad)
     with pytest.raises(MechbookError, match=r"fraction in \(0, 1\]"):
@@ -346,7 +326,7 @@ def test_threshold_validation(tiny_gpt2, bad):
 
 
 def test_prune_nodes_needs_a_positive_full_metric(tiny_gpt2):
-    clean, corrupted, means, metric = _task(tiny_gpt2)
+    clean, corrupted, means, metric = random_circuit_task(tiny_gpt2)
     with pytest.raises(MechbookError, match="not positive"):
         prune_nodes(tiny_gpt2, clean, means, lambda logits: -metric(logits))
 
@@ -382,7 +362,7 @@ def _ours(model, clean, corrupted, metric, src, component):
 
 @pytest.mark.parametrize("component", ["q", "k", "v"])
 def test_patch_paths_equals_transformer_lens_direct_path(sharp_gpt2, component):
-    clean, corrupted, means, metric = _task(sharp_gpt2)
+    clean, corrupted, means, metric = random_circuit_task(sharp_gpt2)
     unpatched = float(metric(run_last(sharp_gpt2, corrupted)[0]).mean())
     effect = 0.0
     for src in [(0, 1), (1, 3)]:
@@ -401,7 +381,7 @@ def smollm():
 @pytest.mark.slow
 def test_patch_paths_equals_transformer_lens_on_smollm2_queries(smollm):
     """A real grouped-query model (9 heads, 3 key/value heads): q paths, where transformer-lens applies."""
-    clean, corrupted, means, metric = _task(smollm, n_prompts=4, length=8)
+    clean, corrupted, means, metric = random_circuit_task(smollm, n_prompts=4, length=8)
     src = (24, 3)
     expected = _tl_direct_path(smollm, clean, corrupted, metric, src, "q")
     got = _ours(smollm, clean, corrupted, metric, src, "q")
@@ -411,7 +391,7 @@ def test_patch_paths_equals_transformer_lens_on_smollm2_queries(smollm):
 def test_patch_paths_gqa_equals_transformer_lens_on_the_multi_head_twin(gqa_pair):
     """Per-query-head k/v edges of a grouped-query model = transformer-lens on the same model with k/v heads unshared."""
     gqa, twin = gqa_pair
-    clean, corrupted, means, metric = _task(gqa)
+    clean, corrupted, means, metric = random_circuit_task(gqa)
     unpatched = float(metric(run_last(gqa, corrupted)[0]).mean())
     if gqa.hf_model.config.model_type == "llama":
         for component in ["q", "k", "v"]:
@@ -467,7 +447,7 @@ def test_gqa_edge_changes_only_its_receiver_head(gqa_pair, component):
     receiver's patched one.
     """
     model, _ = gqa_pair
-    clean, corrupted, means, metric = _task(model)
+    clean, corrupted, means, metric = random_circuit_task(model)
     receiver = Component("head", 1, 0)  # shares its key/value head with head 1 (and 2, 3 on Gemma's single group)
     edge = Edge(Component("head", 0, 2), receiver, component)
     z_name, out_name = "blocks.1.attn.hook_z", "blocks.1.attn.hook_out"
@@ -489,7 +469,7 @@ def test_gqa_edge_changes_only_its_receiver_head(gqa_pair, component):
 
 def test_patch_paths_identity_and_mlp_senders(sharp):
     """Patching a sender with its own value changes nothing; MLP senders and mean ablation run."""
-    clean, corrupted, means, metric = _task(sharp)
+    clean, corrupted, means, metric = random_circuit_task(sharp)
     unpatched = metric(run_last(sharp, clean)[0])
     edges = [Edge(Component("head", 0, 1), Component("head", 2, 3), x) for x in "qkv"]
     edges += [Edge(Component("mlp", 0), Component("head", 1, 0), x) for x in "qkv"]
@@ -506,7 +486,7 @@ def test_patch_paths_identity_and_mlp_senders(sharp):
 
 
 def test_prune_edges(sharp):
-    clean, corrupted, means, metric = _task(sharp)
+    clean, corrupted, means, metric = random_circuit_task(sharp)
     circuit = Circuit([(0, 0), (0, 1), (1, 2), (2, 3)], [0, 1, 2])
     edges = prune_edges(sharp, clean, circuit, means, metric, threshold=0.8)
     cheap = prune_edges(sharp, clean, circuit, means, metric, threshold=0.8, tokens=metric.answer_ids)

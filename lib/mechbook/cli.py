@@ -259,9 +259,11 @@ def _kernel_environment() -> None:
 
 
 def _temp_path(dest: Path) -> Path:
-    temp_dir = dest.parent / TEMP_DIR_NAME
+    # One sub-folder per process: a concurrent run that finishes first removes only its own
+    # folder, never the one this run's papermill will write into at the end.
+    temp_dir = dest.parent / TEMP_DIR_NAME / str(os.getpid())
     temp_dir.mkdir(parents=True, exist_ok=True)
-    return temp_dir / f"{dest.stem}.{os.getpid()}.ipynb"
+    return temp_dir / f"{dest.stem}.ipynb"
 
 
 def execute_notebook(
@@ -310,10 +312,11 @@ def execute_notebook(
         os.replace(temp, dest)
     finally:
         temp.unlink(missing_ok=True)
-        try:
-            temp.parent.rmdir()
-        except OSError:  # other runs still use it, or it holds a file we did not write
-            pass
+        for folder in (temp.parent, temp.parent.parent):  # this run's folder, then .mechbook-tmp if now empty
+            try:
+                folder.rmdir()
+            except OSError:  # other runs still use it, or it holds a file we did not write
+                break
 
 
 @dataclass

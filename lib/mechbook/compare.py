@@ -285,7 +285,7 @@ def cross_task_table(root: str | Path | None = None) -> pd.DataFrame | None:
 
 def subcircuit_effects_table(root: str | Path | None = None) -> pd.DataFrame | None:
     """Paper B, chapter b6: accuracy and logit difference per prompt family and ablation condition."""
-    table = collect("b6_beyond", "effects", root, ["family", "condition", "accuracy"])
+    table = collect("b6_beyond_tasks", "effects", root, ["family", "condition", "accuracy"])
     if table is None:
         return None
     return table[[c for c in ["model", "family", "condition", "accuracy", "logit_diff", "n_prompts"] if c in table.columns]]

@@ -1,0 +1,368 @@
+"""The circuits of the three sequence tasks and what they share (Paper B: Lan, Torr & Barez 2024, sections 3-4).
+
+Built on :mod:`mechbook.circuits` (the node-pruning engine) for the chapters
+"Circuit discovery by iterative node pruning" (b2) and "The shared sub-circuit" (b4):
+
+- :func:`prepare_task`: a task's solved prompts, the means of its corrupted prompts,
+  its logit-difference metric and answer tokens, in one :class:`TaskSet`;
+- :func:`find_task_circuits`: node pruning on each task;
+- tidy tables of circuits (:func:`circuits_record`, :func:`circuit_nodes`,
+  :func:`circuit_summary`), their layer x head grids (:func:`circuit_grid`,
+  :func:`circuit_heatmaps`), and reading them back (:func:`load_task_circuits`);
+- overlap across tasks (:func:`component_overlap`, :func:`overlap_regions`,
+  :func:`shared_circuit`);
+- the cross-task table with a random-circuit control (:func:`cross_task_table`),
+  several circuits scored in one batched forward pass (:func:`score_circuits`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechbook import results, sequences
+from mechbook.circuits import (
+    Circuit,
+    _check_means,
+    _embeddings,
+    _full_metric,
+    _mean_ablation_hooks,
+    prune_nodes,
+    random_circuits,
+    run_from_layer,
+)
+from mechbook.errors import MechbookError
+from mechbook.hooks import TokenBatch
+from mechbook.models import LoadedModel
+from mechbook.patching import Metric, all_heads, all_mlps
+from mechbook.tasks import seqcont
+
+NODE_CHAPTER = "b2_node_pruning"
+
+# Paper B, section 4 (GPT-2 small): circuit found on one task scored on another, in % of the full model.
+# PAPERS.md gives each circuit's scores "on numerals / on number words"; none on months.
+PAPER_CROSS_TASK = {
+    ("numerals", "numerals"): 81.0, ("numerals", "numwords"): 48.4,
+    ("numwords", "numerals"): 87.3, ("numwords", "numwords"): 81.1,
+    ("months", "numerals"): 43.7, ("months", "numwords"): 32.4,
+}
+
+
+# --- a task's prompts, means and metric ------------------------------------------------------------
+
+
+@dataclass
+class TaskSet:
+    """What node pruning and circuit scores need for one task: clean prompts, corrupted means, metric, answer ids."""
+
+    task: str
+    prompts: seqcont.SeqPromptSet
+    batch: TokenBatch
+    means: dict[str, Tensor]
+    metric: Metric
+    tokens: Int[Tensor, "k"]
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+
+def answer_tokens(prompts: seqcont.SeqPromptSet) -> Int[Tensor, "k"]:
+    """The vocabulary ids a logit difference reads (next and last shown member), for a restricted unembedding."""
+    corr, incorr = prompts.answer_tensors()
+    return torch.unique(torch.cat([corr, incorr]))
+
+
+def prepare_task(model: LoadedModel, task: str, *, n_prompts: int, n_corrupted: int | None = 64,
+                 seed: int = 0) -> TaskSet:
+    """A task's solved paper prompts (one token length), the per-position means of its corrupted prompts, its metric."""
+    prompts = sequences.solved_paper_prompts(model, task, n_prompts=n_prompts, seed=seed)
+    corrupted = seqcont.tokenize_prompts(seqcont.load_paper_prompts(task, "corrupted"), model.tokenizer)
+    means = sequences.corrupted_means(model, corrupted, prompts, n_prompts=n_corrupted, seed=seed)
+    return TaskSet(task, prompts, sequences.batch_of(model, prompts), means, sequences.answer_metric(prompts),
+                   answer_tokens(prompts))
+
+
+def find_task_circuits(model: LoadedModel, tasks: Mapping[str, TaskSet], *, threshold: float = 0.2,
+                       max_rounds: int | None = None) -> dict[str, Circuit]:
+    """Iterative node pruning (:func:`mechbook.circuits.prune_nodes`) on each task: task -> circuit (with score and log)."""
+    if not tasks:
+        raise MechbookError("no tasks to prune; pass e.g. {'numerals': prepare_task(model, 'numerals', n_prompts=8)}")
+    return {name: prune_nodes(model, t.batch, t.means, t.metric, threshold=threshold, max_rounds=max_rounds,
+                              tokens=t.tokens)
+            for name, t in tasks.items()}
+
+
+# --- tables of circuits --------------------------------------------------------------------------------
+
+
+def circuits_record(circuits: Mapping[str, Circuit]) -> dict[str, dict]:
+    """``{task: {"heads": [[l, h], ...], "mlps": [...], "score": float}}``: the JSON other chapters read."""
+    return {task: {**c.to_dict(), "score": None if c.score is None else round(float(c.score), 3)}
+            for task, c in circuits.items()}
+
+
+def circuit_nodes(circuits: Mapping[str, Circuit]) -> pd.DataFrame:
+    """One row per component of each circuit: task, component (``4.4`` / ``MLP 3``), kind, layer, head."""
+    rows = [{"task": task, "component": comp.label, "kind": comp.kind, "layer": comp.layer, "head": comp.head}
+            for task, c in circuits.items() for comp in c.components]
+    df = pd.DataFrame(rows, columns=["task", "component", "kind", "layer", "head"])
+    df["head"] = df["head"].astype("Int64")
+    return df
+
+
+def circuit_summary(circuits: Mapping[str, Circuit], *, threshold: float,
+                    n_prompts: Mapping[str, int] | int) -> pd.DataFrame:
+    """One row per task: n_heads, n_mlps, size, score (% of full model), threshold, n_prompts."""
+    return pd.DataFrame([
+        {"task": task, "n_heads": len(c.heads), "n_mlps": len(c.mlps), "size": len(c),
+         "score": None if c.score is None else round(float(c.score), 3), "threshold": threshold,
+         "n_prompts": n_prompts[task] if isinstance(n_prompts, Mapping) else n_prompts}
+        for task, c in circuits.items()
+    ])
+
+
+def paper_circuits(tasks: Sequence[str] = seqcont.PAPER_TASKS) -> dict[str, Circuit]:
+    """The paper's GPT-2 small node circuits (threshold 20%), shipped with the package."""
+    out = {}
+    for task in tasks:
+        raw = seqcont.paper_gpt2small_circuit(task)
+        out[task] = Circuit([tuple(h) for h in raw["heads"]], raw["mlps"])
+    return out
+
+
+def size_comparison(circuits: Mapping[str, Circuit], model: LoadedModel) -> pd.DataFrame:
+    """Circuit sizes here beside the paper's GPT-2 small circuits (12 layers x 12 heads), absolute and as a share."""
+    paper = paper_circuits([t for t in circuits if t in seqcont.PAPER_TASKS])
+    rows = []
+    for task, c in circuits.items():
+        rows.append({"task": task, "model": model.name, "heads": len(c.heads), "of heads": model.n_layers * model.n_heads,
+                     "mlps": len(c.mlps), "of mlps": model.n_layers})
+        if task in paper:
+            rows.append({"task": task, "model": "gpt2-small (paper)", "heads": len(paper[task].heads), "of heads": 144,
+                         "mlps": len(paper[task].mlps), "of mlps": 12})
+    df = pd.DataFrame(rows)
+    df["share of heads"] = df["heads"] / df["of heads"]
+    df["share of mlps"] = df["mlps"] / df["of mlps"]
+    return df
+
+
+def circuit_grid(circuit: Circuit, n_layers: int, n_heads: int, *, value: float = 1.0) -> pd.DataFrame:
+    """A layer x (head 0..H-1, "MLP") table: ``value`` where the component is in the circuit, else 0."""
+    columns = [str(h) for h in range(n_heads)] + ["MLP"]
+    grid = pd.DataFrame(0.0, index=pd.RangeIndex(n_layers, name="layer"), columns=columns)
+    for l, h in circuit.heads:
+        grid.loc[l, str(h)] = value
+    for l in circuit.mlps:
+        grid.loc[l, "MLP"] = value
+    return grid
+
+
+def _grid_axes(n_panels: int, n_layers: int, n_heads: int):
+    import matplotlib.pyplot as plt
+
+    width = min(11.0, 1.6 + n_panels * (0.45 * (n_heads + 1) + 0.9))
+    height = min(2.2 + 0.26 * n_layers, 10.0)
+    fig, axes = plt.subplots(1, n_panels, figsize=(width, height), sharey=True)
+    return fig, np.atleast_1d(axes)
+
+
+def _mark_mlp_column(ax, n_heads: int) -> None:
+    ax.axvline(n_heads, color="black", linewidth=1.2)
+
+
+def circuit_heatmaps(circuits: Mapping[str, Circuit], n_layers: int, n_heads: int, *, title: str):
+    """The circuits as layer x head grids (MLPs as an extra column), one panel per task; kept components dark."""
+    import seaborn as sns
+    from matplotlib.colors import ListedColormap
+
+    fig, axes = _grid_axes(len(circuits), n_layers, n_heads)
+    cmap = ListedColormap(["#F2F2F2", "#4C72B0"])
+    for k, (ax, (task, c)) in enumerate(zip(axes, circuits.items())):
+        grid = circuit_grid(c, n_layers, n_heads)
+        sns.heatmap(grid, ax=ax, cmap=cmap, vmin=0, vmax=1, cbar=False, linewidths=0.5, linecolor="white")
+        _mark_mlp_column(ax, n_heads)
+        score = "" if c.score is None else f", score {c.score:.0f}%"
+        ax.set(title=f"{task}\n{len(c.heads)} heads, {len(c.mlps)} MLPs{score}", xlabel="head", ylabel="layer" if k == 0 else "")
+        ax.tick_params(axis="y", rotation=0)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# --- reading b2's circuits back ----------------------------------------------------------------------
+
+
+def load_task_circuits(model: LoadedModel | str, root: str | Path | None = None) -> dict[str, Circuit]:
+    """The node circuits chapter b2 saved for a model (``results/<model>/b2_node_pruning/circuits.json``), with scores.
+
+    Raises a :class:`MechbookError` naming the command that makes them if they are
+    missing, and one if they do not fit ``model`` (circuits of another model).
+    """
+    name = model if isinstance(model, str) else model.name
+    root = Path(root) if root else results.default_root()
+    folder = root / results.safe_name(name) / NODE_CHAPTER
+    path = folder / "circuits.json"
+    if not (folder / results.MARKER).exists() or not path.exists():
+        raise MechbookError(
+            f"no node circuits of {name} at {path}; make them with: python -m mechbook run --model {name} --chapters b2"
+        )
+    try:
+        data = json.loads(path.read_text())
+        circuits = {task: Circuit([tuple(h) for h in entry["heads"]], entry["mlps"], score=entry.get("score"))
+                    for task, entry in data.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise MechbookError(f"could not read circuits from {path} ({type(exc).__name__}: {exc}); rerun: "
+                            f"python -m mechbook run --model {name} --chapters b2") from exc
+    if not circuits:
+        raise MechbookError(f"{path} holds no circuits; rerun: python -m mechbook run --model {name} --chapters b2")
+    if not isinstance(model, str):
+        for c in circuits.values():
+            c.validate(model)
+    return circuits
+
+
+# --- overlap across tasks -------------------------------------------------------------------------------
+
+
+def component_overlap(circuits: Mapping[str, Circuit]) -> pd.DataFrame:
+    """One row per component in any circuit: component, kind, layer, head, one True/False column per task, n_tasks."""
+    if not circuits:
+        raise MechbookError("no circuits to compare; load them with load_task_circuits(model)")
+    seen = {}
+    for c in circuits.values():
+        for comp in c.components:
+            seen[(comp.kind != "head", comp.layer, -1 if comp.head is None else comp.head)] = comp
+    rows = []
+    for _, comp in sorted(seen.items()):
+        row = {"component": comp.label, "kind": comp.kind, "layer": comp.layer, "head": comp.head}
+        row.update({task: comp in c for task, c in circuits.items()})
+        row["n_tasks"] = sum(comp in c for c in circuits.values())
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df["head"] = df["head"].astype("Int64")
+    return df
+
+
+def overlap_regions(circuits: Mapping[str, Circuit]) -> pd.DataFrame:
+    """A Venn diagram as a table: for each combination of tasks, the components in exactly those circuits."""
+    overlap = component_overlap(circuits)
+    tasks = list(circuits)
+    rows = []
+    for k in range(len(tasks), 0, -1):
+        for combo in combinations(tasks, k):
+            inside = overlap[list(combo)].all(axis=1)
+            outside = ~overlap[[t for t in tasks if t not in combo]].any(axis=1) if k < len(tasks) else True
+            part = overlap[inside & outside]
+            rows.append({"tasks": " & ".join(combo) + ("" if k > 1 else " only"), "n_tasks": k,
+                         "n_heads": int((part.kind == "head").sum()), "n_mlps": int((part.kind == "mlp").sum()),
+                         "components": ", ".join(part.component)})
+    return pd.DataFrame(rows)
+
+
+def shared_circuit(circuits: Mapping[str, Circuit]) -> Circuit:
+    """The components in every circuit (the paper's shared sub-circuit)."""
+    if not circuits:
+        raise MechbookError("no circuits to intersect; load them with load_task_circuits(model)")
+    sets = list(circuits.values())
+    heads = set.intersection(*(set(c.heads) for c in sets))
+    mlps = set.intersection(*(set(c.mlps) for c in sets))
+    return Circuit(sorted(heads), sorted(mlps))
+
+
+def overlap_heatmap(circuits: Mapping[str, Circuit], n_layers: int, n_heads: int, *, title: str):
+    """One layer x head grid (MLPs as an extra column) colored by how many circuits hold each component."""
+    import seaborn as sns
+    from matplotlib.colors import ListedColormap
+
+    counts = sum(circuit_grid(c, n_layers, n_heads) for c in circuits.values())
+    n = len(circuits)
+    fig, axes = _grid_axes(1, n_layers, n_heads)
+    ax = axes[0]
+    colors = ["#F2F2F2"] + sns.color_palette("Blues", n)
+    labels = counts.apply(lambda col: col.map(lambda v: f"{v:.0f}" if v > 0 else "")).to_numpy()
+    sns.heatmap(counts, ax=ax, cmap=ListedColormap(colors), vmin=-0.5, vmax=n + 0.5, annot=labels,
+                fmt="", linewidths=0.5, linecolor="white",
+                cbar_kws={"label": "number of task circuits", "ticks": list(range(n + 1))})
+    _mark_mlp_column(ax, n_heads)
+    ax.set(title=title, xlabel="head", ylabel="layer")
+    ax.tick_params(axis="y", rotation=0)
+    fig.tight_layout()
+    return fig
+
+
+# --- scores on other tasks -------------------------------------------------------------------------------
+
+
+def score_circuits(
+    model: LoadedModel,
+    task: TaskSet,
+    circuits: Sequence[Circuit],
+    *,
+    full_metric: float | None = None,
+    max_rows: int = 256,
+) -> Float[Tensor, "n_circuits"]:
+    """Scores (% of the full model) of several circuits on one task, many circuits per batched forward pass.
+
+    Same numbers as :func:`mechbook.circuits.score_circuit` one by one: each copy of
+    the batch gets its own circuit's complement mean-ablated at every position, and
+    only the answer tokens are unembedded.
+    """
+    if not circuits:
+        raise MechbookError("no circuits to score; pass a list of Circuit")
+    complements = [c.complement(model) for c in circuits]
+    _check_means(model, task.batch, task.means, all_heads(model) + all_mlps(model))
+    full = _full_metric(model, task.batch, task.metric) if full_metric is None else full_metric
+    n = len(task.batch)
+    per_pass = max(1, max_rows // n)
+    resid = _embeddings(model, task.batch)
+    out = []
+    for s in range(0, len(circuits), per_pass):
+        chunk = complements[s : s + per_pass]
+        k = len(chunk)
+        hooks = _mean_ablation_hooks(task.means, [], chunk, n)
+        logits, _ = run_from_layer(model, resid.repeat(k, 1, 1), 0, task.batch.last_pos.repeat(k), fwd_hooks=hooks,
+                                   tokens=task.tokens)
+        out.append(task.metric(logits).reshape(k, n).float().mean(1).cpu())
+    return 100.0 * torch.cat(out) / full
+
+
+def cross_task_table(
+    model: LoadedModel,
+    circuits: Mapping[str, Circuit],
+    tasks: Mapping[str, TaskSet],
+    *,
+    n_random: int = 10,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Each circuit scored on each task, beside random circuits of its size (Paper B's cross-task table plus a control).
+
+    One row per (circuit_task, eval_task): score, random_mean, random_std (over
+    ``n_random`` random circuits with as many heads and MLPs, the same ones on every
+    task), n_random, and the paper's GPT-2 small score where it gives one.
+    """
+    if not circuits or not tasks:
+        raise MechbookError("need at least one circuit and one task to score it on")
+    controls = {name: random_circuits(model, c, n_random, seed=seed) for name, c in circuits.items()}
+    rows = []
+    for eval_task, task in tasks.items():
+        full = _full_metric(model, task.batch, task.metric)
+        names = list(circuits)
+        batch_circuits = [circuits[nm] for nm in names] + [r for nm in names for r in controls[nm]]
+        scores = score_circuits(model, task, batch_circuits, full_metric=full).tolist()
+        own, rand = scores[: len(names)], np.array(scores[len(names) :]).reshape(len(names), n_random)
+        for i, name in enumerate(names):
+            rows.append({"circuit_task": name, "eval_task": eval_task, "score": own[i],
+                         "random_mean": float(rand[i].mean()),
+                         "random_std": float(rand[i].std(ddof=1)) if n_random > 1 else float("nan"),
+                         "n_random": n_random, "n_heads": len(circuits[name].heads), "n_mlps": len(circuits[name].mlps),
+                         "paper_gpt2_small": PAPER_CROSS_TASK.get((name, eval_task), float("nan"))})
+    return pd.DataFrame(rows)

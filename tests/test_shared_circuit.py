@@ -1,0 +1,176 @@
+"""The task circuits and what they share (Paper B, chapters b2 and b4): tables, overlap, loading, batched scores."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pandas as pd
+import pytest
+
+from conftest import random_circuit_task
+from mechbook import MechbookError, results
+from mechbook.circuits import Circuit, score_circuit
+from mechbook.task_circuits import (
+    PAPER_CROSS_TASK,
+    TaskSet,
+    circuit_grid,
+    circuit_heatmaps,
+    circuit_nodes,
+    circuit_summary,
+    circuits_record,
+    component_overlap,
+    cross_task_table,
+    find_task_circuits,
+    load_task_circuits,
+    overlap_heatmap,
+    overlap_regions,
+    paper_circuits,
+    score_circuits,
+    shared_circuit,
+    size_comparison,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+THREE = {
+    "numerals": Circuit([(0, 1), (1, 0), (1, 1)], [0, 1], score=81.234567),
+    "numwords": Circuit([(0, 1), (1, 1)], [1], score=90.0),
+    "months": Circuit([(0, 1), (0, 0)], [1, 0], score=70.0),
+}
+
+
+def _taskset(model, name: str, seed: int) -> TaskSet:
+    clean, _, means, metric = random_circuit_task(model, n_prompts=5, length=8, seed=seed)
+    return TaskSet(name, None, clean, means, metric, metric.answer_ids)
+
+
+def test_tables_of_circuits():
+    record = circuits_record(THREE)
+    assert record["numerals"] == {"heads": [[0, 1], [1, 0], [1, 1]], "mlps": [0, 1], "score": 81.235}
+    assert json.loads(json.dumps(record)) == record
+
+    nodes = circuit_nodes(THREE)
+    assert list(nodes.columns) == ["task", "component", "kind", "layer", "head"]
+    assert len(nodes) == sum(len(c) for c in THREE.values())
+    assert nodes[nodes.task == "numwords"].component.tolist() == ["0.1", "1.1", "MLP 1"]
+
+    summary = circuit_summary(THREE, threshold=0.2, n_prompts={"numerals": 8, "numwords": 7, "months": 8})
+    assert list(summary.columns) == ["task", "n_heads", "n_mlps", "size", "score", "threshold", "n_prompts"]
+    assert summary.set_index("task").loc["numwords"].tolist() == [2, 1, 3, 90.0, 0.2, 7]
+
+    grid = circuit_grid(THREE["months"], n_layers=2, n_heads=2)
+    assert grid.columns.tolist() == ["0", "1", "MLP"]
+    assert grid.values.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_overlap_and_shared_subcircuit():
+    overlap = component_overlap(THREE)
+    assert overlap.component.tolist() == ["0.0", "0.1", "1.0", "1.1", "MLP 0", "MLP 1"]
+    assert overlap.set_index("component").n_tasks.to_dict() == {"0.0": 1, "0.1": 3, "1.0": 1, "1.1": 2, "MLP 0": 2, "MLP 1": 3}
+
+    shared = shared_circuit(THREE)
+    assert shared == Circuit([(0, 1)], [1])
+
+    regions = overlap_regions(THREE).set_index("tasks")
+    assert regions.loc["numerals & numwords & months", "components"] == "0.1, MLP 1"
+    assert regions.loc["numerals & numwords", "components"] == "1.1"
+    assert regions.loc["numerals & months", "components"] == "MLP 0"
+    assert regions.loc["numerals only", "components"] == "1.0"
+    assert regions.loc["months only", "components"] == "0.0"
+    assert regions.loc["numwords only", "components"] == ""
+    # every component of the union sits in exactly one region
+    assert (regions.n_heads + regions.n_mlps).sum() == len(overlap)
+
+    with pytest.raises(MechbookError, match="load_task_circuits"):
+        shared_circuit({})
+    with pytest.raises(MechbookError, match="load_task_circuits"):
+        component_overlap({})
+
+
+def test_figures(tiny_gpt2):
+    import matplotlib.pyplot as plt
+
+    fig = circuit_heatmaps(THREE, tiny_gpt2.n_layers, tiny_gpt2.n_heads, title="circuits")
+    assert len(fig.axes) == 3
+    fig2 = overlap_heatmap(THREE, tiny_gpt2.n_layers, tiny_gpt2.n_heads, title="overlap")
+    assert fig2.axes[0].get_title() == "overlap"
+    plt.close("all")
+
+
+def test_paper_circuits_and_sizes(tiny_gpt2):
+    paper = paper_circuits()
+    assert (7, 11) in paper["numerals"].heads and (9, 1) in paper["months"].heads
+    assert shared_circuit(paper).heads[:2] == [(0, 1), (4, 4)]
+    sizes = size_comparison(THREE, tiny_gpt2)
+    assert sizes[sizes.model == "gpt2-small (paper)"].heads.tolist() == [len(paper[t].heads) for t in THREE]
+    assert set(PAPER_CROSS_TASK.values()) == {81.0, 48.4, 87.3, 81.1, 43.7, 32.4}
+
+
+def test_score_circuits_equals_score_circuit(tiny_model):
+    task = _taskset(tiny_model, "a", seed=0)
+    l = tiny_model.n_layers
+    circuits = [Circuit.full(tiny_model), Circuit([], []), Circuit([(0, 1), (l - 1, 0)], [0]), Circuit([(1, 0)], [])]
+    batched = score_circuits(tiny_model, task, circuits, max_rows=10)  # two circuits per pass
+    for c, s in zip(circuits, batched.tolist()):
+        assert s == pytest.approx(score_circuit(tiny_model, task.batch, c, task.means, task.metric), abs=1e-3)
+    with pytest.raises(MechbookError, match="no circuits"):
+        score_circuits(tiny_model, task, [])
+
+
+def test_cross_task_table(tiny_gpt2):
+    tasks = {"a": _taskset(tiny_gpt2, "a", 0), "b": _taskset(tiny_gpt2, "b", 1)}
+    circuits = {"a": Circuit.full(tiny_gpt2), "b": Circuit([(0, 0), (1, 1)], [0])}
+    table = cross_task_table(tiny_gpt2, circuits, tasks, n_random=4, seed=0)
+    assert list(table.columns[:6]) == ["circuit_task", "eval_task", "score", "random_mean", "random_std", "n_random"]
+    assert len(table) == 4
+    full = table[table.circuit_task == "a"]
+    assert full.score.tolist() == pytest.approx([100.0, 100.0], abs=1e-3)
+    # random circuits of the full model's size are the full model
+    assert full.random_mean.tolist() == pytest.approx([100.0, 100.0], abs=1e-3)
+    assert (table[table.circuit_task == "b"].random_std > 0).all()
+    assert table.paper_gpt2_small.isna().all()
+    again = cross_task_table(tiny_gpt2, circuits, tasks, n_random=4, seed=0)
+    pd.testing.assert_frame_equal(table, again)
+
+
+def test_find_task_circuits(tiny_gpt2):
+    task = _taskset(tiny_gpt2, "a", 0)
+    found = find_task_circuits(tiny_gpt2, {"a": task}, threshold=0.3, max_rounds=1)
+    assert found["a"].score > 70.0 and len(found["a"]) < tiny_gpt2.n_layers * (tiny_gpt2.n_heads + 1)
+    with pytest.raises(MechbookError, match="no tasks"):
+        find_task_circuits(tiny_gpt2, {})
+    with pytest.raises(MechbookError, match="threshold"):
+        find_task_circuits(tiny_gpt2, {"a": task}, threshold=1.5)
+
+
+def test_load_task_circuits(tmp_path, tiny_gpt2):
+    with pytest.raises(MechbookError, match="python -m mechbook run --model tiny --chapters b2"):
+        load_task_circuits("tiny", root=tmp_path)
+    saved = results.ChapterResults("b2_node_pruning", tiny_gpt2.name, root=tmp_path)
+    saved.save("circuits", circuits_record(THREE))
+    saved.finish()
+    loaded = load_task_circuits(tiny_gpt2, root=tmp_path)
+    assert loaded == THREE and loaded["numerals"].score == pytest.approx(81.235)
+
+    # circuits of a bigger model do not fit this one
+    other = results.ChapterResults("b2_node_pruning", tiny_gpt2.name, root=tmp_path)
+    other.save("circuits", circuits_record({"numerals": Circuit([(40, 0)], [])}))
+    other.finish()
+    with pytest.raises(MechbookError, match="does not fit"):
+        load_task_circuits(tiny_gpt2, root=tmp_path)
+
+    broken = results.ChapterResults("b2_node_pruning", tiny_gpt2.name, root=tmp_path)
+    broken.save("circuits", {"numerals": {"mlps": []}})
+    broken.finish()
+    with pytest.raises(MechbookError, match="could not read circuits"):
+        load_task_circuits(tiny_gpt2, root=tmp_path)
+
+    empty = results.ChapterResults("b2_node_pruning", tiny_gpt2.name, root=tmp_path)
+    empty.save("circuits", {})
+    empty.finish()
+    with pytest.raises(MechbookError, match="holds no circuits"):
+        load_task_circuits(tiny_gpt2, root=tmp_path)
