@@ -301,10 +301,15 @@ def model_bars(data: pd.DataFrame, *, x: str, y: str, title: str, ylabel: str, x
     models = list(models or order_models(data.model))
     data = data[data.model.isin(models)]
     panels = list(dict.fromkeys(data[col])) if col else [None]
-    fig, axes = plt.subplots(1, len(panels), figsize=(min(11, 1.5 + 4.2 * len(panels)), height), sharey=sharey,
+    ncols = min(3, len(panels))  # more panels wrap onto further rows
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(min(11, 1.5 + 4.2 * ncols), height * nrows), sharey=sharey,
                              squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     palette = model_palette(models)
-    for ax, panel in zip(axes[0], panels):
+    long_labels = data[x].astype(str).str.len().max() > 10
+    for ax, panel in zip(axes.flat, panels):
         part = data if panel is None else data[data[col] == panel]
         present = [m for m in models if m in set(part.model)]
         sns.barplot(data=part, x=x, y=y, hue="model", hue_order=present, palette=palette, ax=ax,
@@ -314,7 +319,8 @@ def model_bars(data: pd.DataFrame, *, x: str, y: str, title: str, ylabel: str, x
         ax.set(xlabel=xlabel if xlabel is not None else x, ylabel=ylabel, title=f"{col}: {panel}" if panel is not None else "")
         if ylim:
             ax.set_ylim(*ylim)
-        ax.tick_params(axis="x", rotation=20 if data[x].astype(str).str.len().max() > 10 else 0)
+        if long_labels:
+            plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
         if ax.get_legend() is not None:
             ax.get_legend().remove()
     handles = [plt.Rectangle((0, 0), 1, 1, color=palette[m]) for m in models]
