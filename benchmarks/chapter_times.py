@@ -17,7 +17,7 @@ Usage:
 
     python benchmarks/chapter_times.py                        # gemma3-270m, every a* chapter
     python benchmarks/chapter_times.py --chapters a1 a2       # some chapters
-    python benchmarks/chapter_times.py --chapters b1 b2 b4 b5 --model smollm2-135m
+    python benchmarks/chapter_times.py --chapters b1 b2 b3 b4 b5 b6 --model smollm2-135m
     python benchmarks/chapter_times.py --skip-throughput --keep runs/timed   # keep the executed notebooks
 """
 
@@ -95,7 +95,7 @@ def throughput(model_name: str, n_prompts: int) -> None:
 
 def time_chapters(model_name: str, wanted: list[str] | None, keep: Path | None) -> int:
     """Execute the chapters as `mechbook run` does, into a temporary folder; print times against the budgets."""
-    from mechbook import cli
+    from mechbook import cli, results as results_mod
 
     root = cli.find_root()
     book_dir = root / "book"
@@ -104,7 +104,7 @@ def time_chapters(model_name: str, wanted: list[str] | None, keep: Path | None) 
     with contextlib.ExitStack() as stack:
         out = keep if keep is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chapter-times-")))
         out.mkdir(parents=True, exist_ok=True)
-        os.environ[cli.RESULTS_ENV] = str(out / "results")  # the kernels inherit it: results/ stays untouched
+        os.environ[results_mod.RESULTS_ENV] = str(out / "results")  # the kernels inherit it: results/ stays untouched
         print(f"\nexecuting {', '.join(c.key for c in chapters)} on {model_name} into {out}")
         results = cli.run_chapters(chapters, book_dir=book_dir, out_dir=out / "runs", parameters=parameters, strip=False, stop_on_failure=False)
     rows = [(r.chapter, r.status if r.status == "ok" else r.status[:60], f"{r.seconds:.1f}") for r in results]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,27 @@ def test_chapter_times_arguments(capsys):
     with pytest.raises(SystemExit):
         chapter_times.parse_args(["--prompts", "0"])
     assert chapter_times.BUDGETS_SECONDS == {"a": 600, "b": 900}
+
+
+def test_chapter_times_runs_chapters_into_a_temporary_results_folder(monkeypatch, tmp_path, capsys):
+    """time_chapters: a-chapters by default, MECHBOOK_RESULTS set for the kernels, totals against the budget."""
+    from mechbook import cli, results
+
+    chapter_times = _load("chapter_times")
+    seen = {}
+
+    def fake_run(chapters, *, book_dir, out_dir, parameters, strip, stop_on_failure):
+        seen["chapters"] = [c.key for c in chapters]
+        seen["results_env"] = os.environ[results.RESULTS_ENV]
+        seen["parameters"] = parameters
+        return [cli.ChapterResult(c.key, "ok", 700.0 if c.key == "a1" else 1.0, "") for c in chapters]
+
+    monkeypatch.setattr(cli, "run_chapters", fake_run)
+    monkeypatch.setenv(results.RESULTS_ENV, "unset-after-the-test")  # recorded, so the test's value is undone
+    monkeypatch.delenv(results.RESULTS_ENV)
+    assert chapter_times.time_chapters("gemma3-270m", None, tmp_path / "kept") == 0
+    out = capsys.readouterr().out
+    assert seen["chapters"] and all(key.startswith("a") for key in seen["chapters"])
+    assert seen["results_env"] == str(tmp_path / "kept" / "results")
+    assert all(p["model_name"] == "gemma3-270m" for p in seen["parameters"].values())
+    assert "OVER by" in out  # 700 s for a1 alone exceeds Paper A's 600 s
