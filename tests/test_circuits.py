@@ -190,6 +190,20 @@ def test_patch_head_outputs_fast_with_a_shared_prefix(sharp, shared):
     assert (slow.metric - slow.metric.mean()).abs().max() > 1e-3
 
 
+def test_patch_head_outputs_fast_refuses_a_prefix_cache_the_attention_never_saw(sharp, monkeypatch):
+    """If the installed transformers/transformer-lens drop the cache keyword, the run fails instead of lying."""
+    from mechbook import circuits
+
+    g = torch.Generator().manual_seed(3)
+    clean = [torch.randint(3, 300, (10,), generator=g) for _ in range(3)]
+    corrupted = [torch.cat([row[:6], row[6:][torch.randperm(4, generator=g)]]) for row in clean]
+    clean, corrupted = tokenize(sharp, [r.tolist() for r in clean]), tokenize(sharp, [r.tolist() for r in corrupted])
+    metric = logit_diff(torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10]))
+    monkeypatch.setattr(circuits, "_cache_kwargs", lambda prefix: {})  # as if the keyword were filtered out
+    with pytest.raises(MechbookError, match="did not reach the attention of layer"):
+        patch_head_outputs_fast(sharp, clean, corrupted, metric)
+
+
 def test_run_from_layer_tokens_restricts_the_logits(tiny_model):
     batch = tokenize(tiny_model, ["1 2 3 4 5", "one two three"])
     full, cache = run_last(tiny_model, batch, names=["blocks.1.hook_resid_pre"])

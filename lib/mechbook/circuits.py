@@ -20,6 +20,7 @@ the last shown member at the final position.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,6 +59,13 @@ class _SharedPrefix:
     keys and values (after RoPE and norms) through ``update``. While recording it
     keeps the prefix part and returns them unchanged; afterwards it prepends the
     recorded prefix (tiled ``repeat`` times along the batch) to the suffix's own.
+
+    It reaches the attention as the ``layer_past`` keyword: the decoder layers pass
+    unknown keywords on to their attention untouched, and transformer-lens's attention
+    reads ``layer_past`` when ``past_key_values`` is absent. (transformers 5.24 renamed
+    the layers' ``past_key_values`` argument to ``cache``, which transformer-lens 4.3
+    does not read, so a cache handed over by either of those names is silently dropped.)
+    ``used`` records the layers that called ``update``, so a run can check that.
     """
 
     def __init__(self, length: int) -> None:
@@ -66,8 +74,10 @@ class _SharedPrefix:
         self.values: dict[int, Tensor] = {}
         self.recording = True
         self.repeat = 1
+        self.used: set[int] = set()
 
     def update(self, keys: Tensor, values: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        self.used.add(layer_idx)
         if self.recording:
             self.keys[layer_idx] = keys[..., : self.length, :]
             self.values[layer_idx] = values[..., : self.length, :]
@@ -102,17 +112,23 @@ def _run_layers(model: LoadedModel, hidden: Tensor, start: int, *, prefix: _Shar
         )
     if start >= model.n_layers:
         return hidden
+    if prefix is not None:
+        prefix.used.clear()
     offset = prefix.length if prefix is not None and not prefix.recording else 0
     width = offset + hidden.shape[1]
     positions = torch.arange(width, device=hidden.device)[None]
     own = positions[:, offset:]
     shape_only = hidden.new_empty(hidden.shape[0], width, hidden.shape[2]) if offset else hidden
-    mask_args = dict(config=cfg, inputs_embeds=shape_only, attention_mask=None, past_key_values=None, position_ids=positions)
+    # the mask builders' cache argument: ``past_key_values`` until transformers 5.24, ``cache`` since
+    cache_arg = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+    mask_args = {"config": cfg, "inputs_embeds": shape_only, "attention_mask": None, cache_arg: None,
+                 "position_ids": positions}
     if arch == "gpt2":
         mask = create_causal_mask(**mask_args)
         for block in hf.transformer.h[start:]:
-            hidden = _first(block(hidden, prefix, mask, None, encoder_attention_mask=None, use_cache=False,
-                                  position_ids=own))
+            hidden = _first(block(hidden, None, mask, None, encoder_attention_mask=None, use_cache=False,
+                                  position_ids=own, **_cache_kwargs(prefix)))
+        _check_prefix_used(prefix, start, model.n_layers)
         return hidden
     inner = hf.model
     types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * model.n_layers)
@@ -126,8 +142,27 @@ def _run_layers(model: LoadedModel, hidden: Tensor, start: int, *, prefix: _Shar
         rope = {t: shared for t in needed}
     for i in range(start, model.n_layers):
         hidden = _first(inner.layers[i](hidden, attention_mask=masks[types[i]], position_embeddings=rope[types[i]],
-                                        position_ids=own, past_key_values=prefix, use_cache=False))
+                                        position_ids=own, use_cache=False, **_cache_kwargs(prefix)))
+    _check_prefix_used(prefix, start, model.n_layers)
     return hidden
+
+
+def _cache_kwargs(prefix: _SharedPrefix | None) -> dict[str, _SharedPrefix]:
+    return {} if prefix is None else {"layer_past": prefix}
+
+
+def _check_prefix_used(prefix: _SharedPrefix | None, start: int, stop: int) -> None:
+    """A prefix cache that some layer never saw gives wrong numbers silently: fail instead."""
+    if prefix is None:
+        return
+    missing = sorted(set(range(start, stop)) - prefix.used)
+    if missing:
+        raise MechbookError(
+            f"the shared-prefix cache did not reach the attention of layer(s) {missing}: this pair of "
+            "transformers and transformer-lens versions passes the cache under another name. "
+            "Install the versions pyproject.toml pins (pip install -e '.[dev]'), or call "
+            "mechbook.patching.patch_head_outputs (full forwards, no prefix cache)"
+        )
 
 
 def _unembed(model: LoadedModel, resid: Float[Tensor, "batch d_model"], tokens: Tensor | None) -> Tensor:
