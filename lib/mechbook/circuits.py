@@ -112,8 +112,6 @@ def _run_layers(model: LoadedModel, hidden: Tensor, start: int, *, prefix: _Shar
         )
     if start >= model.n_layers:
         return hidden
-    if prefix is not None:
-        prefix.used.clear()
     offset = prefix.length if prefix is not None and not prefix.recording else 0
     width = offset + hidden.shape[1]
     positions = torch.arange(width, device=hidden.device)[None]
@@ -128,7 +126,6 @@ def _run_layers(model: LoadedModel, hidden: Tensor, start: int, *, prefix: _Shar
         for block in hf.transformer.h[start:]:
             hidden = _first(block(hidden, None, mask, None, encoder_attention_mask=None, use_cache=False,
                                   position_ids=own, **_cache_kwargs(prefix)))
-        _check_prefix_used(prefix, start, model.n_layers)
         return hidden
     inner = hf.model
     types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * model.n_layers)
@@ -143,7 +140,6 @@ def _run_layers(model: LoadedModel, hidden: Tensor, start: int, *, prefix: _Shar
     for i in range(start, model.n_layers):
         hidden = _first(inner.layers[i](hidden, attention_mask=masks[types[i]], position_embeddings=rope[types[i]],
                                         position_ids=own, use_cache=False, **_cache_kwargs(prefix)))
-    _check_prefix_used(prefix, start, model.n_layers)
     return hidden
 
 
@@ -159,9 +155,9 @@ def _check_prefix_used(prefix: _SharedPrefix | None, start: int, stop: int) -> N
     if missing:
         raise MechbookError(
             f"the shared-prefix cache did not reach the attention of layer(s) {missing}: this pair of "
-            "transformers and transformer-lens versions passes the cache under another name. "
-            "Install the versions pyproject.toml pins (pip install -e '.[dev]'), or call "
-            "mechbook.patching.patch_head_outputs (full forwards, no prefix cache)"
+            "transformers and transformer-lens versions does not hand mechbook's `layer_past` keyword to the "
+            "attention (it does with transformers 5.24.0 and transformer-lens 4.3.0). Install those versions, "
+            "or call mechbook.patching.patch_head_outputs (full forwards, no prefix cache)"
         )
 
 
@@ -227,7 +223,10 @@ def _run_from_layer(model, resid, layer, last_pos, *, fwd_hooks=(), names=(), to
     rows = torch.arange(resid.shape[0], device=resid.device)
     hooks = [*fwd_hooks, *((n, saver(n)) for n in names)]
     with torch.inference_mode(), temporary_hooks(model, hooks):
+        if prefix is not None:
+            prefix.used.clear()
         hidden = _run_layers(model, resid, layer, prefix=prefix)
+        _check_prefix_used(prefix, layer, model.n_layers)
         logits = _unembed(model, hidden[rows, last_pos.to(resid.device)], tokens)
     missing = [n for n in names if n not in cache]
     if missing:
