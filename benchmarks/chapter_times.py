@@ -3,7 +3,7 @@
 Two parts, one model:
 
 - forward throughput on typical prompts (3-shot world-capitals prompts, as in chapter
-  a1): tokens/s of ``mechbook.hooks.run_last_batched`` (logits at each prompt's last
+  a1): tokens/s of ``mechbook.core.runs.run_last_batched`` (logits at each prompt's last
   position only) and of a plain transformer-lens bridge forward (logits at every
   position);
 - the chosen chapters executed through the same code path as ``python -m mechbook run``
@@ -70,8 +70,8 @@ def throughput(model_name: str, n_prompts: int) -> None:
     import torch
 
     import mechbook
-    from mechbook.hooks import run_last_batched, tokenize
-    from mechbook.tasks import build_prompts
+    from mechbook.core.runs import run_last_batched, tokenize
+    from mechbook.papers.vector_arithmetic.prompts import build_prompts
 
     model, load_wall, _ = timed(mechbook.load_model, model_name)
     with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
@@ -95,7 +95,8 @@ def throughput(model_name: str, n_prompts: int) -> None:
 
 def time_chapters(model_name: str, wanted: list[str] | None, keep: Path | None) -> int:
     """Execute the chapters as `mechbook run` does, into a temporary folder; print times against the budgets."""
-    from mechbook import cli, results as results_mod
+    from mechbook.book import cli
+    from mechbook.book import results as results_mod
 
     root = cli.find_root()
     book_dir = root / "book"
@@ -126,7 +127,7 @@ def time_chapters(model_name: str, wanted: list[str] | None, keep: Path | None) 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from mechbook.cli import check_model_name
+    from mechbook.book.cli import check_model_name
 
     check_model_name(args.model)
     if not args.skip_throughput:

@@ -5,9 +5,9 @@ into their shuffled twins and measures Paper B's logit difference, three ways:
 
 - transformer-lens ``patching.get_act_patch_attn_head_out_all_pos`` (the peer): one
   full forward per head, logits at every position;
-- ``mechbook.patching.patch_head_outputs``: heads stacked along the batch axis, full
+- ``mechbook.core.patching.patch_head_outputs``: heads stacked along the batch axis, full
   forwards, logits at the last position only;
-- ``mechbook.circuits.patch_head_outputs_fast``: the same, but each layer's heads run
+- ``mechbook.core.circuits.patch_head_outputs_fast``: the same, but each layer's heads run
   from that layer on, starting from the cached residual stream; the prompt prefix that
   clean and corrupted share is computed once (its keys and values reused), and only
   the answer ids' logits are computed.
@@ -30,10 +30,10 @@ import warnings
 import torch
 
 import mechbook
-from mechbook.circuits import patch_head_outputs_fast
-from mechbook.hooks import TokenBatch, run_last, tokenize
-from mechbook.patching import logit_diff, patch_head_outputs
-from mechbook.tasks.seqcont import make_prompts
+from mechbook.core.circuits import patch_head_outputs_fast
+from mechbook.core.runs import TokenBatch, run_last, tokenize
+from mechbook.core.patching import logit_diff, patch_head_outputs
+from mechbook.papers.seqcont.sequences import make_prompts
 
 
 def numerals_pairs(model, n_prompts: int, seed: int = 0) -> tuple[TokenBatch, TokenBatch, torch.Tensor, torch.Tensor]:
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared, loaded CPU extra threads mostly spin)")
     parser.add_argument("--with-batched", action="store_true",
-                        help="also time mechbook.patching.patch_head_outputs (full forwards; slow)")
+                        help="also time mechbook.core.patching.patch_head_outputs (full forwards; slow)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -71,9 +71,9 @@ def random_circuit_task(model, n_prompts: int = 6, length: int = 9, seed: int = 
     model has a real circuit to find (its direct embedding path alone scores far below 100).
     ``metric.answer_ids`` holds the only vocabulary ids it reads.
     """
-    from mechbook.circuits import Circuit, circuit_means, run_circuit
-    from mechbook.hooks import run_last, tokenize
-    from mechbook.patching import logit_diff
+    from mechbook.core.circuits import Circuit, circuit_means, run_circuit
+    from mechbook.core.runs import run_last, tokenize
+    from mechbook.core.patching import logit_diff
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 300, (n_prompts, length), generator=g)

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from mechbook import ablation
-from mechbook.errors import MechbookError
-from mechbook.hooks import run_last, tokenize
-from mechbook.tasks import build_prompts
+from mechbook.papers.vector_arithmetic import ffn_removal as ablation
+from mechbook.core.errors import MechbookError
+from mechbook.core.runs import run_last, tokenize
+from mechbook.papers.vector_arithmetic.prompts import build_prompts
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,8 @@ def test_chapter_times_arguments(capsys):
 
 def test_chapter_times_runs_chapters_into_a_temporary_results_folder(monkeypatch, tmp_path, capsys):
     """time_chapters: a-chapters by default, MECHBOOK_RESULTS set for the kernels, totals against the budget."""
-    from mechbook import cli, results
+    from mechbook.book import cli
+    from mechbook.book import results
 
     chapter_times = _load("chapter_times")
     seen = {}

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from mechbook import MechbookError, results
-from mechbook.beyond import (
+from mechbook import MechbookError
+from mechbook.book import results
+from mechbook.papers.seqcont.other_sequences import (
     FAMILIES,
     common_lengths,
     condition_kind,
@@ -22,10 +23,10 @@ from mechbook.beyond import (
     random_ablations,
     word_problem_prompts,
 )
-from mechbook.circuits import Circuit
-from mechbook.hooks import run_last, tokenize
-from mechbook.task_circuits import circuits_record
-from mechbook.tasks import seqcont
+from mechbook.core.circuits import Circuit
+from mechbook.core.runs import run_last, tokenize
+from mechbook.papers.seqcont.task_circuits import circuits_record
+from mechbook.papers.seqcont import sequences as seqcont
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

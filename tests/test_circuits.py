@@ -12,7 +12,7 @@ import torch
 import mechbook
 from conftest import build_tiny_model, random_circuit_task
 from mechbook import MechbookError
-from mechbook.circuits import (
+from mechbook.core.circuits import (
     Circuit,
     Edge,
     circuit_edges,
@@ -25,10 +25,10 @@ from mechbook.circuits import (
     run_from_layer,
     score_circuit,
 )
-from mechbook.hooks import run_last, temporary_hooks, tokenize
-from mechbook.patching import Component, logit_diff, patch_head_outputs
+from mechbook.core.runs import run_last, temporary_hooks, tokenize
+from mechbook.core.patching import Component, logit_diff, patch_head_outputs
 
-PAPER_DATA = Path(mechbook.__file__).parent / "data" / "seqcont"
+PAPER_DATA = Path(mechbook.__file__).parent / "papers" / "seqcont" / "data"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -192,7 +192,7 @@ def test_patch_head_outputs_fast_with_a_shared_prefix(sharp, shared):
 
 def test_patch_head_outputs_fast_refuses_a_prefix_cache_the_attention_never_saw(sharp, monkeypatch):
     """If the installed transformers/transformer-lens drop the cache keyword, the run fails instead of lying."""
-    from mechbook import circuits
+    from mechbook.core import circuits
 
     g = torch.Generator().manual_seed(3)
     clean = [torch.randint(3, 300, (10,), generator=g) for _ in range(3)]

@@ -16,9 +16,9 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from mechbook import cli
-from mechbook.errors import MechbookError
-from mechbook.models import DEFAULT_MODEL, known_models
+from mechbook.book import cli
+from mechbook.core.errors import MechbookError
+from mechbook.core.loading import DEFAULT_MODEL, known_models
 
 
 def _chapter(path: Path, body: str = "print(model_name)", default: str = DEFAULT_MODEL) -> Path:
@@ -322,12 +322,12 @@ def test_coerce_parameter_follows_the_default() -> None:
 
 def _results_reader(path: Path) -> Path:
     """An across-models chapter: lists the models with results, as c1 does."""
-    return _chapter(path, body="from mechbook import results\nprint(sorted(results.complete_runs()))")
+    return _chapter(path, body="from mechbook.book import results\nprint(sorted(results.complete_runs()))")
 
 
 def _a1_writing_results(repo: Path) -> None:
     _chapter(repo / "book" / "a1_first.ipynb",
-             body="from mechbook import results\nresults.ChapterResults('a1_first', model_name).finish()")
+             body="from mechbook.book import results\nresults.ChapterResults('a1_first', model_name).finish()")
 
 
 def test_across_models_chapter_runs_last_and_the_book_copy_is_updated(
@@ -369,7 +369,7 @@ def test_results_of_an_older_version_stop_an_across_models_run(repo: Path, capsy
     assert "written by an older mechbook" in err and "python -m mechbook run --model gpt2 --chapters a2" in err
     # the run that rewrites it is allowed
     _chapter(repo / "book" / "a2_second.ipynb",
-             body="from mechbook import results\nresults.ChapterResults('a2_second', model_name).finish()")
+             body="from mechbook.book import results\nresults.ChapterResults('a2_second', model_name).finish()")
     code = cli.main(["--root", str(repo), "run", "--model", "gpt2", "--chapters", "a2", "c1", "--out", str(repo / "runs")])
     assert code == 0, capsys.readouterr()
     assert _cells_output(repo / "runs" / "gpt2" / "c1_across.ipynb") == "['gpt2']\n"

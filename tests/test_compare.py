@@ -17,8 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from mechbook import compare, results  # noqa: E402
-from mechbook.errors import MechbookError  # noqa: E402
+from mechbook.book import results  # noqa: E402
+from mechbook.book import across_models as compare
+from mechbook.core.errors import MechbookError  # noqa: E402
 
 
 def _save(root: Path, model: str, chapter: str, **tables) -> None:
@@ -180,7 +181,7 @@ def test_safetensors_header_is_sorted_so_reruns_give_the_same_bytes(tmp_path: Pa
     code = (
         "import sys, torch\n"
         "from safetensors.torch import save_file\n"
-        "from mechbook.results import sort_safetensors_header\n"
+        "from mechbook.book.results import sort_safetensors_header\n"
         "meta = {k: k.upper() for k in ['model', 'layer', 'task', 'hook', 'd_model', 'source', 'items', 'format']}\n"
         "save_file({'o': torch.arange(5.0)}, sys.argv[1], metadata=meta)\n"
         "sort_safetensors_header(sys.argv[1])\n"

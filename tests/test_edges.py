@@ -10,8 +10,8 @@ import torch
 
 from conftest import random_circuit_task
 from mechbook import MechbookError
-from mechbook.circuits import Circuit, circuit_edges
-from mechbook.edges import (
+from mechbook.core.circuits import Circuit, circuit_edges
+from mechbook.papers.seqcont.edge_pruning import (
     FINAL_RESID,
     RESID,
     circuit_diagram,
@@ -19,8 +19,8 @@ from mechbook.edges import (
     edge_counts,
     patch_paths_to_logits,
 )
-from mechbook.hooks import run_last
-from mechbook.patching import Component
+from mechbook.core.runs import run_last
+from mechbook.core.patching import Component
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

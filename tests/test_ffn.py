@@ -7,10 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from mechbook import decoding, ffn
-from mechbook.errors import MechbookError
-from mechbook.hooks import run_last, tokenize
-from mechbook.tasks import build_prompts
+from mechbook.core import decoding
+from mechbook.papers.vector_arithmetic import ffn_update as ffn
+from mechbook.core.errors import MechbookError
+from mechbook.core.runs import run_last, tokenize
+from mechbook.papers.vector_arithmetic.prompts import build_prompts
 
 PROMPTS = [
     "The capital of France is Paris. The capital of Poland is",
@@ -296,7 +297,7 @@ def test_subtract_o_reads_the_lens_without_the_update(tiny_model):
 @pytest.fixture(scope="module")
 def real_tokenizer():
     """A packaged model's tokenizer from the mechbook cache (no-context prompts need real single-token words)."""
-    from mechbook.models import cached_model_dir
+    from mechbook.core.loading import cached_model_dir
 
     path = cached_model_dir("smollm2-135m")
     if not (path / "tokenizer.json").is_file():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechbook import decoding
-from mechbook.errors import MechbookError
-from mechbook.hooks import run_last, temporary_hooks, tokenize
+from mechbook.core import decoding
+from mechbook.core.errors import MechbookError
+from mechbook.core.runs import run_last, temporary_hooks, tokenize
 
 PROMPTS = [
     "The capital of France is Paris. The capital of Poland is",

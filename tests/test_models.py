@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import mechbook
-from mechbook import models
-from mechbook.errors import MechbookError
+from mechbook.core import loading as models
+from mechbook.core.errors import MechbookError
 
 PROMPTS = ["The capital of France is Paris. The capital of Poland is", "one two three four five"]
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformer_lens import patching as tl_patching
 
-from mechbook import patching as P
-from mechbook.errors import MechbookError
-from mechbook.hooks import run_last, tokenize
+from mechbook.core import patching as P
+from mechbook.core.errors import MechbookError
+from mechbook.core.runs import run_last, tokenize
 
 CLEAN = ["one two three four five six", "January February March April May June"]
 

@@ -7,9 +7,10 @@ import json
 import pandas as pd
 import pytest
 
-from mechbook import icl, results
-from mechbook.errors import MechbookError
-from mechbook.tasks import build_prompts
+from mechbook.papers.vector_arithmetic import icl
+from mechbook.book import results
+from mechbook.core.errors import MechbookError
+from mechbook.papers.vector_arithmetic.prompts import build_prompts
 
 
 def test_results_appear_only_when_finished(tmp_path):

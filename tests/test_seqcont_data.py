@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mechbook.errors import MechbookError
-from mechbook.tasks import seqcont as sc
+from mechbook.core.errors import MechbookError
+from mechbook.papers.seqcont import sequences as sc
 
 MODELS_DIR = Path("/root/.cache/mechbook/models")
 TOKENIZERS = ["gemma3-270m", "smollm2-135m"]
@@ -18,7 +18,7 @@ TOKENIZERS = ["gemma3-270m", "smollm2-135m"]
 
 @pytest.fixture(scope="module")
 def tokenizers():
-    from mechbook.models import cached_model_dir
+    from mechbook.core.loading import cached_model_dir
 
     loaded = {}
     for name in TOKENIZERS:

@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from mechbook import decoding
-from mechbook import patching as P
-from mechbook import sequences as S
-from mechbook.errors import MechbookError
-from mechbook.hooks import run_last, temporary_hooks
-from mechbook.tasks import seqcont as sc
+from mechbook.core import decoding
+from mechbook.core import patching as P
+from mechbook.papers.seqcont import components as S
+from mechbook.core.errors import MechbookError
+from mechbook.core.runs import run_last, temporary_hooks
+from mechbook.papers.seqcont import sequences as sc
 
 
 def _quiet(fn, *args, **kwargs):
@@ -46,7 +46,7 @@ def test_member_positions_point_at_the_members(tiny_model):
 
 
 def test_member_positions_with_paper_templates_on_real_tokenizers():
-    from mechbook.models import cached_model_dir
+    from mechbook.core.loading import cached_model_dir
 
     path = cached_model_dir("gemma3-270m")
     if not path.exists():

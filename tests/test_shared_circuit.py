@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 
 from conftest import random_circuit_task
-from mechbook import MechbookError, results
-from mechbook.circuits import Circuit, score_circuit
-from mechbook.task_circuits import (
+from mechbook import MechbookError
+from mechbook.book import results
+from mechbook.core.circuits import Circuit, score_circuit
+from mechbook.papers.seqcont.task_circuits import (
     PAPER_CROSS_TASK,
     TaskSet,
     circuit_grid,

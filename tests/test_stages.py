@@ -13,9 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mechbook import icl, stages
-from mechbook.errors import MechbookError
-from mechbook.tasks import build_prompts
+from mechbook.papers.vector_arithmetic import icl
+from mechbook.papers.vector_arithmetic import stages
+from mechbook.core.errors import MechbookError
+from mechbook.papers.vector_arithmetic.prompts import build_prompts
 
 
 def lens_of(argument_ranks, answer_ranks, answer_probs=None, prompt=0, **extra) -> pd.DataFrame:

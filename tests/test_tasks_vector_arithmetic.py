@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from mechbook.errors import MechbookError
-from mechbook.tasks import vector_arithmetic as va
-from mechbook.tasks.vector_arithmetic import Pair, build_prompts
+from mechbook.core.errors import MechbookError
+from mechbook.papers.vector_arithmetic import prompts as va
+from mechbook.papers.vector_arithmetic.prompts import Pair, build_prompts
 
 CACHE = Path("/root/.cache/mechbook/models")
 TOKENIZERS = ["gemma3-270m", "smollm2-135m"]

@@ -6,8 +6,8 @@ import warnings as _warnings
 # without ipywidgets; our own bars are plain tqdm, hidden when stderr is not a terminal.
 _warnings.filterwarnings("ignore", message="IProgress not found")
 
-from mechbook.errors import MechbookError
-from mechbook.models import DEFAULT_MODEL, LoadedModel, known_models, load_model
+from mechbook.core.errors import MechbookError
+from mechbook.core.loading import DEFAULT_MODEL, LoadedModel, known_models, load_model
 
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "MechbookError", "known_models", "load_model"]
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
-"""``python -m mechbook``: the command line in :mod:`mechbook.cli`."""
+"""``python -m mechbook``: the command line in :mod:`mechbook.book.cli`."""
 
 import sys
 
-from mechbook.cli import main
+from mechbook.book.cli import main
 
 sys.exit(main())

@@ -23,9 +23,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
-from mechbook.errors import MechbookError
-from mechbook.hooks import TokenBatch, run_last
-from mechbook.models import LoadedModel
+from mechbook.core.errors import MechbookError
+from mechbook.core.runs import TokenBatch, run_last
+from mechbook.core.loading import LoadedModel
 
 Metric = Callable[[Float[Tensor, "batch d_vocab"]], Float[Tensor, "batch"]]
 

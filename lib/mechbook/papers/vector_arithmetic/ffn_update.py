@@ -22,8 +22,8 @@ from hidden_states[19] the same way).
 - :func:`save_o_vector` / :func:`load_o_vector`: o as safetensors with its provenance.
 
 Edits act at each prompt's last position unless said otherwise, as small hook
-functions run through :func:`mechbook.hooks.run_last` in batches; where only later
-layers change, :func:`mechbook.circuits.run_from_layer` re-runs just those.
+functions run through :func:`mechbook.core.runs.run_last` in batches; where only later
+layers change, :func:`mechbook.core.circuits.run_from_layer` re-runs just those.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
-from mechbook import decoding
-from mechbook.errors import MechbookError
-from mechbook.hooks import HookFn, TokenBatch, run_last, run_last_batched, tokenize
-from mechbook.models import LoadedModel
-from mechbook.tasks import PromptSet
+from mechbook.core import decoding
+from mechbook.core.errors import MechbookError
+from mechbook.core.runs import HookFn, TokenBatch, run_last, run_last_batched, tokenize
+from mechbook.core.loading import LoadedModel
+from mechbook.papers.vector_arithmetic.prompts import PromptSet
 
 METHODS = ("add", "replace")
 POSITIONS = ("last", "all")
@@ -441,7 +441,7 @@ def subtract_o(
     paper's demo: " Warsaw" -> " Poland" at layer 19 of GPT-2 medium) and, with
     ``forward``, in the model's output with the later layers run on the edited
     residual (a hook on ``blocks.L.hook_resid_post``; from the kept residual with
-    :func:`mechbook.circuits.run_from_layer` if ``run`` has ``resid_positions``).
+    :func:`mechbook.core.circuits.run_from_layer` if ``run`` has ``resid_positions``).
     One row per prompt x readout.
     """
     layer = model.check_layer(layer)
@@ -453,7 +453,7 @@ def subtract_o(
         decoding.unembed(model, run.resid_post[:, layer] - o).argmax(-1).cpu(),
     )]
     if forward and run.resid_positions is not None:  # re-run only the blocks after ``layer``
-        from mechbook.circuits import run_from_layer
+        from mechbook.core.circuits import run_from_layer
 
         edited = []
         for start in range(0, len(batch), batch_size):
@@ -601,7 +601,7 @@ def o_vector_path(model_name: str, name: str, root: str | Path | None = None) ->
     Chapter a4 writes one per task (``capitals``, ...) and one from a single prompt
     (``capitals_one_prompt``); chapter a5 reads them.
     """
-    from mechbook.results import default_root, safe_name
+    from mechbook.book.results import default_root, safe_name
 
     root = Path(root) if root else default_root()
     return root / safe_name(model_name) / "o_vectors" / f"{name}.safetensors"
@@ -623,7 +623,7 @@ def save_o_vector(
     """
     from safetensors.torch import save_file
 
-    from mechbook.results import sort_safetensors_header
+    from mechbook.book.results import sort_safetensors_header
 
     layer = model.check_layer(layer)
     vector = _check_vector(model, vector.detach().reshape(-1))
@@ -662,7 +662,7 @@ def load_o_vector(path: str | Path, model: LoadedModel | None = None, *, allow_o
         raise MechbookError(f"{path} is not an o vector file written by save_o_vector ({exc}); recompute and save it") from exc
     missing = {"model", "layer", "task", "hook", "d_model", "source", "items"} - set(meta)
     if missing:
-        raise MechbookError(f"{path} lacks metadata {sorted(missing)}; write it with mechbook.ffn.save_o_vector")
+        raise MechbookError(f"{path} lacks metadata {sorted(missing)}; write it with mechbook.papers.vector_arithmetic.ffn_update.save_o_vector")
     found = OVector(vector, meta["model"], int(meta["layer"]), meta["task"], meta["hook"], meta["source"],
                     tuple(json.loads(meta["items"])))
     if model is not None:
@@ -781,9 +781,9 @@ def transplant_logits(
 
     One full forward per chunk caches the residual stream where each transplant
     starts; each transplant then re-runs only the layers from its own on
-    (:func:`mechbook.circuits.run_from_layer`).
+    (:func:`mechbook.core.circuits.run_from_layer`).
     """
-    from mechbook.circuits import run_from_layer
+    from mechbook.core.circuits import run_from_layer
 
     for t in transplants:
         if t.method not in METHODS:
@@ -819,7 +819,7 @@ def no_context_targets(
     ``groups`` keeps only items of those groups (past tense: "regular" / "irregular").
     ``n`` draws at most that many (seeded); the target is each prompt's ``answer_ids``.
     """
-    from mechbook.tasks.vector_arithmetic import Pair, build_prompts
+    from mechbook.papers.vector_arithmetic.prompts import Pair, build_prompts
 
     full = build_prompts(task, model, variant="no_context", seed=seed)
     excluded = set(exclude)

@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechbook.models import LoadedModel
+from mechbook.core.loading import LoadedModel
 
 
 def final_norm(model: LoadedModel, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
@@ -122,7 +122,7 @@ def top_tokens_per_layer(model: LoadedModel, resid: Float[Tensor, "layer d_model
 
 def single_token_id(model: LoadedModel, text: str) -> int:
     """The id of ``text`` if it is exactly one token (no BOS), else a clear error."""
-    from mechbook.errors import MechbookError
+    from mechbook.core.errors import MechbookError
 
     ids = model.tokenizer(text, add_special_tokens=False).input_ids
     if len(ids) != 1:

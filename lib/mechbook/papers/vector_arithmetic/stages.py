@@ -7,8 +7,8 @@ the top token into the **answer** (" Warsaw"), which then **saturates** (stays o
 top, more and more probable) to the end. In GPT-2 medium the argument is top-1 at
 layers 14-18 and the answer from layer 19 of 24.
 
-Everything here works on the tidy lens table of :func:`mechbook.decoding.logit_lens`
-(or :func:`mechbook.icl.lens_table`): one row per prompt x layer x target, with
+Everything here works on the tidy lens table of :func:`mechbook.core.decoding.logit_lens`
+(or :func:`mechbook.papers.vector_arithmetic.icl.lens_table`): one row per prompt x layer x target, with
 columns ``prompt, layer, target, rank, reciprocal_rank, prob`` and targets
 ``"argument"`` and ``"answer"``. Per prompt the stage layers are defined as:
 
@@ -37,7 +37,7 @@ wrong answer has no answer stage to find): :func:`accuracy_by_group` and
 :func:`correct_lens` decodes the kept prompts.
 
 Layers are 0-based block indices (the residual after block ``layer``); the fraction
-of depth of a layer is ``(layer + 1) / n_layers``, as in :func:`mechbook.icl.lens_table`.
+of depth of a layer is ``(layer + 1) / n_layers``, as in :func:`mechbook.papers.vector_arithmetic.icl.lens_table`.
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechbook import decoding
-from mechbook.errors import MechbookError
-from mechbook.models import LoadedModel
-from mechbook.plots import PALETTE
-from mechbook.tasks import PromptSet
+from mechbook.core import decoding
+from mechbook.core.errors import MechbookError
+from mechbook.core.loading import LoadedModel
+from mechbook.book.plots import PALETTE
+from mechbook.papers.vector_arithmetic.prompts import PromptSet
 
 STAGES = ("argument_formation", "function_application", "saturation")
 STAGE_LABELS = {
@@ -82,7 +82,7 @@ def fraction_of_depth(layer: float | pd.Series | np.ndarray, n_layers: int):
 def accuracy_by_group(accuracy: pd.DataFrame, prompts: PromptSet) -> pd.DataFrame:
     """In-context accuracy of one task per group and overall, beside the items the tokenizer check dropped.
 
-    ``accuracy`` is :func:`mechbook.icl.accuracy_table` of ``prompts``. One row per
+    ``accuracy`` is :func:`mechbook.papers.vector_arithmetic.icl.accuracy_table` of ``prompts``. One row per
     group plus an "all" row (only "all" when the task has one group): ``task, group,
     n`` (prompts scored; ``dropped`` counts items, not drawn prompts, so with a sample
     ``n`` plus ``dropped`` is less than the word list), ``accuracy``, ``dropped`` (items dropped, mostly for
@@ -158,7 +158,7 @@ def correct_lens(
 ) -> pd.DataFrame:
     """Logit lens of argument and answer for the prompts the model answers correctly.
 
-    Like :func:`mechbook.icl.lens_table`, but decodes only the selected prompts (the
+    Like :func:`mechbook.papers.vector_arithmetic.icl.lens_table`, but decodes only the selected prompts (the
     unembedding is most of the cost); ``prompt`` keeps each prompt's index in the
     full prompt set, so the table joins back to the accuracy table.
     """
@@ -184,8 +184,8 @@ def _check_lens(lens: pd.DataFrame, by: Sequence[str]) -> None:
     missing = [c for c in (*LENS_COLUMNS, *by) if c not in lens.columns]
     if missing:
         raise MechbookError(
-            f"the lens table lacks columns {missing}; pass the output of mechbook.decoding.logit_lens "
-            "or mechbook.icl.lens_table (and only grouping columns it has)"
+            f"the lens table lacks columns {missing}; pass the output of mechbook.core.decoding.logit_lens "
+            "or mechbook.papers.vector_arithmetic.icl.lens_table (and only grouping columns it has)"
         )
     targets = set(lens["target"].unique())
     if not {"argument", "answer"} <= targets:
@@ -345,7 +345,7 @@ def lens_by_task(
     """Reciprocal rank (top row) and probability (bottom row) of argument and answer per layer, one column per task.
 
     Lines are medians over prompts, bands the interquartile range, as in
-    :func:`mechbook.plots.lens_over_layers`. ``lens`` needs a ``task`` column. With a
+    :func:`mechbook.book.plots.lens_over_layers`. ``lens`` needs a ``task`` column. With a
     ``summary`` from :func:`summarize_stages` (``by=["task"]``) the median stage
     layers are drawn as vertical lines.
     """

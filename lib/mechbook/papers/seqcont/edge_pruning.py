@@ -1,8 +1,8 @@
 """The edges of a node circuit (Paper B: Lan, Torr & Barez 2024, section 3; the paper's ``run_edge_ablation.py``).
 
-Node pruning (:func:`mechbook.circuits.prune_nodes`) says *which* heads and MLPs a
+Node pruning (:func:`mechbook.core.circuits.prune_nodes`) says *which* heads and MLPs a
 task needs; edge pruning says *how they talk*: each path from a sender to a
-receiver head's query, key or value input (:func:`mechbook.circuits.patch_paths`),
+receiver head's query, key or value input (:func:`mechbook.core.circuits.patch_paths`),
 and each sender's direct path to the final residual stream (the paper's
 ``resid_post``, :func:`patch_paths_to_logits`), is removed alone inside the circuit
 model and kept if the circuit then falls below ``threshold`` of the full model.
@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechbook.circuits import (
+from mechbook.core.circuits import (
     QKV,
     Circuit,
     _attention_write,
@@ -33,10 +33,10 @@ from mechbook.circuits import (
     _unembed,
     prune_edges,
 )
-from mechbook.errors import MechbookError
-from mechbook.hooks import TokenBatch, run_last
-from mechbook.models import LoadedModel
-from mechbook.patching import Component, Metric, all_heads, all_mlps
+from mechbook.core.errors import MechbookError
+from mechbook.core.runs import TokenBatch, run_last
+from mechbook.core.loading import LoadedModel
+from mechbook.core.patching import Component, Metric, all_heads, all_mlps
 
 RESID = "resid_post"  # the receiver of a sender's direct path to the logits (the paper's name)
 INPUTS = (*QKV, "resid")  # what an edge enters: a head's q, k or v, or the final residual stream
@@ -63,7 +63,7 @@ def patch_paths_to_logits(
     ``resid + delta`` where ``delta`` is the change the sender's new output (from
     ``source``, or its mean from ``means``) writes into the residual stream; no later
     component sees the change. This is the paper's sender -> ``resid_post`` edge, taken
-    as a direct path like the q/k/v edges of :func:`mechbook.circuits.patch_paths`.
+    as a direct path like the q/k/v edges of :func:`mechbook.core.circuits.patch_paths`.
     ``ablate`` components are mean-ablated in every run (the circuit context).
     One forward pass in all (two with a source): the rest is a matrix product per sender.
     """

@@ -15,7 +15,7 @@ vector is zero, so the skip is exact for every architecture.
 
 The layers below the top k are the same at every step, so a sweep makes one clean
 pass that caches the residual stream where each step starts, then runs each step
-from there with :func:`mechbook.circuits.run_from_layer` (about 4.5 forward passes
+from there with :func:`mechbook.core.circuits.run_from_layer` (about 4.5 forward passes
 for the paper's 7 steps instead of 7). For architectures that function does not
 know, all steps run as full forwards stacked on the batch axis of one pass.
 """
@@ -35,12 +35,12 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm import tqdm
 
-from mechbook import circuits
-from mechbook.errors import MechbookError
-from mechbook.hooks import TokenBatch, run_last, tokenize
-from mechbook.models import LoadedModel
-from mechbook.patching import Component
-from mechbook.tasks import PromptSet, build_prompts
+from mechbook.core import circuits
+from mechbook.core.errors import MechbookError
+from mechbook.core.runs import TokenBatch, run_last, tokenize
+from mechbook.core.loading import LoadedModel
+from mechbook.core.patching import Component
+from mechbook.papers.vector_arithmetic.prompts import PromptSet, build_prompts
 
 PAPER_STEPS = 6  # the paper removes FFNs top-down in steps of 1/6 of the layers
 
@@ -125,7 +125,7 @@ def paired_prompts(
         if not prompt_ext[item].endswith(prompt):
             raise MechbookError(
                 f"the extractive prompt of {item!r} does not end with its abstractive prompt; the two variants "
-                "no longer pair up: check build_prompts in mechbook.tasks.vector_arithmetic"
+                "no longer pair up: check build_prompts in mechbook.papers.vector_arithmetic.prompts"
             )
         paired.append(item)
     if not paired:
@@ -210,7 +210,7 @@ def logits_without_top_mlps(
 ) -> Float[Tensor, "batch k d_vocab"]:
     """Last-position logits with the top k MLPs removed, for each k in ``ks``.
 
-    With ``restart`` (the default where :func:`mechbook.circuits.run_from_layer` knows the
+    With ``restart`` (the default where :func:`mechbook.core.circuits.run_from_layer` knows the
     architecture) one clean pass caches the residual entering each layer where a step
     starts, and each step then runs only its top k layers: the layers below are the
     same in every step. Otherwise every step is a full forward, all stacked in one batch.

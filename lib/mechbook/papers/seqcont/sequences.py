@@ -40,8 +40,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
-from mechbook.errors import MechbookError
-from mechbook.models import LoadedModel
+from mechbook.core.errors import MechbookError
+from mechbook.core.loading import LoadedModel
 
 PAPER_TASKS = ("numerals", "numwords", "months")
 PAPER_TEMPLATES = {
@@ -222,7 +222,7 @@ _TOKEN_FIELDS = ("prompt_ids", "prompt_text", "corr_id", "incorr_id", "corr_n_to
 
 
 def _data_file(name: str):
-    return resources.files("mechbook").joinpath("data", "seqcont", name)
+    return resources.files("mechbook.papers.seqcont").joinpath("data", name)
 
 
 @lru_cache(maxsize=None)
@@ -632,7 +632,7 @@ def _last_position_logits(
     The base model's last hidden state is already final-normed (Gemma, Llama,
     GPT-2); unembedding one position instead of all saves most of the cost with
     Gemma's 262k-token vocabulary. Private until the shared helper in
-    mechbook.hooks (run_last_batched) settles; swap it in then.
+    mechbook.core.runs (run_last_batched) settles; swap it in then.
     """
     hf = model.hf_model
     device = model.device

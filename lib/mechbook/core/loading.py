@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from mechbook.errors import MechbookError
+from mechbook.core.errors import MechbookError
 
 DEFAULT_MODEL = "gemma3-270m"
 CACHE_ENV = "MECHBOOK_CACHE"

@@ -17,7 +17,7 @@ argument as a next word, ``" Poland"``, which the logit lens tracks). Items that
 are dropped and counted with the reason (``DROP_REASONS``), never silently.
 
     >>> from mechbook import hooks, load_model
-    >>> from mechbook.tasks import vector_arithmetic as va
+    >>> from mechbook.papers.vector_arithmetic.prompts import vector_arithmetic as va
     >>> model = load_model("gemma3-270m")
     >>> prompts = va.build_prompts("capitals", model, n_shots=1)
     >>> prompts.summary()            # kept / dropped per group and reason
@@ -42,7 +42,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from mechbook.errors import MechbookError
+from mechbook.core.errors import MechbookError
 
 VARIANTS = ("abstractive", "extractive", "no_context")
 MULTI_TOKEN_CHOICES = ("drop", "first")
@@ -57,7 +57,7 @@ DROP_REASONS = (
 NO_CONTEXT_FILLERS = 3  # filler words before each copy of the argument (§4.1: "three random tokens")
 NO_CONTEXT_REPEATS = 2  # full "filler argument" groups before the final filler
 
-_DATA = "data/vector_arithmetic"
+_DATA = "data"
 
 # Source quirks of world_capitals.csv and what we do about them (see the data README).
 CAPITAL_DROPPED_COUNTRIES = {
@@ -84,7 +84,7 @@ class Pair:
 
 
 def _read_csv(name: str) -> list[dict[str, str]]:
-    text = resources.files("mechbook").joinpath(f"{_DATA}/{name}").read_text(encoding="utf-8")
+    text = resources.files("mechbook.papers.vector_arithmetic").joinpath(f"{_DATA}/{name}").read_text(encoding="utf-8")
     return list(csv.DictReader(io.StringIO(text)))
 
 

@@ -34,10 +34,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
-from mechbook.errors import MechbookError
-from mechbook.hooks import HookFn, TokenBatch, run_last, temporary_hooks
-from mechbook.models import LoadedModel
-from mechbook.patching import Component, Metric, all_heads, all_mlps, mean_activations
+from mechbook.core.errors import MechbookError
+from mechbook.core.runs import HookFn, TokenBatch, run_last, temporary_hooks
+from mechbook.core.loading import LoadedModel
+from mechbook.core.patching import Component, Metric, all_heads, all_mlps, mean_activations
 
 QKV = ("q", "k", "v")
 
@@ -108,7 +108,7 @@ def _run_layers(model: LoadedModel, hidden: Tensor, start: int, *, prefix: _Shar
     if arch not in FROM_LAYER_ARCHITECTURES:
         raise MechbookError(
             f"run_from_layer knows the decoder loop of {', '.join(FROM_LAYER_ARCHITECTURES)}, not {arch!r}; "
-            "use mechbook.hooks.run_last (a full forward) for this model"
+            "use mechbook.core.runs.run_last (a full forward) for this model"
         )
     if start >= model.n_layers:
         return hidden
@@ -157,13 +157,13 @@ def _check_prefix_used(prefix: _SharedPrefix | None, start: int, stop: int) -> N
             f"the shared-prefix cache did not reach the attention of layer(s) {missing}: this pair of "
             "transformers and transformer-lens versions does not hand mechbook's `layer_past` keyword to the "
             "attention (it does with transformers 5.24.0 and transformer-lens 4.3.0). Install those versions, "
-            "or call mechbook.patching.patch_head_outputs (full forwards, no prefix cache)"
+            "or call mechbook.core.patching.patch_head_outputs (full forwards, no prefix cache)"
         )
 
 
 def _unembed(model: LoadedModel, resid: Float[Tensor, "batch d_model"], tokens: Tensor | None) -> Tensor:
     """Logits of final residual vectors; with ``tokens``, only those columns are computed (the rest NaN)."""
-    from mechbook.decoding import unembed
+    from mechbook.core.decoding import unembed
 
     if tokens is None:
         return unembed(model, resid)
@@ -938,7 +938,7 @@ def patch_head_outputs_fast(
     max_rows: int = 256,
     tokens: Int[Tensor, "k"] | None = None,
 ) -> pd.DataFrame:
-    """:func:`mechbook.patching.patch_head_outputs`, computed with much less work (same table, same numbers).
+    """:func:`mechbook.core.patching.patch_head_outputs`, computed with much less work (same table, same numbers).
 
     Three savings, none of which changes a result:
     a head's output at layer L cannot change layers before L, so each layer's heads

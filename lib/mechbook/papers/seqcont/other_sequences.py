@@ -13,11 +13,11 @@ corrupted prompts of the same form and token length. The new tasks have no
 corrupted set in the paper, so one is built the way the paper builds its own:
 the same templates with the members drawn at random (:func:`family_prompts` with
 ``corrupted=True``). The control is equal-size random sets of heads and MLPs
-(:func:`mechbook.circuits.random_circuits`).
+(:func:`mechbook.core.circuits.random_circuits`).
 
 - :func:`family_prompts`: prompts of one family (clean or corrupted), untokenized;
 - :func:`load_shared_circuit`: the shared sub-circuit written by chapter b4 (or
-  :func:`mechbook.task_circuits.shared_circuit` of chapter b2's circuits);
+  :func:`mechbook.papers.seqcont.task_circuits.shared_circuit` of chapter b2's circuits);
 - :func:`common_lengths`: the clean prompts at the token lengths that have corrupted
   means (mean ablation lines positions up);
 - :func:`knockout_runs`: per prompt and condition (full model, shared sub-circuit
@@ -35,14 +35,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechbook import task_circuits
-from mechbook.circuits import Circuit, _mean_ablation_hooks, random_circuits
-from mechbook.errors import MechbookError
-from mechbook.hooks import run_last, tokenize
-from mechbook.models import LoadedModel
-from mechbook.patching import all_heads, all_mlps, mean_activations
-from mechbook.results import MARKER, default_root, safe_name
-from mechbook.tasks.seqcont import SeqPromptSet, make_prompts, sequence_members
+from mechbook.papers.seqcont import task_circuits
+from mechbook.core.circuits import Circuit, _mean_ablation_hooks, random_circuits
+from mechbook.core.errors import MechbookError
+from mechbook.core.runs import run_last, tokenize
+from mechbook.core.loading import LoadedModel
+from mechbook.core.patching import all_heads, all_mlps, mean_activations
+from mechbook.book.results import MARKER, default_root, safe_name
+from mechbook.papers.seqcont.sequences import SeqPromptSet, make_prompts, sequence_members
 
 SHARED_CHAPTER = "b4_shared_circuit"
 
@@ -163,8 +163,8 @@ def load_shared_circuit(model: LoadedModel, root: str | Path | None = None) -> t
     """The shared sub-circuit for ``model`` and where it came from.
 
     Chapter b4's ``<root>/<model>/b4_shared_circuit/shared.json`` when that chapter
-    finished, else the intersection (:func:`mechbook.task_circuits.shared_circuit`) of
-    chapter b2's circuits (:func:`mechbook.task_circuits.load_task_circuits`, which
+    finished, else the intersection (:func:`mechbook.papers.seqcont.task_circuits.shared_circuit`) of
+    chapter b2's circuits (:func:`mechbook.papers.seqcont.task_circuits.load_task_circuits`, which
     names the command that makes them when they are missing). Raises when the circuit
     does not fit the model or is empty.
     """

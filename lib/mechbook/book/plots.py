@@ -19,7 +19,7 @@ def setup() -> None:
 def lens_over_layers(lens: pd.DataFrame, *, model_name: str, title: str | None = None, n_layers: int | None = None):
     """Median and interquartile band over prompts of reciprocal rank and probability, per layer.
 
-    ``lens`` is :func:`mechbook.decoding.logit_lens` output (prompt, layer, target, ...).
+    ``lens`` is :func:`mechbook.core.decoding.logit_lens` output (prompt, layer, target, ...).
     """
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
     for ax, column, label in zip(axes, ["reciprocal_rank", "prob"], ["reciprocal rank", "probability"]):

@@ -1,7 +1,7 @@
 """Setting models side by side: the chapters' saved results, stacked, beside the papers' numbers.
 
 Reads whatever complete chapter results exist under the results folder (one folder per
-model, see :mod:`mechbook.results`), so a new run on another model shows up without
+model, see :mod:`mechbook.book.results`), so a new run on another model shows up without
 code changes. Numbers the papers report for their own models are kept here, each with
 where it comes from, and are always marked as the paper's ("GPT-2 small (paper)").
 
@@ -21,8 +21,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from mechbook.errors import MechbookError
-from mechbook.results import load_json, load_table
+from mechbook.core.errors import MechbookError
+from mechbook.book.results import load_json, load_table
 
 PAPER_SUFFIX = " (paper)"
 

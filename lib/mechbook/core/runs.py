@@ -22,8 +22,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
-from mechbook.errors import MechbookError
-from mechbook.models import LoadedModel
+from mechbook.core.errors import MechbookError
+from mechbook.core.loading import LoadedModel
 
 HookFn = Callable[[Tensor, object], Tensor | None]
 
@@ -122,7 +122,7 @@ def run_last(
     ``last_only`` each cached activation is cut to the prompt's last position
     (for activations whose second axis is position).
     """
-    from mechbook.decoding import unembed
+    from mechbook.core.decoding import unembed
 
     check_hook_names(model, names)
     cache: dict[str, Tensor] = {}

@@ -1,7 +1,7 @@
 """What the components of a model do on sequence continuation (Paper B: Lan, Torr & Barez 2024).
 
 The analyses of the paper's sections 4-5 that look at one component at a time, on
-the prompts of :mod:`mechbook.tasks.seqcont`:
+the prompts of :mod:`mechbook.papers.seqcont.sequences`:
 
 - where the sequence members sit in a prompt (:func:`member_positions`), so that
   attention to them and their residual vectors can be read;
@@ -34,12 +34,12 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm import tqdm
 
-from mechbook import decoding
-from mechbook.errors import MechbookError
-from mechbook.hooks import TokenBatch, run_last, run_last_batched, tokenize
-from mechbook.models import LoadedModel
-from mechbook.patching import Component, Metric, ablation_sweep, all_heads, all_mlps, logit_diff, mean_activations
-from mechbook.tasks.seqcont import PAPER_TEMPLATES, WORD_SEQUENCES, SeqPromptSet, filter_solved, load_paper_prompts, tokenize_prompts
+from mechbook.core import decoding
+from mechbook.core.errors import MechbookError
+from mechbook.core.runs import TokenBatch, run_last, run_last_batched, tokenize
+from mechbook.core.loading import LoadedModel
+from mechbook.core.patching import Component, Metric, ablation_sweep, all_heads, all_mlps, logit_diff, mean_activations
+from mechbook.papers.seqcont.sequences import PAPER_TEMPLATES, WORD_SEQUENCES, SeqPromptSet, filter_solved, load_paper_prompts, tokenize_prompts
 
 PAPER_CLEAN_TEMPLATES = tuple(PAPER_TEMPLATES)
 
@@ -92,7 +92,7 @@ def solved_paper_prompts(
     task's most common token length are used, so that positions line up across
     prompts, as they do in GPT-2 for the paper (per-position mean ablation assumes
     it; SmolLM2 splits some names and objects into several tokens). Tokenization
-    drops are in ``.dropped`` (with a :class:`~mechbook.tasks.seqcont.SeqPromptWarning`;
+    drops are in ``.dropped`` (with a :class:`~mechbook.papers.seqcont.sequences.SeqPromptWarning`;
     silence it in notebooks).
     """
     if n_prompts < 1 or not templates:
@@ -144,7 +144,7 @@ def member_index(task: str, member: str) -> int:
 
 
 def batch_of(model: LoadedModel, prompts: SeqPromptSet) -> TokenBatch:
-    """The prompts' token ids as a right-padded :class:`~mechbook.hooks.TokenBatch`."""
+    """The prompts' token ids as a right-padded :class:`~mechbook.core.runs.TokenBatch`."""
     if not prompts.is_tokenized:
         raise MechbookError("the prompts are not tokenized; call tokenize_prompts(prompts, model.tokenizer) first")
     return tokenize(model, prompts.prompt_ids)
@@ -275,9 +275,9 @@ def single_ablation_effects(
     One row per component with ``metric`` (mean over prompts), ``score`` =
     100 x metric / full metric and ``effect`` = score - 100 (the paper's "-47%" for
     head 7.11). By default all components run batched through
-    :func:`mechbook.patching.ablation_sweep`. With ``from_layer`` each layer's
+    :func:`mechbook.core.patching.ablation_sweep`. With ``from_layer`` each layer's
     components run batched from that layer on, from the clean run's residual stream
-    (:func:`mechbook.circuits.run_from_layer`): the same numbers (nothing before a
+    (:func:`mechbook.core.circuits.run_from_layer`): the same numbers (nothing before a
     component's layer changes when it is ablated) for about half the compute.
     """
     components = [c.validate(model) for c in (components or all_heads(model) + all_mlps(model))]
@@ -310,7 +310,7 @@ def single_ablation_effects(
 
 def _ablation_sweep_from_layers(model, batch, components, metric, means, cache, max_rows, desc) -> Tensor:
     """Mean metric with each component ablated alone, each layer's components run from that layer."""
-    from mechbook.circuits import _mean_ablation_hooks, run_from_layer
+    from mechbook.core.circuits import _mean_ablation_hooks, run_from_layer
 
     n = len(batch)
     per_pass = max(1, max_rows // n)
@@ -487,7 +487,7 @@ def ov_circuit(model: LoadedModel, layer: int, head: int) -> OVCircuit:
         norm_out = _plain(block.post_attention_layernorm) if arch.startswith("gemma3") else None
     else:
         raise MechbookError(f"OV circuits are implemented for GPT-2, Llama and Gemma 3 models, not {arch!r} "
-                            f"({model.name}); add its value/output weight layout to mechbook.sequences.ov_circuit")
+                            f"({model.name}); add its value/output weight layout to mechbook.papers.seqcont.components.ov_circuit")
     return OVCircuit(layer, head, W_V.detach(), None if b_V is None else b_V.detach(), W_O.detach(), norm_in, norm_out)
 
 
@@ -612,7 +612,7 @@ def sequence_lens(model: LoadedModel, prompts: SeqPromptSet, *, batch_size: int 
     """Logit lens at the last position after every layer: ranks of the last shown member and of the next one.
 
     One row per prompt x layer x target (``"last shown"``, ``"next"``), as
-    :func:`mechbook.decoding.logit_lens` returns, with ``depth`` = (layer + 1) / n_layers.
+    :func:`mechbook.core.decoding.logit_lens` returns, with ``depth`` = (layer + 1) / n_layers.
     """
     names = decoding.resid_post_names(model)
     _, cache = run_last_batched(model, batch_of(model, prompts), names=names, last_only=True, batch_size=batch_size)
@@ -676,7 +676,7 @@ def lens_turn_summary(turns: pd.DataFrame, n_layers: int, *, by: Sequence[str] =
 def behaviour_table(scores: pd.DataFrame, drops: pd.DataFrame) -> pd.DataFrame:
     """Per task and template: prompts scored, solved fraction, top-1 accuracy, and prompts dropped at tokenization.
 
-    ``scores`` is :func:`mechbook.tasks.seqcont.score_prompts` output for several
+    ``scores`` is :func:`mechbook.papers.seqcont.sequences.score_prompts` output for several
     sets (with ``task`` and ``template`` columns); ``drops`` has one row per task and
     template with ``n_paper`` (prompts in the paper's file) and ``dropped``.
     """

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from mechbook import decoding
-from mechbook.hooks import run_last_batched, tokenize
-from mechbook.models import LoadedModel
-from mechbook.tasks import PromptSet
+from mechbook.core import decoding
+from mechbook.core.runs import run_last_batched, tokenize
+from mechbook.core.loading import LoadedModel
+from mechbook.papers.vector_arithmetic.prompts import PromptSet
 
 
 def run_prompts(model: LoadedModel, prompts: PromptSet, *, batch_size: int = 16, desc: str | None = None):

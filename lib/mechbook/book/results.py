@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from mechbook.errors import MechbookError
+from mechbook.core.errors import MechbookError
 
 RESULTS_ENV = "MECHBOOK_RESULTS"
 MARKER = "_complete.json"

@@ -1,6 +1,6 @@
 """The circuits of the three sequence tasks and what they share (Paper B: Lan, Torr & Barez 2024, sections 3-4).
 
-Built on :mod:`mechbook.circuits` (the node-pruning engine) for the chapters
+Built on :mod:`mechbook.core.circuits` (the node-pruning engine) for the chapters
 "Circuit discovery by iterative node pruning" (b2) and "The shared sub-circuit" (b4):
 
 - :func:`prepare_task`: a task's solved prompts, the means of its corrupted prompts,
@@ -29,8 +29,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechbook import results, sequences
-from mechbook.circuits import (
+from mechbook.book import results
+from mechbook.papers.seqcont import components as sequences
+from mechbook.core.circuits import (
     Circuit,
     _check_means,
     _embeddings,
@@ -40,11 +41,11 @@ from mechbook.circuits import (
     random_circuits,
     run_from_layer,
 )
-from mechbook.errors import MechbookError
-from mechbook.hooks import TokenBatch
-from mechbook.models import LoadedModel
-from mechbook.patching import Metric, all_heads, all_mlps
-from mechbook.tasks import seqcont
+from mechbook.core.errors import MechbookError
+from mechbook.core.runs import TokenBatch
+from mechbook.core.loading import LoadedModel
+from mechbook.core.patching import Metric, all_heads, all_mlps
+from mechbook.papers.seqcont import sequences as seqcont
 
 NODE_CHAPTER = "b2_node_pruning"
 
@@ -93,7 +94,7 @@ def prepare_task(model: LoadedModel, task: str, *, n_prompts: int, n_corrupted: 
 
 def find_task_circuits(model: LoadedModel, tasks: Mapping[str, TaskSet], *, threshold: float = 0.2,
                        max_rounds: int | None = None) -> dict[str, Circuit]:
-    """Iterative node pruning (:func:`mechbook.circuits.prune_nodes`) on each task: task -> circuit (with score and log)."""
+    """Iterative node pruning (:func:`mechbook.core.circuits.prune_nodes`) on each task: task -> circuit (with score and log)."""
     if not tasks:
         raise MechbookError("no tasks to prune; pass e.g. {'numerals': prepare_task(model, 'numerals', n_prompts=8)}")
     return {name: prune_nodes(model, t.batch, t.means, t.metric, threshold=threshold, max_rounds=max_rounds,
@@ -312,7 +313,7 @@ def score_circuits(
 ) -> Float[Tensor, "n_circuits"]:
     """Scores (% of the full model) of several circuits on one task, many circuits per batched forward pass.
 
-    Same numbers as :func:`mechbook.circuits.score_circuit` one by one: each copy of
+    Same numbers as :func:`mechbook.core.circuits.score_circuit` one by one: each copy of
     the batch gets its own circuit's complement mean-ablated at every position, and
     only the answer tokens are unembedded.
     """

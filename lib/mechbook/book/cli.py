@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from mechbook.errors import MechbookError
-from mechbook.models import DEFAULT_MODEL, REGISTRY, cached_model_dir, known_models
-from mechbook.results import check_results, default_root, safe_name
+from mechbook.core.errors import MechbookError
+from mechbook.core.loading import DEFAULT_MODEL, REGISTRY, cached_model_dir, known_models
+from mechbook.book.results import check_results, default_root, safe_name
 
 KERNEL_NAME = "python3"
 # a<N>: Paper A, b<N>: Paper B, c<N>: across models (reads the other chapters' results).
