@@ -36,30 +36,75 @@ def _tokenizer(bos: bool):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
 
 
+ARCHITECTURES = ("gpt2", "gptj", "bloom", "gpt_neox", "llama", "qwen2", "mistral", "gemma2", "gemma3")
+_NO_BOS = ("gpt2", "gptj", "bloom", "gpt_neox")  # their tokenizers put no BOS in front, as the real ones
+
+
+def tiny_config(kind: str, vocab: int):
+    """A tiny config of a real architecture: 3 layers, width 64, 4 heads (2 key/value heads where the family
+    uses grouped-query attention), sliding windows shorter than the test prompts where the family has them."""
+    import transformers as T
+
+    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    gqa = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+               max_position_embeddings=128)
+    configs = {
+        "gpt2": lambda: T.GPT2Config(n_positions=128, n_embd=64, n_layer=3, n_head=4, **common),
+        "gptj": lambda: T.GPTJConfig(n_positions=128, n_embd=64, n_layer=3, n_head=4, rotary_dim=8, **common),
+        "bloom": lambda: T.BloomConfig(hidden_size=64, n_layer=3, n_head=4, **common),
+        "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                            intermediate_size=128, rotary_pct=0.25, max_position_embeddings=128,
+                                            use_parallel_residual=True, **common),
+        "llama": lambda: T.LlamaConfig(num_key_value_heads=2, **gqa, **common),
+        "qwen2": lambda: T.Qwen2Config(num_key_value_heads=2, **gqa, **common),
+        "mistral": lambda: T.MistralConfig(num_key_value_heads=2, sliding_window=6, **gqa, **common),
+        "gemma2": lambda: T.Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=6,
+                                         final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                                         query_pre_attn_scalar=16, **gqa, **common),
+        "gemma3": lambda: T.Gemma3TextConfig(num_key_value_heads=1, head_dim=16, sliding_window=8,
+                                             final_logit_softcapping=30.0, **gqa, **common),
+    }
+    if kind not in configs:
+        raise ValueError(kind)
+    return configs[kind]()
+
+
 def build_tiny_model(kind: str, directory: Path) -> Path:
     """Save a randomly initialised, tiny model of a real architecture with its tokenizer."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    tokenizer = _tokenizer(bos=kind != "gpt2")
-    vocab = len(tokenizer)
-    if kind == "gpt2":
-        config = GPT2Config(vocab_size=vocab, n_positions=128, n_embd=64, n_layer=3, n_head=4,
-                            bos_token_id=1, eos_token_id=2)
-    elif kind == "llama":
-        config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                             bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    elif kind == "gemma3":
-        config = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                  num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                                  max_position_embeddings=128, sliding_window=8, final_logit_softcapping=30.0,
-                                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    else:
-        raise ValueError(kind)
-    model = AutoModelForCausalLM.from_config(config)
+    tokenizer = _tokenizer(bos=kind not in _NO_BOS)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, len(tokenizer)))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    return directory
+
+
+def sharpen(directory: Path, factor: float = 8.0) -> Path:
+    """Scale a tiny model's query and key maps so that its attention is far from uniform.
+
+    Randomly initialised tiny models attend almost uniformly, so q and k paths barely
+    matter; sharper attention gives every edge a measurable effect. Fused q/k/v maps
+    (BLOOM, GPT-NeoX) are scaled whole, values included.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    d = model.config.hidden_size
+    params = dict(model.named_parameters())
+    qk_norm = any(name.endswith("q_norm.weight") for name in params)  # Gemma 3 normalises q and k per head
+    with torch.no_grad():
+        for name, p in params.items():
+            if name.endswith("c_attn.weight"):  # GPT-2 Conv1D [d_model, 3 d_model]: q | k | v
+                p[:, : 2 * d] *= factor
+            elif name.endswith("query_key_value.weight"):
+                p *= factor
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # Gemma RMSNorm scales by (1 + w)
+                p.fill_(factor - 1.0)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")) and not qk_norm:
+                p *= factor
+    model.save_pretrained(directory)
     return directory
 
 

@@ -16,7 +16,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
+from mechbook.core.names import layer_names
 
 
 def final_norm(model: LoadedModel, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
@@ -25,19 +27,73 @@ def final_norm(model: LoadedModel, resid: Float[Tensor, "... d_model"]) -> Float
         return model.bridge.ln_final(resid)
 
 
-def unembed(model: LoadedModel, resid: Float[Tensor, "... d_model"], *, normalize: bool = True) -> Float[Tensor, "... d_vocab"]:
-    """Logits of residual vectors: final norm (unless ``normalize=False``), unembedding, softcap."""
+def _unembedding(model: LoadedModel) -> torch.nn.Module:
+    """The plain output linear map (under the bridge's wrapper, if any)."""
+    head = model.hf_model.get_output_embeddings()
+    return getattr(head, "original_component", head)
+
+
+def softcap(model: LoadedModel, logits: Tensor) -> Tensor:
+    """The final-logit softcap ``cap * tanh(logits / cap)`` where the config sets one (Gemma 2/3), else the logits."""
+    cap = model.final_logit_softcap
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def unembed(model: LoadedModel, resid: Float[Tensor, "... d_model"], *, normalize: bool = True,
+            tokens: Int[Tensor, "k"] | None = None) -> Float[Tensor, "... d_vocab"]:
+    """Logits of residual vectors: final norm (unless ``normalize=False``), unembedding, softcap.
+
+    With ``tokens`` only those vocabulary columns are computed; the others come back NaN,
+    so that anything reading them fails loudly (see :func:`check_finite`).
+    """
     with torch.inference_mode():
         x = final_norm(model, resid) if normalize else resid
-        logits = model.hf_model.get_output_embeddings()(x)
-        cap = model.final_logit_softcap
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
+        if tokens is None:
+            return softcap(model, model.hf_model.get_output_embeddings()(x))
+        linear = _unembedding(model)
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=x.device)
+        bias = None if getattr(linear, "bias", None) is None else linear.bias[tokens]
+        part = softcap(model, torch.nn.functional.linear(x, linear.weight[tokens], bias))
+        logits = torch.full((*x.shape[:-1], model.d_vocab), float("nan"), dtype=part.dtype, device=part.device)
+        logits[..., tokens] = part
         return logits
 
 
+def token_logits(
+    model: LoadedModel, resid: Float[Tensor, "... d_model"], token_ids: Int[Tensor, "..."]
+) -> Float[Tensor, "..."]:
+    """The logit of one token per residual vector (final norm, its unembedding row and bias, softcap).
+
+    Equal to ``unembed(model, resid).gather(-1, ids)`` without the whole vocabulary.
+    """
+    linear = _unembedding(model)
+    ids = torch.as_tensor(token_ids, dtype=torch.long).to(resid.device)
+    with torch.inference_mode():
+        x = final_norm(model, resid)
+        logits = (x * linear.weight[ids]).sum(-1)
+        if getattr(linear, "bias", None) is not None:
+            logits = logits + linear.bias[ids]
+        return softcap(model, logits)
+
+
+def check_finite(values: Tensor, what: str) -> Tensor:
+    """``values``, or a one-line error naming ``what`` holds NaN or infinite entries."""
+    if not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).sum())
+        raise MechbookError(
+            f"{what} holds {bad} non-finite value(s) (NaN or inf); check the vectors or edits that produced it "
+            "(e.g. an o vector with NaN, or logits of ids a restricted unembedding did not compute)"
+        )
+    return values
+
+
 def token_ranks(logits: Float[Tensor, "... d_vocab"], token_ids: Int[Tensor, "..."]) -> Int[Tensor, "..."]:
-    """1-based rank of each target token in its row of logits (1 = top token)."""
+    """1-based rank of each target token in its row of logits (1 = top token); non-finite logits are refused."""
+    check_finite(logits, "the logits to rank")
+    token_ids = torch.as_tensor(token_ids, dtype=torch.long).to(logits.device)
+    if token_ids.shape != logits.shape[:-1]:
+        raise MechbookError(f"token_ranks needs one target id per row: {tuple(token_ids.shape)} ids for logits "
+                            f"of shape {tuple(logits.shape)}")
     target = logits.gather(-1, token_ids.unsqueeze(-1))
     return (logits > target).sum(-1) + 1
 
@@ -48,7 +104,8 @@ def to_str(model: LoadedModel, token_id: int) -> str:
 
 
 def resid_post_names(model: LoadedModel) -> list[str]:
-    return [f"blocks.{layer}.hook_resid_post" for layer in range(model.n_layers)]
+    """``blocks.L.hook_resid_post`` for every layer: what the logit lens reads."""
+    return layer_names("resid_post", model.n_layers)
 
 
 def logit_lens(
@@ -66,6 +123,10 @@ def logit_lens(
     """
     rows = []
     n_prompts, n_layers = resid.shape[:2]
+    check_finite(resid, "the residual vectors given to the logit lens")
+    for name, ids in targets.items():
+        if len(ids) != n_prompts:
+            raise MechbookError(f"target {name!r} has {len(ids)} ids for {n_prompts} prompts; pass one per prompt")
     for start in range(0, n_prompts, chunk):
         logits = unembed(model, resid[start : start + chunk])  # [b, layer, vocab]
         logprobs = logits.log_softmax(-1)
@@ -99,7 +160,15 @@ def top_tokens(
     ``normalize`` applies the final norm first, as the logit lens does; turn it off
     to read the raw direction through the unembedding alone.
     """
-    logits = unembed(model, vector.reshape(-1), normalize=normalize)
+    from mechbook.core.names import as_index
+
+    k = as_index(k, "k")
+    if not 1 <= k <= model.d_vocab:
+        raise MechbookError(f"k={k} top tokens asked for, but {model.name} has {model.d_vocab}; use 1..{model.d_vocab}")
+    vector = check_finite(vector.reshape(-1), "the vector to decode")
+    if vector.shape[0] != model.d_model:
+        raise MechbookError(f"the vector has width {vector.shape[0]}, but {model.name} has d_model={model.d_model}")
+    logits = unembed(model, vector, normalize=normalize)
     values, ids = logits.topk(k)
     return pd.DataFrame(
         {"rank": range(1, k + 1), "token": [to_str(model, i) for i in ids], "logit": values.tolist()}
@@ -108,7 +177,7 @@ def top_tokens(
 
 def top_tokens_per_layer(model: LoadedModel, resid: Float[Tensor, "layer d_model"], k: int = 5) -> pd.DataFrame:
     """For one prompt: the top-k tokens of the logit lens after every layer (a table like the paper's)."""
-    logits = unembed(model, resid)
+    logits = unembed(model, check_finite(resid, "the residual vectors to decode"))
     probs = logits.softmax(-1)
     values, ids = probs.topk(k, dim=-1)
     rows = []
@@ -122,8 +191,6 @@ def top_tokens_per_layer(model: LoadedModel, resid: Float[Tensor, "layer d_model
 
 def single_token_id(model: LoadedModel, text: str) -> int:
     """The id of ``text`` if it is exactly one token (no BOS), else a clear error."""
-    from mechbook.core.errors import MechbookError
-
     ids = model.tokenizer(text, add_special_tokens=False).input_ids
     if len(ids) != 1:
         pieces = model.tokenizer.convert_ids_to_tokens(ids)

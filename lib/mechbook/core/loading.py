@@ -187,9 +187,15 @@ class LoadedModel:
         return getattr(self.hf_model.config, "final_logit_softcapping", None)
 
     def check_layer(self, layer: int, *, allow_end: bool = False) -> int:
-        """Validate a layer index (negative counts from the end) and return it non-negative."""
+        """A layer index (numpy integers too; negative counts from the end) as a non-negative int.
+
+        ``allow_end`` also accepts ``n_layers``: the point after the last block.
+        """
+        from mechbook.core.names import as_index
+
         top = self.n_layers + (1 if allow_end else 0)
-        if not isinstance(layer, int) or not -top <= layer < top:
+        layer = as_index(layer, "layer")
+        if not -top <= layer < top:
             raise MechbookError(
                 f"layer {layer!r} is out of range for {self.name}, which has {self.n_layers} layers; "
                 f"use 0..{top - 1} (or negative indices from the end)"

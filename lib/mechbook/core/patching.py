@@ -1,21 +1,24 @@
-"""Activation patching and ablation of heads, MLPs and the residual stream, batched.
+"""Activation patching and ablation sweeps over heads, MLPs and the residual stream.
 
-One mechanism serves every kind of intervention: a list of *variants*, each a set
-of edits ``(component, replacement)``, is run in one forward pass with the prompts
-stacked once per variant along the batch axis. A sweep over all heads of a model
-is then a handful of forward passes rather than one per head.
+Every sweep is a list of *variants* (one patched or ablated component, or a set of
+them) run through :func:`mechbook.core.runs.run_variants`: the prompts are stacked
+once per variant along the batch axis, and each pass starts at the earliest layer
+its variants edit, from the cached residual stream of the unedited run (nothing
+before a component's layer changes when it is edited). A sweep over all heads of a
+model is a handful of passes over a fraction of the layers, not one full forward per
+head. On the architectures with a hand-written decoder loop, the positions that
+source and target prompts share (e.g. ``<bos>Van done in``) are also computed once
+and their keys and values reused.
 
-Components are named by transformer-lens hook names: a head's output is its slice of
-``blocks.L.attn.hook_z`` (before the output projection, so patching it is exact for
-any architecture), an MLP's output is ``blocks.L.hook_mlp_out`` and the residual
-stream is ``blocks.L.hook_resid_pre``.
+Components (:class:`~mechbook.core.names.Component`) name what is edited: a head's
+output is its slice of ``hook_z``, an MLP's output is ``hook_mlp_out``, the residual
+stream ``hook_resid_pre``.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -23,102 +26,73 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
+from mechbook.core.architectures import SharedPrefix, has_fast_loop
+from mechbook.core.decoding import check_finite
 from mechbook.core.errors import MechbookError
-from mechbook.core.runs import TokenBatch, run_last
+from mechbook.core.interventions import Edit, edit_hooks, mean_ablation, zero_ablation
 from mechbook.core.loading import LoadedModel
+from mechbook.core.names import Component, act_name, all_heads, all_mlps, check_positions
+from mechbook.core.runs import TokenBatch, embeddings, run_from_layer, run_last, run_variants
 
-Metric = Callable[[Float[Tensor, "batch d_vocab"]], Float[Tensor, "batch"]]
+Metric = Callable[[Float[Tensor, "... batch d_vocab"]], Float[Tensor, "... batch"]]
 
-
-# --- components -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, order=True)
-class Component:
-    """A place in the network: an attention head, an MLP, or the residual stream entering a layer.
-
-    ``position`` restricts an edit to one token position (``None``: every position).
-    """
-
-    kind: str  # "head", "mlp" or "resid"
-    layer: int
-    head: int | None = None
-    position: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("head", "mlp", "resid"):
-            raise MechbookError(f"unknown component kind {self.kind!r}; use 'head', 'mlp' or 'resid'")
-        if (self.kind == "head") != (self.head is not None):
-            raise MechbookError("a head component needs head=...; mlp and resid components take none")
-
-    @property
-    def hook_name(self) -> str:
-        return {
-            "head": f"blocks.{self.layer}.attn.hook_z",
-            "mlp": f"blocks.{self.layer}.hook_mlp_out",
-            "resid": f"blocks.{self.layer}.hook_resid_pre",
-        }[self.kind]
-
-    @property
-    def label(self) -> str:
-        """Short name as the papers write it: ``4.10`` for a head, ``MLP 3``, ``resid 5``."""
-        if self.kind == "head":
-            return f"{self.layer}.{self.head}"
-        return f"{'MLP' if self.kind == 'mlp' else 'resid'} {self.layer}"
-
-    def validate(self, model: LoadedModel) -> "Component":
-        model.check_layer(self.layer)
-        if self.kind == "head" and not 0 <= self.head < model.n_heads:
-            raise MechbookError(f"head {self.head} is out of range for {model.name}, which has {model.n_heads} heads per layer")
-        return self
+__all__ = ["Component", "Metric", "ablate", "ablation_sweep", "all_heads", "all_mlps", "answer_prob",
+           "cache_components", "check_pair", "check_whole", "logit_diff", "mean_activations", "patch_head_outputs",
+           "patch_mlp_outputs", "patch_residual"]
 
 
-def all_heads(model: LoadedModel) -> list[Component]:
-    return [Component("head", layer, head) for layer in range(model.n_layers) for head in range(model.n_heads)]
+# --- metrics ------------------------------------------------------------------------------------
 
 
-def all_mlps(model: LoadedModel) -> list[Component]:
-    return [Component("mlp", layer) for layer in range(model.n_layers)]
-
-
-def _slot(component: Component) -> tuple:
-    """Index of a component inside its hook's activation, after the batch axis."""
-    pos = slice(None) if component.position is None else component.position
-    return (pos, component.head) if component.kind == "head" else (pos,)
-
-
-# --- metrics ----------------------------------------------------------------------
+def _rows_of(logits: Tensor, n: int, what: str) -> None:
+    if logits.dim() < 2 or logits.shape[-2] != n:
+        raise MechbookError(
+            f"{what} was built for {n} prompts but got logits of shape {tuple(logits.shape)}; "
+            "build the metric from the same prompts it scores (stacked variants go on a leading axis)"
+        )
 
 
 def logit_diff(correct: Int[Tensor, "batch"], incorrect: Int[Tensor, "batch"]) -> Metric:
-    """Logit of the correct token minus logit of the incorrect one, per prompt (Paper B's metric)."""
+    """Logit of the correct token minus logit of the incorrect one, per prompt (Paper B's metric).
+
+    Takes logits ``[..., n, d_vocab]`` for the ``n`` prompts it was built for (leading
+    axes: stacked variants) and returns ``[..., n]``; other shapes and non-finite
+    logits are refused.
+    """
+    correct, incorrect = torch.as_tensor(correct, dtype=torch.long), torch.as_tensor(incorrect, dtype=torch.long)
+    if correct.shape != incorrect.shape or correct.dim() != 1:
+        raise MechbookError(f"logit_diff needs one correct and one incorrect id per prompt; got shapes "
+                            f"{tuple(correct.shape)} and {tuple(incorrect.shape)}")
 
     def metric(logits: Tensor) -> Tensor:
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        c, i = correct.to(logits.device), incorrect.to(logits.device)
-        reps = logits.shape[0] // len(c)
-        return logits[rows, c.repeat(reps)] - logits[rows, i.repeat(reps)]
+        _rows_of(logits, len(correct), "logit_diff")
+        rows = torch.arange(len(correct), device=logits.device)
+        value = logits[..., rows, correct.to(logits.device)] - logits[..., rows, incorrect.to(logits.device)]
+        return check_finite(value, "the logit difference")
 
+    metric.answer_ids = torch.unique(torch.cat([correct, incorrect]))
     return metric
 
 
 def answer_prob(answer: Int[Tensor, "batch"]) -> Metric:
-    """Probability of the answer token, per prompt."""
+    """Probability of the answer token, per prompt (needs every logit: no restricted unembedding)."""
+    answer = torch.as_tensor(answer, dtype=torch.long)
 
     def metric(logits: Tensor) -> Tensor:
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        reps = logits.shape[0] // len(answer)
-        return logits.softmax(-1)[rows, answer.to(logits.device).repeat(reps)]
+        _rows_of(logits, len(answer), "answer_prob")
+        check_finite(logits, "the logits of answer_prob (a restricted unembedding leaves NaN)")
+        rows = torch.arange(len(answer), device=logits.device)
+        return logits.softmax(-1)[..., rows, answer.to(logits.device)]
 
     return metric
 
 
-# --- activations to patch in -----------------------------------------------------------
+# --- activations to patch in ---------------------------------------------------------------------
 
 
 def cache_components(model: LoadedModel, batch: TokenBatch, components: Iterable[Component]) -> dict[str, Tensor]:
     """Cache the activations of the hooks the components live in, on one batch."""
-    names = sorted({c.hook_name for c in components})
+    names = sorted({c.validate(model).hook_name for c in components})
     _, cache = run_last(model, batch, names=names)
     return cache
 
@@ -138,70 +112,8 @@ def mean_activations(model: LoadedModel, batch: TokenBatch, components: Iterable
     return means
 
 
-# --- the variant runner ---------------------------------------------------------------
-
-
-
-
-def run_variants(
-    model: LoadedModel,
-    batch: TokenBatch,
-    variants: Sequence[Sequence[Component]],
-    metric: Metric,
-    *,
-    mode: str,
-    values: Mapping[str, Tensor] | None = None,
-    max_rows: int = 256,
-    desc: str | None = None,
-) -> Float[Tensor, "variant batch"]:
-    """Run ``batch`` once per variant, each with its components replaced; return the metric.
-
-    ``mode`` says what a replaced component gets: ``"patch"`` (the activation from
-    another run, ``values[hook] [batch, pos, ...]``), ``"mean"`` (``values[hook]
-    [pos, ...]`` from :func:`mean_activations`) or ``"zero"``. Variants are stacked
-    along the batch axis, at most ``max_rows`` rows per forward pass.
-    """
-    if mode not in ("patch", "mean", "zero"):
-        raise MechbookError(f"unknown mode {mode!r}; use 'patch', 'mean' or 'zero'")
-    if mode != "zero" and values is None:
-        raise MechbookError(f"mode {mode!r} needs values= (from cache_components or mean_activations)")
-    n = len(batch)
-    per_pass = max(1, max_rows // n)
-    out = []
-    for start in tqdm(range(0, len(variants), per_pass), desc=desc, disable=None, leave=False):
-        group = variants[start : start + per_pass]
-        # hook name -> list of (variant index in group, component)
-        edits: dict[str, list[tuple[int, Component]]] = defaultdict(list)
-        for v, comps in enumerate(group):
-            for c in comps:
-                edits[c.hook_name].append((v, c))
-        hooks = [(name, _edit_hook(todo, n, mode, values)) for name, todo in edits.items()]
-        logits, _ = run_last(model, batch.repeat(len(group)), fwd_hooks=hooks)
-        out.append(metric(logits).reshape(len(group), n))
-    return torch.cat(out)
-
-
-def _edit_hook(todo: list[tuple[int, Component]], n: int, mode: str, values: Mapping[str, Tensor] | None):
-    def hook(act: Tensor, hook: object) -> Tensor:
-        act = act.clone()
-        for v, c in todo:
-            rows = slice(v * n, (v + 1) * n)
-            slot = _slot(c)
-            if mode == "zero":
-                act[(rows, *slot)] = 0.0
-            elif mode == "mean":
-                act[(rows, *slot)] = values[c.hook_name][: act.shape[1]][slot].to(act.dtype)
-            else:
-                act[(rows, *slot)] = values[c.hook_name][(slice(None), *slot)].to(act.dtype)
-        return act
-
-    return hook
-
-
-# --- patching sweeps ---------------------------------------------------------------------
-
-
-def _check_pair(source: TokenBatch, target: TokenBatch) -> None:
+def check_pair(source: TokenBatch, target: TokenBatch) -> None:
+    """Source and target prompts must pair up row by row with equal token lengths."""
     if len(source) != len(target) or not torch.equal(source.lengths, target.lengths):
         raise MechbookError(
             "source and target prompts must pair up one to one with equal token lengths; "
@@ -209,69 +121,113 @@ def _check_pair(source: TokenBatch, target: TokenBatch) -> None:
         )
 
 
-def _sweep(model, source, target, metric, components, max_rows, desc) -> pd.DataFrame:
-    _check_pair(source, target)
+# --- patching sweeps ------------------------------------------------------------------------------
+
+
+def _shared_prefix(model: LoadedModel, source: TokenBatch, target: TokenBatch) -> int:
+    """How many leading positions every source and target prompt share (0 without a hand-written loop)."""
+    if not has_fast_loop(model):
+        return 0
+    differs = (source.input_ids != target.input_ids).any(0).nonzero()
+    first = int(differs[0]) if len(differs) else target.input_ids.shape[1]
+    return min(first, int(target.lengths.min()) - 1)  # keep every prompt's last position in the suffix
+
+
+def _table(components: Sequence[Component], values: Sequence[float]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "component": [c.label for c in components],
+        "kind": [c.kind for c in components],
+        "layer": [c.layer for c in components],
+        "head": [c.head for c in components],
+        "position": [c.position for c in components],
+        "metric": list(values),
+    })
+
+
+def _patch_sweep(model, source, target, metric, components, max_rows, tokens, desc) -> pd.DataFrame:
+    """Each component patched alone from ``source`` into ``target``: the metric averaged over prompts.
+
+    Each layer's components run from that layer on; with a hand-written loop the shared
+    prefix of source and target is computed once (a patch inside it changes nothing).
+    """
+    check_pair(source, target)
     components = [c.validate(model) for c in components]
-    values = cache_components(model, source, components)
-    scores = run_variants(model, target, [[c] for c in components], metric, mode="patch", values=values,
-                          max_rows=max_rows, desc=desc)
-    mean = scores.mean(1)
-    return pd.DataFrame(
-        {
-            "component": [c.label for c in components],
-            "kind": [c.kind for c in components],
-            "layer": [c.layer for c in components],
-            "head": [c.head for c in components],
-            "position": [c.position for c in components],
-            "metric": mean.tolist(),
-        }
-    )
+    check_positions(components, target.input_ids.shape[1])
+    names = sorted({c.hook_name for c in components})
+    _, src = run_last(model, source, names=names)
+    first = _shared_prefix(model, source, target)
+    prefix = SharedPrefix(first) if first > 0 else None
+    layers = sorted({c.layer for c in components})
+    _, base = run_from_layer(model, embeddings(model, target), 0, target.last_pos,
+                             names=[act_name("resid_pre", l) for l in layers], prefix=prefix)
+    if prefix is not None:
+        prefix.recording = False
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for i, c in enumerate(components):
+        by_layer[c.layer].append(i)
+    n = len(target)
+    values = torch.empty(len(components))
+    progress = tqdm(total=len(components), desc=desc, disable=None, leave=False)
+    for layer, idx in sorted(by_layer.items()):
+        group = [components[i] for i in idx]
+
+        def hooks_for(start: int, count: int, group=group):
+            edits = []
+            for v, c in enumerate(group[start : start + count]):
+                if c.position is not None and c.position < first:  # inside the shared prefix: nothing to patch
+                    continue
+                shifted = c if not first else Component(c.kind, c.layer, c.head,
+                                                         None if c.position is None else c.position - first)
+                edits.append(Edit(shifted, "patch", src[c.hook_name][:, first:], slice(v * n, (v + 1) * n)))
+            return edit_hooks(edits)
+
+        scores = run_variants(model, target, len(group), hooks_for, metric, layer=layer,
+                              resid=base[act_name("resid_pre", layer)][:, first:], prefix=prefix,
+                              max_rows=max_rows, tokens=tokens, progress=progress)
+        values[idx] = scores.mean(1).float().cpu()
+    progress.close()
+    return _table(components, values.tolist())
 
 
 def patch_head_outputs(
-    model: LoadedModel, source: TokenBatch, target: TokenBatch, metric: Metric, *, heads: Sequence[Component] | None = None, max_rows: int = 256
+    model: LoadedModel, source: TokenBatch, target: TokenBatch, metric: Metric, *,
+    heads: Sequence[Component] | None = None, max_rows: int = 256, tokens: Int[Tensor, "k"] | None = None,
 ) -> pd.DataFrame:
     """Patch each head's output (``hook_z``, all positions) from the source run into the target run.
 
-    One row per head with the metric averaged over prompts; the same quantity as
-    transformer-lens's ``patching.get_act_patch_attn_head_out_all_pos``.
+    One row per head with the metric averaged over prompts; the quantity of
+    transformer-lens's ``patching.get_act_patch_attn_head_out_all_pos``. ``tokens``
+    (e.g. ``metric.answer_ids`` of a logit difference) restricts the unembedding to the
+    ids the metric reads.
     """
-    return _sweep(model, source, target, metric, heads or all_heads(model), max_rows, "heads")
+    heads = list(heads) if heads is not None else all_heads(model)
+    if any(c.kind != "head" for c in heads):
+        raise MechbookError("patch_head_outputs takes head components only")
+    return _patch_sweep(model, source, target, metric, heads, max_rows, tokens, "heads")
 
 
 def patch_mlp_outputs(
-    model: LoadedModel,
-    source: TokenBatch,
-    target: TokenBatch,
-    metric: Metric,
-    *,
-    layers: Sequence[int] | None = None,
-    by_position: bool = False,
-    max_rows: int = 256,
+    model: LoadedModel, source: TokenBatch, target: TokenBatch, metric: Metric, *,
+    layers: Sequence[int] | None = None, by_position: bool = False, max_rows: int = 256,
+    tokens: Int[Tensor, "k"] | None = None,
 ) -> pd.DataFrame:
     """Patch each MLP's output from the source run into the target run.
 
     All positions at once, or with ``by_position`` one position at a time (the
     quantity of transformer-lens's ``get_act_patch_mlp_out``).
     """
-    layers = range(model.n_layers) if layers is None else layers
+    layers = range(model.n_layers) if layers is None else [model.check_layer(l) for l in layers]
     if by_position:
-        positions = range(target.input_ids.shape[1])
-        comps = [Component("mlp", l, position=p) for l in layers for p in positions]
+        comps = [Component("mlp", l, position=p) for l in layers for p in range(target.input_ids.shape[1])]
     else:
         comps = [Component("mlp", l) for l in layers]
-    return _sweep(model, source, target, metric, comps, max_rows, "MLPs")
+    return _patch_sweep(model, source, target, metric, comps, max_rows, tokens, "MLPs")
 
 
 def patch_residual(
-    model: LoadedModel,
-    source: TokenBatch,
-    target: TokenBatch,
-    metric: Metric,
-    *,
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
-    max_rows: int = 256,
+    model: LoadedModel, source: TokenBatch, target: TokenBatch, metric: Metric, *,
+    layers: Sequence[int] | None = None, positions: Sequence[int] | None = None, max_rows: int = 256,
+    tokens: Int[Tensor, "k"] | None = None,
 ) -> pd.DataFrame:
     """Patch the residual stream entering each layer, at each position, from source into target.
 
@@ -279,24 +235,20 @@ def patch_residual(
     """
     if not target.same_length:
         raise MechbookError("residual patching by position needs prompts of equal token length; group them by length")
-    layers = range(model.n_layers) if layers is None else layers
+    layers = range(model.n_layers) if layers is None else [model.check_layer(l) for l in layers]
     positions = range(target.input_ids.shape[1]) if positions is None else positions
     comps = [Component("resid", l, position=p) for l in layers for p in positions]
-    return _sweep(model, source, target, metric, comps, max_rows, "residual")
+    return _patch_sweep(model, source, target, metric, comps, max_rows, tokens, "residual")
 
 
-def ablate(
-    model: LoadedModel,
-    batch: TokenBatch,
-    components: Sequence[Component],
-    metric: Metric,
-    *,
-    mode: str = "mean",
-    means: Mapping[str, Tensor] | None = None,
-) -> Float[Tensor, "batch"]:
-    """The metric with all the given components ablated at once (zero or mean ablation)."""
-    components = [c.validate(model) for c in components]
-    return run_variants(model, batch, [components], metric, mode=mode, values=means)[0]
+# --- ablation --------------------------------------------------------------------------------------
+
+
+def _ablation_edits(mode: str, means: Mapping[str, Tensor] | None, components: Iterable[Component],
+                    rows: slice) -> list[Edit]:
+    if mode == "zero":
+        return zero_ablation(components, rows=rows)
+    return mean_ablation(components, means, rows=rows)
 
 
 def ablation_sweep(
@@ -308,7 +260,81 @@ def ablation_sweep(
     mode: str = "mean",
     means: Mapping[str, Tensor] | None = None,
     max_rows: int = 256,
+    tokens: Int[Tensor, "k"] | None = None,
     desc: str | None = None,
-) -> Float[Tensor, "variant"]:
-    """Mean metric for many ablations (each a set of components removed together), batched."""
-    return run_variants(model, batch, component_sets, metric, mode=mode, values=means, max_rows=max_rows, desc=desc).mean(1)
+) -> Float[Tensor, "set batch"]:
+    """The metric per prompt with each set of components ablated together (zero or mean ablation, all positions).
+
+    Sets are grouped by their earliest layer and each group runs from that layer on,
+    from the unablated run's residual stream.
+    """
+    if mode not in ("mean", "zero"):
+        raise MechbookError(f"unknown ablation mode {mode!r}; use 'mean' or 'zero'")
+    sets = [check_whole([c.validate(model) for c in s]) for s in component_sets]
+    if mode == "mean":
+        if means is None:
+            raise MechbookError("mean ablation needs means= (from mean_activations over the corrupted prompts)")
+        check_means(model, batch, means, [c for s in sets for c in s])
+    starts = [min((c.layer for c in s), default=model.n_layers) for s in sets]
+    layers = sorted(set(starts))
+    _, base = run_last(model, batch, names=[act_name("resid_pre", l) for l in layers if l < model.n_layers])
+    by_start: dict[int, list[int]] = defaultdict(list)
+    for i, layer in enumerate(starts):
+        by_start[layer].append(i)
+    n = len(batch)
+    out = torch.empty(len(sets), n)
+    progress = tqdm(total=len(sets), desc=desc, disable=None, leave=False)
+    for layer, idx in sorted(by_start.items()):
+        group = [sets[i] for i in idx]
+
+        def hooks_for(start: int, count: int, group=group):
+            edits = []
+            for v, s in enumerate(group[start : start + count]):
+                edits += _ablation_edits(mode, means, s, slice(v * n, (v + 1) * n))
+            return edit_hooks(edits)
+
+        if layer >= model.n_layers:  # empty sets: the unablated model
+            resid = run_last(model, batch, names=[act_name("final")])[1][act_name("final")]
+        else:
+            resid = base[act_name("resid_pre", layer)]
+        out[idx] = run_variants(model, batch, len(group), hooks_for, metric, layer=layer, resid=resid,
+                                max_rows=max_rows, tokens=tokens, progress=progress).float().cpu()
+    progress.close()
+    return out
+
+
+def check_whole(components: Sequence[Component]) -> list[Component]:
+    """Ablation removes whole heads and MLPs at every position; anything else is refused."""
+    if any(c.kind not in ("head", "mlp") or c.position is not None for c in components):
+        raise MechbookError("ablation removes whole heads and MLPs (every position); pass Component('head', l, h) "
+                            "or Component('mlp', l)")
+    return list(components)
+
+
+def ablate(
+    model: LoadedModel,
+    batch: TokenBatch,
+    components: Sequence[Component],
+    metric: Metric,
+    *,
+    mode: str = "mean",
+    means: Mapping[str, Tensor] | None = None,
+) -> Float[Tensor, "batch"]:
+    """The metric per prompt with all the given components ablated at once (zero or mean ablation)."""
+    return ablation_sweep(model, batch, [components], metric, mode=mode, means=means)[0]
+
+
+def check_means(model: LoadedModel, batch: TokenBatch, means: Mapping[str, Tensor],
+                components: Iterable[Component]) -> None:
+    """Means must cover every ablated component's hook and every position of the prompts."""
+    width = batch.input_ids.shape[1]
+    for c in components:
+        name = c.validate(model).hook_name
+        if name not in means:
+            raise MechbookError(f"means have no entry for {name}; compute them with circuit_means(model, corrupted)")
+        if means[name].shape[0] < width:
+            raise MechbookError(
+                f"the means cover {means[name].shape[0]} positions but the prompts have {width} tokens; "
+                "compute the means on corrupted prompts at least as long as the clean ones"
+            )
+

@@ -1,13 +1,19 @@
-"""Running a hooked model: tokenized batches, restricted caches, temporary hooks.
+"""Running a hooked model: token batches, last-position runs, runs from a layer, stacked variants.
 
-Everything here keeps transformer-lens hook names (``blocks.3.attn.hook_z``,
-``blocks.12.hook_resid_post``) as the one vocabulary for places in the network.
+Everything here keeps transformer-lens hook names (:mod:`mechbook.core.names`) as the
+one vocabulary for places in the network.
 
 Prompts of different lengths are batched with *right* padding: under causal
 attention no real token attends to a pad token that follows it, so every real
 position computes exactly what it would alone, and each prompt's answer is read at
 its own last position. Logits are computed only there (the unembedding of a
 262k-token vocabulary is most of a small model's cost).
+
+- :func:`run_last`: one forward pass, last-position logits and a restricted cache;
+- :func:`run_from_layer`: finish a forward pass from the residual stream entering a
+  layer (a patch at layer L then costs only the layers from L on);
+- :func:`run_variants`: the one variant runner, running a batch once per variant
+  (each with its own edits) stacked along the batch axis.
 """
 
 from __future__ import annotations
@@ -104,8 +110,14 @@ def temporary_hooks(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]])
         yield model
 
 
-def _final_residual_name(model: LoadedModel) -> str:
-    return "ln_final.hook_in"
+def check_count(value, what: str) -> int:
+    """A positive whole number (batch sizes, row limits), or a one-line error."""
+    from mechbook.core.names import as_index
+
+    value = as_index(value, what)
+    if value < 1:
+        raise MechbookError(f"{what} must be at least 1, got {value}")
+    return value
 
 
 def run_last(
@@ -115,19 +127,22 @@ def run_last(
     names: Sequence[str] = (),
     fwd_hooks: Sequence[tuple[str, HookFn]] = (),
     last_only: bool = False,
+    tokens: Int[Tensor, "k"] | None = None,
 ) -> tuple[Float[Tensor, "batch d_vocab"], dict[str, Tensor]]:
     """One forward pass: logits at each prompt's last position, plus a restricted cache.
 
     ``names`` are the hook names to cache (nothing else is kept). With
     ``last_only`` each cached activation is cut to the prompt's last position
-    (for activations whose second axis is position).
+    (for activations whose second axis is position). ``tokens`` restricts the
+    unembedding to those ids (see :func:`mechbook.core.decoding.unembed`).
     """
     from mechbook.core.decoding import unembed
+    from mechbook.core.names import act_name
 
     check_hook_names(model, names)
     cache: dict[str, Tensor] = {}
     rows = torch.arange(len(batch), device=batch.input_ids.device)
-    final = _final_residual_name(model)
+    final = act_name("final")
 
     def saver(name: str, store_as: str) -> HookFn:
         def hook(act: Tensor, hook: object) -> None:
@@ -140,7 +155,7 @@ def run_last(
     with torch.inference_mode(), temporary_hooks(model, hooks):
         model.bridge(batch.input_ids, logits_to_keep=1)
     final_resid = cache.pop("__final__")
-    return unembed(model, final_resid), cache
+    return unembed(model, final_resid, tokens=tokens), cache
 
 
 def run_last_batched(
@@ -151,15 +166,20 @@ def run_last_batched(
     last_only: bool = True,
     batch_size: int = 32,
     desc: str | None = None,
+    hooks_for: Callable[[TokenBatch, slice], Sequence[tuple[str, HookFn]]] | None = None,
 ) -> tuple[Float[Tensor, "batch d_vocab"], dict[str, Tensor]]:
-    """:func:`run_last` over a large batch in chunks, concatenating results.
+    """:func:`run_last` over a large batch in chunks of ``batch_size`` prompts, concatenating results.
 
     With ``last_only=False`` the chunks' activations are padded to the longest prompt.
+    ``hooks_for(chunk, rows)`` builds the hooks of each chunk (``rows``: its slice of ``batch``).
     """
+    batch_size = check_count(batch_size, "batch_size")
     logits, caches = [], []
     for start in tqdm(range(0, len(batch), batch_size), desc=desc, disable=None, leave=False):
-        chunk = batch.select(slice(start, start + batch_size))
-        lg, cache = run_last(model, chunk, names=names, last_only=last_only)
+        rows = slice(start, start + batch_size)
+        chunk = batch.select(rows)
+        hooks = hooks_for(chunk, rows) if hooks_for is not None else ()
+        lg, cache = run_last(model, chunk, names=names, last_only=last_only, fwd_hooks=hooks)
         logits.append(lg)
         caches.append(cache)
     merged = {}
@@ -170,3 +190,139 @@ def run_last_batched(
             parts = [torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, width - p.shape[1])) for p in parts]
         merged[name] = torch.cat(parts)
     return torch.cat(logits), merged
+
+
+# --- running from a layer ---------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+def embeddings(model: LoadedModel, batch: TokenBatch) -> Float[Tensor, "batch pos d_model"]:
+    """The residual stream entering layer 0 (embeddings, positions, scaling as the model does them); no layer runs."""
+    from mechbook.core.names import act_name
+
+    box: dict[str, Tensor] = {}
+
+    def grab(act: Tensor, hook: object) -> None:
+        box["resid"] = act.detach().clone()
+        raise _Stop
+
+    try:
+        with torch.inference_mode(), temporary_hooks(model, [(act_name("resid_pre", 0), grab)]):
+            model.bridge(batch.input_ids)
+    except _Stop:
+        pass
+    return box["resid"]
+
+
+def run_from_layer(
+    model: LoadedModel,
+    resid: Float[Tensor, "batch pos d_model"],
+    layer: int,
+    last_pos: Int[Tensor, "batch"],
+    *,
+    fwd_hooks: Sequence[tuple[str, HookFn]] = (),
+    names: Sequence[str] = (),
+    tokens: Int[Tensor, "k"] | None = None,
+    prefix=None,
+) -> tuple[Float[Tensor, "batch d_vocab"], dict[str, Tensor]]:
+    """Finish a forward pass from ``layer``, given the residual stream entering it.
+
+    ``resid`` is ``blocks.{layer}.hook_resid_pre`` of a (possibly patched) run; the
+    result equals a full forward's last-position logits whenever nothing before
+    ``layer`` was meant to change, at a fraction of the cost. Hooks (and cached
+    ``names``) on layers before ``layer`` never fire. ``layer = n_layers`` only
+    applies the final norm and unembedding. ``tokens`` restricts the unembedding to
+    those vocabulary ids (other logits come back NaN): enough for a logit
+    difference, and much cheaper with Gemma's 262k-token vocabulary. Works on every
+    architecture (:func:`mechbook.core.architectures.run_layers`); ``prefix`` is a
+    :class:`~mechbook.core.architectures.SharedPrefix` of the hand-written loops.
+    """
+    from mechbook.core.architectures import run_layers
+    from mechbook.core.decoding import unembed
+
+    layer = model.check_layer(layer, allow_end=True)
+    if resid.dim() != 3 or resid.shape[-1] != model.d_model or len(last_pos) != resid.shape[0]:
+        raise MechbookError(
+            f"resid must be [batch, pos, {model.d_model}] with one last position per row; "
+            f"got {tuple(resid.shape)} and {len(last_pos)} positions"
+        )
+    if len(last_pos) and int(last_pos.max()) >= resid.shape[1]:
+        raise MechbookError(f"a last position ({int(last_pos.max())}) lies past the {resid.shape[1]} positions of resid")
+    cache: dict[str, Tensor] = {}
+
+    def saver(name: str) -> HookFn:
+        def hook(act: Tensor, hook: object) -> None:
+            cache[name] = act.detach().clone()
+
+        return hook
+
+    rows = torch.arange(resid.shape[0], device=resid.device)
+    hooks = [*fwd_hooks, *((n, saver(n)) for n in names)]
+    with torch.inference_mode(), temporary_hooks(model, hooks):
+        if prefix is not None:
+            prefix.used.clear()
+        hidden = run_layers(model, resid, layer, prefix=prefix)
+        if prefix is not None:
+            prefix.check_used(layer, model.n_layers)
+        logits = unembed(model, hidden[rows, last_pos.to(resid.device)], tokens=tokens)
+    missing = [n for n in names if n not in cache]
+    if missing:
+        raise MechbookError(f"{', '.join(missing)} did not fire: they lie before layer {layer}, where this run starts")
+    return logits, cache
+
+
+# --- the variant runner ------------------------------------------------------------------------------
+
+HooksFor = Callable[[int, int], Sequence[tuple[str, HookFn]]]
+
+
+def run_variants(
+    model: LoadedModel,
+    batch: TokenBatch,
+    n_variants: int,
+    hooks_for: HooksFor,
+    reduce: Callable[[Tensor], Tensor],
+    *,
+    layer: int = 0,
+    resid: Float[Tensor, "batch pos d_model"] | None = None,
+    prefix=None,
+    max_rows: int = 256,
+    tokens: Int[Tensor, "k"] | None = None,
+    progress=None,
+) -> Tensor:
+    """Run ``batch`` once per variant, the variants stacked along the batch axis; ``reduce`` each run's logits.
+
+    The one mechanism behind every patching and ablation sweep: a pass holds up to
+    ``max_rows // len(batch)`` variants, variant ``v`` of a pass in rows
+    ``v*n:(v+1)*n``; ``hooks_for(first, count)`` returns the hooks that apply
+    variants ``first .. first+count-1`` to their rows. Each pass starts at ``layer``
+    from ``resid`` (the residual stream entering that layer; default: the embeddings,
+    a full forward), so a variant that edits layer L or later costs only the layers
+    from ``layer`` on. ``reduce`` maps logits ``[count, n, d_vocab]`` to a tensor with
+    leading axes ``[count, n]`` (a metric); the results of all passes come back
+    concatenated: ``[n_variants, n, ...]``. ``progress`` is a tqdm bar to advance.
+    """
+    n = len(batch)
+    max_rows = check_count(max_rows, "max_rows")
+    if resid is None:
+        if layer != 0:
+            raise MechbookError("run_variants from a later layer needs resid= (the residual stream entering it)")
+        resid = embeddings(model, batch)
+    if resid.shape[0] != n:
+        raise MechbookError(f"resid has {resid.shape[0]} rows for a batch of {n} prompts")
+    per_pass = max(1, max_rows // n)
+    last_pos = batch.last_pos if prefix is None or prefix.recording else batch.last_pos - prefix.length
+    out = []
+    for first in range(0, n_variants, per_pass):
+        count = min(per_pass, n_variants - first)
+        if prefix is not None:
+            prefix.repeat = count
+        logits, _ = run_from_layer(model, resid.repeat(count, 1, 1), layer, last_pos.repeat(count),
+                                   fwd_hooks=hooks_for(first, count), tokens=tokens, prefix=prefix)
+        out.append(reduce(logits.reshape(count, n, -1)))
+        if progress is not None:
+            progress.update(count)
+    return torch.cat(out)

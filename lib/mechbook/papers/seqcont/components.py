@@ -38,8 +38,17 @@ from mechbook.core import decoding
 from mechbook.core.errors import MechbookError
 from mechbook.core.runs import TokenBatch, run_last, run_last_batched, tokenize
 from mechbook.core.loading import LoadedModel
-from mechbook.core.patching import Component, Metric, ablation_sweep, all_heads, all_mlps, logit_diff, mean_activations
-from mechbook.papers.seqcont.sequences import PAPER_TEMPLATES, WORD_SEQUENCES, SeqPromptSet, filter_solved, load_paper_prompts, tokenize_prompts
+from mechbook.core.architectures import ov_circuit
+from mechbook.core.names import Component, act_name, all_heads, all_mlps
+from mechbook.core.patching import Metric, ablation_sweep, check_whole, logit_diff, mean_activations
+from mechbook.papers.seqcont.sequences import (
+    PAPER_TEMPLATES,
+    WORD_SEQUENCES,
+    SeqPromptSet,
+    filter_solved,
+    load_paper_prompts,
+    tokenize_prompts,
+)
 
 PAPER_CLEAN_TEMPLATES = tuple(PAPER_TEMPLATES)
 
@@ -266,7 +275,6 @@ def single_ablation_effects(
     means: Mapping[str, Tensor],
     *,
     components: Sequence[Component] | None = None,
-    from_layer: bool = False,
     max_rows: int = 256,
     desc: str | None = None,
 ) -> pd.DataFrame:
@@ -274,28 +282,17 @@ def single_ablation_effects(
 
     One row per component with ``metric`` (mean over prompts), ``score`` =
     100 x metric / full metric and ``effect`` = score - 100 (the paper's "-47%" for
-    head 7.11). By default all components run batched through
-    :func:`mechbook.core.patching.ablation_sweep`. With ``from_layer`` each layer's
-    components run batched from that layer on, from the clean run's residual stream
-    (:func:`mechbook.core.circuits.run_from_layer`): the same numbers (nothing before a
-    component's layer changes when it is ablated) for about half the compute.
+    head 7.11), through :func:`mechbook.core.patching.ablation_sweep` (each layer's
+    components batched and run from that layer on).
     """
-    components = [c.validate(model) for c in (components or all_heads(model) + all_mlps(model))]
-    if any(c.kind == "resid" or c.position is not None for c in components):
-        raise MechbookError("single_ablation_effects ablates whole heads and MLPs (every position); "
-                            "pass Component('head', l, h) or Component('mlp', l)")
-    layers = sorted({c.layer for c in components})
-    resid_names = [f"blocks.{l}.hook_resid_pre" for l in layers] if from_layer else []
-    logits, cache = run_last(model, batch, names=resid_names)
+    components = check_whole([c.validate(model) for c in (components or all_heads(model) + all_mlps(model))])
+    logits, _ = run_last(model, batch)
     full = float(metric(logits).mean())
     if not full > 0:
         raise MechbookError(f"the full model's mean logit difference is {full:.3g}, not positive; "
                             "use prompts the model solves (filter_solved)")
-    if from_layer:
-        values = _ablation_sweep_from_layers(model, batch, components, metric, means, cache, max_rows, desc)
-    else:
-        values = ablation_sweep(model, batch, [[c] for c in components], metric, mode="mean", means=means,
-                                max_rows=max_rows, desc=desc)
+    values = ablation_sweep(model, batch, [[c] for c in components], metric, mode="mean", means=means,
+                            max_rows=max_rows, desc=desc).mean(1)
     score = 100.0 * values / full
     return pd.DataFrame({
         "component": [c.label for c in components],
@@ -306,27 +303,6 @@ def single_ablation_effects(
         "score": score.tolist(),
         "effect": (score - 100.0).tolist(),
     })  # fmt: skip
-
-
-def _ablation_sweep_from_layers(model, batch, components, metric, means, cache, max_rows, desc) -> Tensor:
-    """Mean metric with each component ablated alone, each layer's components run from that layer."""
-    from mechbook.core.circuits import _mean_ablation_hooks, run_from_layer
-
-    n = len(batch)
-    per_pass = max(1, max_rows // n)
-    by_layer: dict[int, list[int]] = {}
-    for i, c in enumerate(components):
-        by_layer.setdefault(c.layer, []).append(i)
-    groups = [(layer, idx[s : s + per_pass]) for layer, idx in sorted(by_layer.items())
-              for s in range(0, len(idx), per_pass)]
-    values = torch.empty(len(components))
-    for layer, idx in tqdm(groups, desc=desc, disable=None, leave=False):
-        hooks = _mean_ablation_hooks(means, (), [[components[i]] for i in idx], n)
-        k = len(idx)
-        logits, _ = run_from_layer(model, cache[f"blocks.{layer}.hook_resid_pre"].repeat(k, 1, 1), layer,
-                                   batch.last_pos.repeat(k), fwd_hooks=hooks)
-        values[idx] = metric(logits).reshape(k, n).mean(1).float().cpu()
-    return values
 
 
 def top_components(effects: pd.DataFrame, n: int = 5, *, by: Sequence[str] = ("task",)) -> pd.DataFrame:
@@ -370,7 +346,7 @@ def last_position_attention(
         return hook
 
     layers = sorted({h.layer for h in heads})
-    run_last(model, batch, fwd_hooks=[(f"blocks.{l}.attn.hook_pattern", keep(l)) for l in layers])
+    run_last(model, batch, fwd_hooks=[(act_name("pattern", l), keep(l)) for l in layers])
     return torch.stack([stored[h.layer][:, h.head] for h in heads], dim=1).cpu()
 
 
@@ -416,81 +392,6 @@ def attention_frame(model: LoadedModel, prompts: SeqPromptSet, index: int, heads
 # --- OV circuits and successor scores ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class OVCircuit:
-    """One head's value and output maps, as the forward pass applies them.
-
-    ``head_output(x) = ((norm_in(x) @ W_V + b_V) @ W_O)``, then ``norm_out`` where the
-    architecture normalizes the attention output (Gemma 2/3's post-attention RMSNorm).
-    """
-
-    layer: int
-    head: int
-    W_V: Float[Tensor, "d_model d_head"]
-    b_V: Float[Tensor, "d_head"] | None
-    W_O: Float[Tensor, "d_head d_model"]
-    norm_in: torch.nn.Module
-    norm_out: torch.nn.Module | None
-
-    def __call__(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        with torch.inference_mode():
-            v = self.norm_in(resid) @ self.W_V
-            if self.b_V is not None:
-                v = v + self.b_V
-            out = v @ self.W_O
-            # Gemma 3 normalizes the sum of all heads' outputs, a non-linear map; applied to one head's
-            # output alone it keeps the head's direction and rescales each coordinate by the norm's weight.
-            # Only the direction matters downstream: the final norm of the unembedding rescales anyway.
-            return self.norm_out(out) if self.norm_out is not None else out
-
-
-def _plain(module: torch.nn.Module) -> torch.nn.Module:
-    """The Hugging Face module under a transformer-lens bridge wrapper (calling it fires no hooks)."""
-    return getattr(module, "original_component", module)
-
-
-def kv_head(model: LoadedModel, head: int) -> int:
-    """The key/value head a query head reads under grouped-query attention."""
-    return head // (model.n_heads // model.n_kv_heads)
-
-
-def ov_circuit(model: LoadedModel, layer: int, head: int) -> OVCircuit:
-    """A head's OV circuit with weights from the Hugging Face model: GPT-2 (c_attn/c_proj), Llama, Gemma 3 (v_proj/o_proj).
-
-    Grouped-query attention: query head ``h`` reads value head ``h // (n_heads / n_kv_heads)``.
-    The output bias (shared by all heads) is left out, as transformer-lens does.
-    """
-    Component("head", layer, head).validate(model)
-    hf = model.hf_model
-    arch = hf.config.model_type
-    d = model.d_head
-    if arch == "gpt2":
-        block = hf.transformer.h[layer]
-        c_attn, c_proj = _plain(block.attn.c_attn), _plain(block.attn.c_proj)
-        width = model.n_heads * d
-        cols = slice(2 * width + head * d, 2 * width + (head + 1) * d)  # c_attn is x @ W: [q | k | v]
-        W_V = c_attn.weight[:, cols]
-        b_V = c_attn.bias[cols]
-        W_O = c_proj.weight[head * d : (head + 1) * d, :]
-        norm_in, norm_out = _plain(block.ln_1), None
-    elif arch in ("llama", "gemma3_text", "gemma3"):
-        layers = hf.model.layers if hasattr(hf, "model") else hf.layers
-        block = layers[layer]
-        attn = block.self_attn
-        v_proj, o_proj = _plain(attn.v_proj), _plain(attn.o_proj)
-        kv = kv_head(model, head)
-        W_V = v_proj.weight[kv * d : (kv + 1) * d, :].T  # nn.Linear is x @ weight.T
-        b_V = v_proj.bias[kv * d : (kv + 1) * d] if v_proj.bias is not None else None
-        W_O = o_proj.weight[:, head * d : (head + 1) * d].T
-        norm_in = _plain(block.input_layernorm)
-        # In Llama post_attention_layernorm is the MLP's input norm; in Gemma 3 it normalizes the attention output.
-        norm_out = _plain(block.post_attention_layernorm) if arch.startswith("gemma3") else None
-    else:
-        raise MechbookError(f"OV circuits are implemented for GPT-2, Llama and Gemma 3 models, not {arch!r} "
-                            f"({model.name}); add its value/output weight layout to mechbook.papers.seqcont.components.ov_circuit")
-    return OVCircuit(layer, head, W_V.detach(), None if b_V is None else b_V.detach(), W_O.detach(), norm_in, norm_out)
-
-
 def _spellings(model: LoadedModel, word: str, in_context: int) -> list[int]:
     """Token ids that spell a member: its token in context plus the single-token forms with and without a space."""
     ids = {int(in_context)}
@@ -505,7 +406,7 @@ def member_vectors(
     model: LoadedModel,
     prompts: SeqPromptSet,
     *,
-    source: str = "blocks.0.hook_resid_post",
+    source: str = act_name("resid_post", 0),
     batch_size: int = 32,
 ) -> tuple[pd.DataFrame, Float[Tensor, "member d_model"]]:
     """Each distinct member's residual vector at ``source`` (averaged over its occurrences), with its successor.
@@ -536,7 +437,7 @@ def successor_scores(
     *,
     heads: Sequence[Component] | None = None,
     k: int = 5,
-    source: str = "blocks.0.hook_resid_post",
+    source: str = act_name("resid_post", 0),
     chunk: int = 64,
 ) -> pd.DataFrame:
     """Does a head's OV circuit map a member to its successor? One row per head and member (Paper B, section 5).

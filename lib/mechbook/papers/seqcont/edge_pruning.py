@@ -1,15 +1,8 @@
-"""The edges of a node circuit (Paper B: Lan, Torr & Barez 2024, section 3; the paper's ``run_edge_ablation.py``).
+"""The kept edges of the task circuits as tables and a diagram (Paper B, section 3; chapter b3).
 
-Node pruning (:func:`mechbook.core.circuits.prune_nodes`) says *which* heads and MLPs a
-task needs; edge pruning says *how they talk*: each path from a sender to a
-receiver head's query, key or value input (:func:`mechbook.core.circuits.patch_paths`),
-and each sender's direct path to the final residual stream (the paper's
-``resid_post``, :func:`patch_paths_to_logits`), is removed alone inside the circuit
-model and kept if the circuit then falls below ``threshold`` of the full model.
-
-- :func:`circuit_edge_scores` scores every edge of one circuit (one row per edge);
-- :func:`edge_counts` counts the tested and kept edges per input type;
-- :func:`circuit_diagram` draws the kept edges, heads placed by layer.
+Edge pruning itself is :func:`mechbook.core.circuits.prune_edges`; this module counts
+its kept edges per input type (:func:`edge_counts`) and draws them, heads placed by
+layer (:func:`circuit_diagram`).
 """
 
 from __future__ import annotations
@@ -18,161 +11,10 @@ from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
-import torch
-from jaxtyping import Float, Int
-from torch import Tensor
 
-from mechbook.core.circuits import (
-    QKV,
-    Circuit,
-    _attention_write,
-    _check_means,
-    _check_threshold,
-    _full_metric,
-    _mean_ablation_hooks,
-    _unembed,
-    prune_edges,
-)
+from mechbook.core.circuits import INPUTS, RESID, Circuit
 from mechbook.core.errors import MechbookError
-from mechbook.core.runs import TokenBatch, run_last
 from mechbook.core.loading import LoadedModel
-from mechbook.core.patching import Component, Metric, all_heads, all_mlps
-
-RESID = "resid_post"  # the receiver of a sender's direct path to the logits (the paper's name)
-INPUTS = (*QKV, "resid")  # what an edge enters: a head's q, k or v, or the final residual stream
-FINAL_RESID = "ln_final.hook_in"
-
-
-# --- sender -> final residual stream ----------------------------------------------------------------
-
-
-def patch_paths_to_logits(
-    model: LoadedModel,
-    target: TokenBatch,
-    senders: Sequence[Component],
-    metric: Metric,
-    *,
-    source: TokenBatch | None = None,
-    means: Mapping[str, Tensor] | None = None,
-    ablate: Sequence[Component] = (),
-    tokens: Int[Tensor, "k"] | None = None,
-) -> Float[Tensor, "sender batch"]:
-    """The metric with each sender's direct path to the logits patched, one sender at a time.
-
-    The final residual stream (the input of the final norm) at the last position reads
-    ``resid + delta`` where ``delta`` is the change the sender's new output (from
-    ``source``, or its mean from ``means``) writes into the residual stream; no later
-    component sees the change. This is the paper's sender -> ``resid_post`` edge, taken
-    as a direct path like the q/k/v edges of :func:`mechbook.core.circuits.patch_paths`.
-    ``ablate`` components are mean-ablated in every run (the circuit context).
-    One forward pass in all (two with a source): the rest is a matrix product per sender.
-    """
-    if source is None and means is None:
-        raise MechbookError("pass source= (patch the senders' values from another run) or means= (mean-ablate the paths)")
-    if ablate and means is None:
-        raise MechbookError("ablate= needs means= (from circuit_means) for the ablated components")
-    if source is not None and (len(source) != len(target) or not torch.equal(source.lengths, target.lengths)):
-        raise MechbookError("source and target prompts must pair up one to one with equal token lengths")
-    senders = [c.validate(model) for c in senders]
-    if not senders:
-        raise MechbookError("no senders to patch; pass heads or MLPs, e.g. circuit.components")
-    if any(c.kind not in ("head", "mlp") or c.position is not None for c in senders):
-        raise MechbookError("senders are heads or MLPs at every position (no resid components, no position=)")
-    ablate = list(ablate)
-    if ablate:
-        _check_means(model, target, means, ablate)
-    if source is None:
-        _check_means(model, target, means, senders)
-    names = sorted({c.hook_name for c in senders})
-    ablation = _mean_ablation_hooks(means, ablate) if ablate else []
-    _, base = run_last(model, target, names=[*names, FINAL_RESID], fwd_hooks=ablation)
-    if source is not None:
-        _, src = run_last(model, source, names=names, fwd_hooks=ablation)
-    rows = torch.arange(len(target))
-    last = target.last_pos
-    final = base[FINAL_RESID][rows, last]
-    out = torch.empty(len(senders), len(target))
-    with torch.inference_mode():
-        for i, s in enumerate(senders):
-            if source is not None:
-                new = src[s.hook_name][rows, last]
-            else:
-                new = means[s.hook_name].to(final.device)[last]
-            old = base[s.hook_name][rows, last]
-            if s.kind == "head":
-                z = old.clone()
-                z[:, s.head] = new[:, s.head]
-                delta = _attention_write(model, s.layer, z) - _attention_write(model, s.layer, old)
-            else:
-                delta = new - old
-            out[i] = metric(_unembed(model, final + delta, tokens)).float().cpu()
-    return out
-
-
-# --- all edges of a circuit ------------------------------------------------------------------------
-
-
-def circuit_edge_scores(
-    model: LoadedModel,
-    batch: TokenBatch,
-    circuit: Circuit,
-    means: Mapping[str, Tensor],
-    metric: Metric,
-    *,
-    threshold: float = 0.8,
-    mlp_senders: bool = False,
-    to_logits: bool = True,
-    max_rows: int = 256,
-    tokens: Int[Tensor, "k"] | None = None,
-) -> pd.DataFrame:
-    """Edge pruning of one node circuit: every sender -> receiver (q, k, v) edge, and every sender -> ``resid_post``.
-
-    Inside the circuit model (everything else mean-ablated), each edge is removed alone
-    by patching the sender's mean over the corrupted prompts along that path only;
-    ``score`` is then the circuit's metric in percent of the full model's, and the edge
-    is kept when ``score < 100 x threshold`` (the paper's ``result < 0.8``). Senders are
-    the circuit's heads (and MLPs with ``mlp_senders``); receivers its heads in later
-    layers, and with ``to_logits`` the final residual stream. ``attrs`` holds the
-    threshold and the circuit's own score.
-    """
-    threshold = _check_threshold(threshold, "edge", "the paper uses threshold=0.8")
-    circuit.validate(model)
-    if not circuit.heads:
-        raise MechbookError("the circuit has no heads, so no edges; check the node circuit (chapter b2)")
-    _check_means(model, batch, means, all_heads(model) + all_mlps(model))
-    frames = []
-    attrs = {}
-    if len({l for l, _ in circuit.heads}) > 1 or (mlp_senders and circuit.mlps):
-        qkv = prune_edges(model, batch, circuit, means, metric, threshold=threshold, mlp_senders=mlp_senders,
-                          max_rows=max_rows, tokens=tokens)
-        attrs = dict(qkv.attrs)
-        frames.append(qkv.rename(columns={"score_without": "score"}))
-    if to_logits:
-        senders = [Component("head", l, h) for l, h in circuit.heads]
-        senders += [Component("mlp", l) for l in circuit.mlps] if mlp_senders else []
-        full = attrs.get("full_metric") or _full_metric(model, batch, metric)
-        values = patch_paths_to_logits(model, batch, senders, metric, means=means, ablate=circuit.complement(model),
-                                       tokens=tokens)
-        frames.append(pd.DataFrame({
-            "edge": [f"{s.label} -> {RESID}" for s in senders],
-            "sender": [s.label for s in senders],
-            "receiver": RESID,
-            "input": "resid",
-            "sender_kind": [s.kind for s in senders],
-            "sender_layer": [s.layer for s in senders],
-            "sender_head": [s.head for s in senders],
-            "receiver_layer": model.n_layers,
-            "receiver_head": None,
-            "score": (100.0 * values.mean(1) / full).tolist(),
-        }))
-    if not frames:
-        raise MechbookError("the circuit's heads all sit in one layer and to_logits=False: no edges to test")
-    edges = pd.concat(frames, ignore_index=True)
-    edges["receiver_head"] = edges["receiver_head"].astype("Int64")
-    edges["sender_head"] = edges["sender_head"].astype("Int64")
-    edges["kept"] = edges["score"] < 100.0 * threshold
-    edges.attrs.update({"threshold": threshold, "circuit_score": attrs.get("circuit_score")})
-    return edges
 
 
 def edge_counts(edges: pd.DataFrame, *, by: Sequence[str] = ("task",)) -> pd.DataFrame:
@@ -180,7 +22,7 @@ def edge_counts(edges: pd.DataFrame, *, by: Sequence[str] = ("task",)) -> pd.Dat
     by = list(by)
     missing = [c for c in [*by, "input", "kept"] if c not in edges.columns]
     if missing:
-        raise MechbookError(f"the edge table lacks {', '.join(missing)}; pass the table of circuit_edge_scores "
+        raise MechbookError(f"the edge table lacks {', '.join(missing)}; pass the table of prune_edges "
                             "(with a task column when counting per task)")
     order = [i for i in INPUTS if i in set(edges["input"])]
     counts = (edges.assign(input=pd.Categorical(edges["input"], order + ["all"]))

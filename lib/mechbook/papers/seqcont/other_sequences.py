@@ -36,9 +36,10 @@ import pandas as pd
 import torch
 
 from mechbook.papers.seqcont import task_circuits
-from mechbook.core.circuits import Circuit, _mean_ablation_hooks, random_circuits
+from mechbook.core.circuits import Circuit, random_circuits
+from mechbook.core.interventions import edit_hooks, mean_ablation
 from mechbook.core.errors import MechbookError
-from mechbook.core.runs import run_last, tokenize
+from mechbook.core.runs import run_variants, tokenize
 from mechbook.core.loading import LoadedModel
 from mechbook.core.patching import all_heads, all_mlps, mean_activations
 from mechbook.book.results import MARKER, default_root, safe_name
@@ -264,23 +265,31 @@ def knockout_runs(
         batch = tokenize(model, [prompts.prompt_ids[i] for i in rows])
         n = len(rows)
         c, i = corr_ids[rows].to(model.device), incorr_ids[rows].to(model.device)
-        per_pass = max(1, max_rows // n)
-        for start in range(0, len(conditions), per_pass):
-            group = conditions[start : start + per_pass]
-            hooks = _mean_ablation_hooks(means, (), [comps for _, comps in group], n)
-            logits, _ = run_last(model, batch.repeat(len(group)), fwd_hooks=hooks)
-            logits = logits.float().reshape(len(group), n, -1)
+        idx = torch.arange(n, device=model.device)
+
+        def hooks_for(first: int, count: int):
+            edits = []
+            for v, (_, comps) in enumerate(conditions[first : first + count]):
+                edits += mean_ablation(comps, means, rows=slice(v * n, (v + 1) * n))
+            return edit_hooks(edits)
+
+        def reduce(logits: torch.Tensor) -> torch.Tensor:
+            """[variant, n, vocab] -> [variant, n, 3]: logit difference, top-1 is corr, solved."""
+            logits = logits.float()
             probs = logits.softmax(-1)
-            idx = torch.arange(n, device=logits.device)
-            for v, (name, _) in enumerate(group):
-                frames.append(pd.DataFrame({
-                    "condition": name,
-                    "prompt": rows,
-                    "n_tokens": length,
-                    "logit_diff": (logits[v, idx, c] - logits[v, idx, i]).cpu().numpy(),
-                    "top1_is_corr": (logits[v].argmax(-1) == c).cpu().numpy(),
-                    "solved": (probs[v, idx, c] > ratio * probs[v, idx, i]).cpu().numpy(),
-                }))  # fmt: skip
+            return torch.stack([logits[:, idx, c] - logits[:, idx, i], (logits.argmax(-1) == c).float(),
+                                (probs[:, idx, c] > ratio * probs[:, idx, i]).float()], dim=-1).cpu()
+
+        stats = run_variants(model, batch, len(conditions), hooks_for, reduce, max_rows=max_rows)
+        for v, (name, _) in enumerate(conditions):
+            frames.append(pd.DataFrame({
+                "condition": name,
+                "prompt": rows,
+                "n_tokens": length,
+                "logit_diff": stats[v, :, 0].numpy(),
+                "top1_is_corr": stats[v, :, 1].numpy().astype(bool),
+                "solved": stats[v, :, 2].numpy().astype(bool),
+            }))  # fmt: skip
     if not frames:
         raise MechbookError(f"no clean prompt has a token length that a corrupted prompt has ({sorted(_by_length(prompts))} "
                             f"vs {sorted(corrupted_groups)}); build more corrupted prompts (family_prompts(repeats=...))")

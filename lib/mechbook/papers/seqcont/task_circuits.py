@@ -30,22 +30,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechbook.book import results
-from mechbook.papers.seqcont import components as sequences
-from mechbook.core.circuits import (
-    Circuit,
-    _check_means,
-    _embeddings,
-    _full_metric,
-    _mean_ablation_hooks,
-    prune_nodes,
-    random_circuits,
-    run_from_layer,
-)
+from mechbook.core.circuits import Circuit, full_model_metric, prune_nodes, random_circuits, score_circuits
 from mechbook.core.errors import MechbookError
-from mechbook.core.runs import TokenBatch
 from mechbook.core.loading import LoadedModel
-from mechbook.core.patching import Metric, all_heads, all_mlps
-from mechbook.papers.seqcont import sequences as seqcont
+from mechbook.core.patching import Metric
+from mechbook.core.runs import TokenBatch
+from mechbook.papers.seqcont import components, sequences
 
 NODE_CHAPTER = "b2_node_pruning"
 
@@ -66,7 +56,7 @@ class TaskSet:
     """What node pruning and circuit scores need for one task: clean prompts, corrupted means, metric, answer ids."""
 
     task: str
-    prompts: seqcont.SeqPromptSet
+    prompts: sequences.SeqPromptSet
     batch: TokenBatch
     means: dict[str, Tensor]
     metric: Metric
@@ -76,7 +66,7 @@ class TaskSet:
         return len(self.batch)
 
 
-def answer_tokens(prompts: seqcont.SeqPromptSet) -> Int[Tensor, "k"]:
+def answer_tokens(prompts: sequences.SeqPromptSet) -> Int[Tensor, "k"]:
     """The vocabulary ids a logit difference reads (next and last shown member), for a restricted unembedding."""
     corr, incorr = prompts.answer_tensors()
     return torch.unique(torch.cat([corr, incorr]))
@@ -85,10 +75,10 @@ def answer_tokens(prompts: seqcont.SeqPromptSet) -> Int[Tensor, "k"]:
 def prepare_task(model: LoadedModel, task: str, *, n_prompts: int, n_corrupted: int | None = 64,
                  seed: int = 0) -> TaskSet:
     """A task's solved paper prompts (one token length), the per-position means of its corrupted prompts, its metric."""
-    prompts = sequences.solved_paper_prompts(model, task, n_prompts=n_prompts, seed=seed)
-    corrupted = seqcont.tokenize_prompts(seqcont.load_paper_prompts(task, "corrupted"), model.tokenizer)
-    means = sequences.corrupted_means(model, corrupted, prompts, n_prompts=n_corrupted, seed=seed)
-    return TaskSet(task, prompts, sequences.batch_of(model, prompts), means, sequences.answer_metric(prompts),
+    prompts = components.solved_paper_prompts(model, task, n_prompts=n_prompts, seed=seed)
+    corrupted = sequences.tokenize_prompts(sequences.load_paper_prompts(task, "corrupted"), model.tokenizer)
+    means = components.corrupted_means(model, corrupted, prompts, n_prompts=n_corrupted, seed=seed)
+    return TaskSet(task, prompts, components.batch_of(model, prompts), means, components.answer_metric(prompts),
                    answer_tokens(prompts))
 
 
@@ -131,18 +121,18 @@ def circuit_summary(circuits: Mapping[str, Circuit], *, threshold: float,
     ])
 
 
-def paper_circuits(tasks: Sequence[str] = seqcont.PAPER_TASKS) -> dict[str, Circuit]:
+def paper_circuits(tasks: Sequence[str] = sequences.PAPER_TASKS) -> dict[str, Circuit]:
     """The paper's GPT-2 small node circuits (threshold 20%), shipped with the package."""
     out = {}
     for task in tasks:
-        raw = seqcont.paper_gpt2small_circuit(task)
+        raw = sequences.paper_gpt2small_circuit(task)
         out[task] = Circuit([tuple(h) for h in raw["heads"]], raw["mlps"])
     return out
 
 
 def size_comparison(circuits: Mapping[str, Circuit], model: LoadedModel) -> pd.DataFrame:
     """Circuit sizes here beside the paper's GPT-2 small circuits (12 layers x 12 heads), absolute and as a share."""
-    paper = paper_circuits([t for t in circuits if t in seqcont.PAPER_TASKS])
+    paper = paper_circuits([t for t in circuits if t in sequences.PAPER_TASKS])
     rows = []
     for task, c in circuits.items():
         rows.append({"task": task, "model": model.name, "heads": len(c.heads), "of heads": model.n_layers * model.n_heads,
@@ -303,39 +293,6 @@ def overlap_heatmap(circuits: Mapping[str, Circuit], n_layers: int, n_heads: int
 # --- scores on other tasks -------------------------------------------------------------------------------
 
 
-def score_circuits(
-    model: LoadedModel,
-    task: TaskSet,
-    circuits: Sequence[Circuit],
-    *,
-    full_metric: float | None = None,
-    max_rows: int = 256,
-) -> Float[Tensor, "n_circuits"]:
-    """Scores (% of the full model) of several circuits on one task, many circuits per batched forward pass.
-
-    Same numbers as :func:`mechbook.core.circuits.score_circuit` one by one: each copy of
-    the batch gets its own circuit's complement mean-ablated at every position, and
-    only the answer tokens are unembedded.
-    """
-    if not circuits:
-        raise MechbookError("no circuits to score; pass a list of Circuit")
-    complements = [c.complement(model) for c in circuits]
-    _check_means(model, task.batch, task.means, all_heads(model) + all_mlps(model))
-    full = _full_metric(model, task.batch, task.metric) if full_metric is None else full_metric
-    n = len(task.batch)
-    per_pass = max(1, max_rows // n)
-    resid = _embeddings(model, task.batch)
-    out = []
-    for s in range(0, len(circuits), per_pass):
-        chunk = complements[s : s + per_pass]
-        k = len(chunk)
-        hooks = _mean_ablation_hooks(task.means, [], chunk, n)
-        logits, _ = run_from_layer(model, resid.repeat(k, 1, 1), 0, task.batch.last_pos.repeat(k), fwd_hooks=hooks,
-                                   tokens=task.tokens)
-        out.append(task.metric(logits).reshape(k, n).float().mean(1).cpu())
-    return 100.0 * torch.cat(out) / full
-
-
 def cross_task_table(
     model: LoadedModel,
     circuits: Mapping[str, Circuit],
@@ -355,10 +312,11 @@ def cross_task_table(
     controls = {name: random_circuits(model, c, n_random, seed=seed) for name, c in circuits.items()}
     rows = []
     for eval_task, task in tasks.items():
-        full = _full_metric(model, task.batch, task.metric)
+        full = full_model_metric(model, task.batch, task.metric)
         names = list(circuits)
         batch_circuits = [circuits[nm] for nm in names] + [r for nm in names for r in controls[nm]]
-        scores = score_circuits(model, task, batch_circuits, full_metric=full).tolist()
+        scores = score_circuits(model, task.batch, batch_circuits, task.means, task.metric, full_metric=full,
+                                tokens=task.tokens).tolist()
         own, rand = scores[: len(names)], np.array(scores[len(names) :]).reshape(len(names), n_random)
         for i, name in enumerate(names):
             rows.append({"circuit_task": name, "eval_task": eval_task, "score": own[i],

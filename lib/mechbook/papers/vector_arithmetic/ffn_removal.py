@@ -15,9 +15,8 @@ vector is zero, so the skip is exact for every architecture.
 
 The layers below the top k are the same at every step, so a sweep makes one clean
 pass that caches the residual stream where each step starts, then runs each step
-from there with :func:`mechbook.core.circuits.run_from_layer` (about 4.5 forward passes
-for the paper's 7 steps instead of 7). For architectures that function does not
-know, all steps run as full forwards stacked on the batch axis of one pass.
+from there with :func:`mechbook.core.runs.run_from_layer` (about 4.5 forward passes
+for the paper's 7 steps instead of 7), on every architecture.
 """
 
 from __future__ import annotations
@@ -35,11 +34,12 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm import tqdm
 
-from mechbook.core import circuits
 from mechbook.core.errors import MechbookError
-from mechbook.core.runs import TokenBatch, run_last, tokenize
+from mechbook.core.interventions import edit_hooks, zero_ablation
+from mechbook.core.names import act_name
+from mechbook.core.runs import TokenBatch, run_from_layer, run_last, tokenize
 from mechbook.core.loading import LoadedModel
-from mechbook.core.patching import Component
+from mechbook.core.names import Component
 from mechbook.papers.vector_arithmetic.prompts import PromptSet, build_prompts
 
 PAPER_STEPS = 6  # the paper removes FFNs top-down in steps of 1/6 of the layers
@@ -190,9 +190,7 @@ def ffn_removal_sweep(
     return items if per_item else accuracy_by_step(items)
 
 
-def _correct_per_step(
-    model: LoadedModel, prompts: PromptSet, ks: Sequence[int], prompts_per_pass: int, *, restart: bool | None = None
-) -> Tensor:
+def _correct_per_step(model: LoadedModel, prompts: PromptSet, ks: Sequence[int], prompts_per_pass: int) -> Tensor:
     """[k, prompt] top-1 correctness, prompts run in length-sorted groups, back in their own order."""
     batch = tokenize(model, prompts.token_ids)
     answers = torch.tensor(prompts.answer_ids, dtype=torch.long)
@@ -200,60 +198,29 @@ def _correct_per_step(
     correct = torch.zeros(len(ks), len(prompts), dtype=torch.bool)
     for begin in tqdm(range(0, len(order), prompts_per_pass), desc=prompts.task, disable=None, leave=False):
         rows = order[begin : begin + prompts_per_pass]
-        logits = logits_without_top_mlps(model, batch.select(rows), ks, restart=restart)
+        logits = logits_without_top_mlps(model, batch.select(rows), ks)
         correct[:, rows] = (logits.argmax(-1).cpu() == answers[rows][:, None]).T
     return correct
 
 
-def logits_without_top_mlps(
-    model: LoadedModel, batch: TokenBatch, ks: Sequence[int], *, restart: bool | None = None
-) -> Float[Tensor, "batch k d_vocab"]:
-    """Last-position logits with the top k MLPs removed, for each k in ``ks``.
+def logits_without_top_mlps(model: LoadedModel, batch: TokenBatch, ks: Sequence[int]) -> Float[Tensor, "batch k d_vocab"]:
+    """Last-position logits with the top k MLPs removed (zero-ablated), for each k in ``ks``.
 
-    With ``restart`` (the default where :func:`mechbook.core.circuits.run_from_layer` knows the
-    architecture) one clean pass caches the residual entering each layer where a step
-    starts, and each step then runs only its top k layers: the layers below are the
-    same in every step. Otherwise every step is a full forward, all stacked in one batch.
+    One clean pass caches the residual entering each layer where a step starts, and
+    each step then runs only its top k layers: the layers below are the same in every step.
     """
-    if restart is None:
-        restart = model.hf_model.config.model_type in circuits.FROM_LAYER_ARCHITECTURES
     removed = [top_mlps(model, k) for k in ks]
-    if not restart:
-        return _stacked_full_runs(model, batch, ks)
-    zero = lambda act, hook: torch.zeros_like(act)  # noqa: E731
     starts = [model.n_layers - int(k) for k in ks]
-    names = sorted({f"blocks.{s}.hook_resid_pre" for s in starts if s < model.n_layers})
+    names = sorted({act_name("resid_pre", s) for s in starts if s < model.n_layers})
     intact, cache = run_last(model, batch, names=names)
     out = []
     for start, mlps in zip(starts, removed):
         if not mlps:
             out.append(intact)
             continue
-        hooks = [(c.hook_name, zero) for c in mlps]
-        resid = cache[f"blocks.{start}.hook_resid_pre"]
-        out.append(circuits.run_from_layer(model, resid, start, batch.last_pos, fwd_hooks=hooks)[0])
+        resid = cache[act_name("resid_pre", start)]
+        out.append(run_from_layer(model, resid, start, batch.last_pos, fwd_hooks=edit_hooks(zero_ablation(mlps)))[0])
     return torch.stack(out, dim=1)
-
-
-def _stacked_full_runs(model: LoadedModel, batch: TokenBatch, ks: Sequence[int]) -> Tensor:
-    """Every step as a full forward, the steps stacked on the batch axis (step-major) in one pass."""
-    n = len(batch)
-    cut = torch.tensor([model.n_layers - int(k) for k in ks]).repeat_interleave(n)
-
-    def zero_removed(layer: int):
-        rows = (cut <= layer).nonzero().squeeze(-1)
-
-        def hook(act: Tensor, hook: object) -> Tensor:
-            act = act.clone()
-            act[rows.to(act.device)] = 0.0
-            return act
-
-        return hook
-
-    hooks = [(f"blocks.{layer}.hook_mlp_out", zero_removed(layer)) for layer in range(model.n_layers)
-             if (cut <= layer).any()]
-    logits, _ = run_last(model, batch.repeat(len(ks)), fwd_hooks=hooks)
-    return logits.reshape(len(ks), n, -1).transpose(0, 1)
 
 
 def accuracy_by_step(items: pd.DataFrame) -> pd.DataFrame:

@@ -1,29 +1,21 @@
-"""The FFN update o of Paper A: find it, read it, remove it, transplant it.
+"""The FFN update o of Paper A: find it, read it, remove it, save it (chapter a4).
 
 Merullo, Eickhoff & Pavlick 2024 (arXiv 2305.16130). At the *function-application*
 layer one feed-forward block (MLP) writes a vector o into the residual stream at the
 last position that turns the argument (" Poland") into the answer (" Warsaw"), §3;
-o is close to the same vector for every item of a task, so putting it into a prompt
-with no task context ("table mug free China table mug free China table mug free")
-promotes " Beijing" (§4.1, "o vector interventions").
+o is close to the same vector for every item of a task, which is what lets chapter a5
+transplant it (:mod:`mechbook.papers.vector_arithmetic.transplant`).
 
-Places are transformer-lens hook names. An MLP's output is ``blocks.L.hook_mlp_out``:
-exactly what the block adds to the residual stream (for Gemma, after its post-FFN
-norm). The residual stream after block L is ``blocks.L.hook_resid_post``; without
-its MLP's write it is ``resid_post - mlp_out`` (the paper's demo subtracts mlp_19
-from hidden_states[19] the same way).
+An MLP's output is ``hook_mlp_out``: exactly what the block adds to the residual
+stream (for Gemma, after its post-FFN norm). The residual stream after block L is
+``hook_resid_post``; without its MLP's write it is ``resid_post - mlp_out`` (the
+paper's demo subtracts mlp_19 from hidden_states[19] the same way).
 
 - :func:`find_function_layer`: per prompt, the MLP that raises the answer's
   reciprocal rank in the logit lens the most; per task, the median of those layers.
 - :func:`subtract_o`, :func:`o_cosine_table`, :func:`top_tokens_table`: remove o, compare
   it across prompts, read it as tokens.
-- :func:`transplant_o` / :func:`run_transplants`: add o after its layer, or replace every
-  MLP output from that layer on with o (the paper's intervention), in no-context prompts.
 - :func:`save_o_vector` / :func:`load_o_vector`: o as safetensors with its provenance.
-
-Edits act at each prompt's last position unless said otherwise, as small hook
-functions run through :func:`mechbook.core.runs.run_last` in batches; where only later
-layers change, :func:`mechbook.core.circuits.run_from_layer` re-runs just those.
 """
 
 from __future__ import annotations
@@ -31,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -45,12 +37,12 @@ from tqdm import tqdm
 
 from mechbook.core import decoding
 from mechbook.core.errors import MechbookError
-from mechbook.core.runs import HookFn, TokenBatch, run_last, run_last_batched, tokenize
+from mechbook.core.interventions import add_vector, check_vector, position_mask
 from mechbook.core.loading import LoadedModel
+from mechbook.core.names import act_name, layer_names
+from mechbook.core.runs import TokenBatch, run_from_layer, run_last, tokenize
 from mechbook.papers.vector_arithmetic.prompts import PromptSet
 
-METHODS = ("add", "replace")
-POSITIONS = ("last", "all")
 VECTOR_FORMAT = 1
 
 
@@ -58,7 +50,8 @@ VECTOR_FORMAT = 1
 
 
 def mlp_out_names(model: LoadedModel) -> list[str]:
-    return [f"blocks.{layer}.hook_mlp_out" for layer in range(model.n_layers)]
+    """``hook_mlp_out`` of every layer: what each MLP adds to the residual stream."""
+    return layer_names("mlp_out", model.n_layers)
 
 
 @dataclass
@@ -125,27 +118,6 @@ def capture_mlp_outputs(
 # --- the function-application layer ----------------------------------------------------------
 
 
-def lens_target_logits(
-    model: LoadedModel, resid: Float[Tensor, "... d_model"], token_ids: Int[Tensor, "..."]
-) -> Float[Tensor, "..."]:
-    """The logit-lens logit of one token per residual vector, without the full vocabulary.
-
-    Equal to ``decoding.unembed(model, resid).gather(-1, ids)``: final norm, the
-    token's unembedding row (and bias), then the softcap if the model has one.
-    """
-    head = model.hf_model.get_output_embeddings()
-    ids = token_ids.to(resid.device)
-    with torch.inference_mode():
-        x = decoding.final_norm(model, resid)
-        logits = (x * head.weight[ids]).sum(-1)
-        if getattr(head, "bias", None) is not None:
-            logits = logits + head.bias[ids]
-        cap = model.final_logit_softcap
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
 def _ids(values: Sequence[int] | Tensor) -> Tensor:
     return torch.as_tensor(values, dtype=torch.long)
 
@@ -184,7 +156,7 @@ def mlp_effects(
     }
     for when, resid in (("before", run.resid_mid), ("after", run.resid_post)):
         flat = resid.reshape(n * n_layers, -1)
-        margin = lens_target_logits(model, flat, ans) - lens_target_logits(model, flat, arg)
+        margin = decoding.token_logits(model, flat, ans) - decoding.token_logits(model, flat, arg)
         ans_rank, arg_rank = _lens_ranks(model, flat, [ans, arg])
         columns[f"answer_rr_{when}"] = (1.0 / ans_rank.double()).numpy()
         columns[f"argument_rr_{when}"] = (1.0 / arg_rank.double()).numpy()
@@ -325,101 +297,6 @@ def function_layer_summary(tasks: Sequence[TaskFFN], n_layers: int) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-# --- hooks: small functions, one per kind of edit ---------------------------------------------
-
-
-def _check_vector(model: LoadedModel, vector: Tensor, n: int | None = None) -> Tensor:
-    if vector.dim() not in (1, 2):
-        raise MechbookError(f"expected a [d_model] or [batch, d_model] vector, got shape {tuple(vector.shape)}")
-    if vector.shape[-1] != model.d_model:
-        raise MechbookError(
-            f"the vector has width {vector.shape[-1]} but {model.name} has d_model={model.d_model}; "
-            "use an o vector computed on this model (ffn.capture_mlp_outputs) or saved for it"
-        )
-    if vector.dim() == 2 and n is not None and vector.shape[0] != n:
-        raise MechbookError(f"{vector.shape[0]} vectors for {n} prompts; pass one vector, or one per prompt")
-    return vector
-
-
-def _position_mask(batch: TokenBatch, positions: str, *, skip_bos: bool) -> Tensor:
-    """[batch, pos] booleans: each prompt's last position, or every real position (BOS excepted if asked)."""
-    if positions not in POSITIONS:
-        raise MechbookError(f"unknown positions {positions!r}; use one of {list(POSITIONS)}")
-    pos = torch.arange(batch.input_ids.shape[1], device=batch.lengths.device)
-    if positions == "last":
-        return pos[None, :] == batch.last_pos[:, None]
-    mask = pos[None, :] < batch.lengths[:, None]
-    if skip_bos:
-        mask &= pos[None, :] > 0
-    return mask
-
-
-def add_vector_hook(
-    model: LoadedModel, batch: TokenBatch, layer: int, vector: Float[Tensor, "d_model"] | Float[Tensor, "batch d_model"],
-    *, scale: float = 1.0, positions: str = "last",
-) -> tuple[str, HookFn]:
-    """Add ``scale * vector`` to the residual stream after block ``layer`` (``blocks.L.hook_resid_post``).
-
-    A negative ``scale`` subtracts it: ``scale=-1`` with a prompt's own o removes
-    that MLP's update at the last position.
-    """
-    layer = model.check_layer(layer)
-    vector = _check_vector(model, vector, len(batch))
-    mask = _position_mask(batch, positions, skip_bos=model.prepend_bos)
-
-    def hook(act: Tensor, hook: object) -> Tensor:
-        delta = scale * vector.to(act.device, act.dtype)
-        delta = delta[:, None, :] if delta.dim() == 2 else delta[None, None, :]
-        return act + mask[:, : act.shape[1], None].to(act.dtype) * delta
-
-    return f"blocks.{layer}.hook_resid_post", hook
-
-
-def replace_mlp_outputs_hooks(
-    model: LoadedModel, batch: TokenBatch, start_layer: int, vector: Float[Tensor, "d_model"] | Float[Tensor, "batch d_model"],
-    *, positions: str = "all",
-) -> list[tuple[str, HookFn]]:
-    """Replace the output of every MLP from ``start_layer`` to the last with the constant ``vector``.
-
-    The paper's o-vector intervention (§4.1; its demo swaps each FFN from layer 18 on
-    for ``lambda x: o``, which broadcasts o to every position). ``positions="all"``
-    does the same on every real token except a prepended BOS (its activations act as
-    an attention sink in Gemma and Llama; GPT-2 prompts in the paper had none);
-    ``"last"`` edits only the final position.
-    """
-    start_layer = model.check_layer(start_layer)
-    vector = _check_vector(model, vector, len(batch))
-    mask = _position_mask(batch, positions, skip_bos=model.prepend_bos)
-
-    def hook(act: Tensor, hook: object) -> Tensor:
-        value = vector.to(act.device, act.dtype)
-        value = value[:, None, :] if value.dim() == 2 else value[None, None, :]
-        m = mask[:, : act.shape[1], None]
-        return torch.where(m, value.expand_as(act), act)
-
-    return [(f"blocks.{layer}.hook_mlp_out", hook) for layer in range(start_layer, model.n_layers)]
-
-
-HookMaker = Callable[[TokenBatch, slice], Sequence[tuple[str, HookFn]]]
-
-
-def run_with_hooks(
-    model: LoadedModel, batch: TokenBatch, make_hooks: HookMaker, *, batch_size: int = 32, desc: str | None = None
-) -> Float[Tensor, "batch d_vocab"]:
-    """Last-position logits with hooks built per chunk of prompts (``make_hooks(chunk, rows)``)."""
-    out = []
-    for start in tqdm(range(0, len(batch), batch_size), desc=desc, disable=None, leave=False):
-        rows = slice(start, start + batch_size)
-        chunk = batch.select(rows)
-        logits, _ = run_last(model, chunk, fwd_hooks=make_hooks(chunk, rows))
-        out.append(logits)
-    return torch.cat(out)
-
-
-def _rows_of(vector: Tensor, rows: slice) -> Tensor:
-    return vector[rows] if vector.dim() == 2 else vector
-
-
 # --- subtracting o -----------------------------------------------------------------------
 
 
@@ -440,35 +317,29 @@ def subtract_o(
     Read before and after the subtraction in the logit lens at ``layer`` (the
     paper's demo: " Warsaw" -> " Poland" at layer 19 of GPT-2 medium) and, with
     ``forward``, in the model's output with the later layers run on the edited
-    residual (a hook on ``blocks.L.hook_resid_post``; from the kept residual with
-    :func:`mechbook.core.circuits.run_from_layer` if ``run`` has ``resid_positions``).
-    One row per prompt x readout.
+    residual (:func:`mechbook.core.runs.run_from_layer` from the residual ``run``
+    kept at every position). One row per prompt x readout.
     """
     layer = model.check_layer(layer)
-    o = _check_vector(model, o, len(batch))
+    o = check_vector(model, o, len(batch), "o")
     answer, argument = _ids(answer_ids), _ids(argument_ids)
     readouts = [(
         f"logit lens at layer {layer}",
         decoding.unembed(model, run.resid_post[:, layer]).argmax(-1).cpu(),
         decoding.unembed(model, run.resid_post[:, layer] - o).argmax(-1).cpu(),
     )]
-    if forward and run.resid_positions is not None:  # re-run only the blocks after ``layer``
-        from mechbook.core.circuits import run_from_layer
-
+    if forward:
+        if run.resid_positions is None:
+            raise MechbookError("subtract_o(forward=True) needs the residual at every position: "
+                                "capture_mlp_outputs(..., keep_positions=True)")
         edited = []
         for start in range(0, len(batch), batch_size):
             rows = slice(start, start + batch_size)
             chunk = batch.select(rows)
             resid = run.resid_positions[rows, layer, : chunk.input_ids.shape[1]]
-            _, remove = add_vector_hook(model, chunk, layer, _rows_of(o, rows), scale=-1.0)
-            edited.append(run_from_layer(model, remove(resid, None), layer + 1, chunk.last_pos)[0])
+            removed = add_vector(resid, -1.0 * _rows_of(o, rows), position_mask(chunk, "last", skip_bos=False))
+            edited.append(run_from_layer(model, removed, layer + 1, chunk.last_pos)[0])
         edited = torch.cat(edited)
-    elif forward:
-        edited = run_with_hooks(
-            model, batch, lambda chunk, rows: [add_vector_hook(model, chunk, layer, _rows_of(o, rows), scale=-1.0)],
-            batch_size=batch_size,
-        )
-    if forward:
         readouts.append(("model output", run.logits.argmax(-1).cpu(), edited.argmax(-1).cpu()))
     frames = []
     for readout, before, after in readouts:
@@ -487,6 +358,10 @@ def subtract_o(
             )
         )
     return pd.concat(frames, ignore_index=True)
+
+
+def _rows_of(vector: Tensor, rows: slice) -> Tensor:
+    return vector[rows] if vector.dim() == 2 else vector
 
 
 def subtract_o_table(model: LoadedModel, task: TaskFFN, *, batch_size: int = 32) -> pd.DataFrame:
@@ -626,10 +501,10 @@ def save_o_vector(
     from mechbook.book.results import sort_safetensors_header
 
     layer = model.check_layer(layer)
-    vector = _check_vector(model, vector.detach().reshape(-1))
+    vector = check_vector(model, vector.detach().reshape(-1), what="o")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": model.name, "layer": str(layer), "task": task, "hook": f"blocks.{layer}.hook_mlp_out",
+    meta = {"model": model.name, "layer": str(layer), "task": task, "hook": act_name("mlp_out", layer),
             "d_model": str(model.d_model), "source": source, "items": json.dumps(list(items)),
             "format": str(VECTOR_FORMAT)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -679,223 +554,3 @@ def load_o_vector(path: str | Path, model: LoadedModel | None = None, *, allow_o
                 "or pass allow_other_model=True if the two models share a residual basis"
             )
     return found
-
-
-# --- transplanting o -----------------------------------------------------------------------------
-
-def transplant_o(
-    model: LoadedModel,
-    batch: TokenBatch,
-    o: Float[Tensor, "d_model"] | Float[Tensor, "batch d_model"],
-    layer: int,
-    *,
-    method: str = "add",
-    positions: str | None = None,
-    scale: float = 1.0,
-    batch_size: int = 32,
-) -> Float[Tensor, "batch d_vocab"]:
-    """Last-position logits with o put into the network at ``layer`` (§4.1).
-
-    ``method="add"``: add ``scale * o`` to the residual stream after block ``layer``
-    (last position by default). ``method="replace"``: the paper's intervention, the
-    outputs of MLPs ``layer``..last replaced by the constant o (every position but
-    BOS by default).
-    """
-    if method not in METHODS:
-        raise MechbookError(f"unknown transplant method {method!r}; use one of {list(METHODS)}")
-    o = _check_vector(model, o, len(batch))
-    layer = model.check_layer(layer)
-    if method == "add":
-        where = positions or "last"
-
-        def make(chunk: TokenBatch, rows: slice):
-            return [add_vector_hook(model, chunk, layer, _rows_of(o, rows), scale=scale, positions=where)]
-    else:
-        where = positions or "all"
-
-        def make(chunk: TokenBatch, rows: slice):
-            return replace_mlp_outputs_hooks(model, chunk, layer, scale * _rows_of(o, rows), positions=where)
-
-    return run_with_hooks(model, batch, make, batch_size=batch_size)
-
-
-def _rank_table(model: LoadedModel, baseline: Tensor, after: Tensor, target: Tensor) -> pd.DataFrame:
-    before_rank = decoding.token_ranks(baseline.cpu(), target)
-    after_rank = decoding.token_ranks(after.cpu(), target)
-    return pd.DataFrame(
-        {
-            "prompt": range(len(target)),
-            "rank_before": before_rank.numpy(),
-            "rank_after": after_rank.numpy(),
-            "top_after": [decoding.to_str(model, t) for t in after.argmax(-1)],
-            "improved": (after_rank < before_rank).numpy(),
-            "top1_after": (after_rank == 1).numpy(),
-        }
-    )
-
-
-def transplant_ranks(
-    model: LoadedModel,
-    batch: TokenBatch,
-    target_ids: Sequence[int] | Tensor,
-    o: Float[Tensor, "d_model"] | Float[Tensor, "batch d_model"],
-    layer: int,
-    *,
-    method: str = "add",
-    positions: str | None = None,
-    scale: float = 1.0,
-    batch_size: int = 32,
-) -> pd.DataFrame:
-    """The target's rank in the model's output before and after a transplant, one row per prompt.
-
-    ``improved`` is the paper's success criterion, the target moves up; a
-    transplant with ``rank_after >= rank_before`` is a "no effect" failure (§4.1).
-    """
-    baseline, _ = run_last_batched(model, batch, batch_size=batch_size)
-    after = transplant_o(model, batch, o, layer, method=method, positions=positions, scale=scale, batch_size=batch_size)
-    return _rank_table(model, baseline, after, _ids(target_ids))
-
-
-@dataclass(frozen=True)
-class Transplant:
-    """One way of putting o into a prompt (see :func:`transplant_o`); ``label`` names it in tables."""
-
-    label: str
-    o: Float[Tensor, "d_model"] | Float[Tensor, "batch d_model"]
-    layer: int
-    method: str = "add"
-    positions: str | None = None
-    scale: float = 1.0
-
-    def start(self) -> tuple[str, int]:
-        """The cached residual a run from a layer starts from, and that layer."""
-        if self.method == "add":  # o joins the residual after block L: only blocks L+1.. run again
-            return f"blocks.{self.layer}.hook_resid_post", self.layer + 1
-        return f"blocks.{self.layer}.hook_resid_pre", self.layer
-
-
-def transplant_logits(
-    model: LoadedModel, batch: TokenBatch, transplants: Sequence[Transplant], *, batch_size: int = 32
-) -> tuple[Float[Tensor, "batch d_vocab"], list[Float[Tensor, "batch d_vocab"]]]:
-    """Logits of the unedited prompts and after each transplant, the same as :func:`transplant_o` but cheaper.
-
-    One full forward per chunk caches the residual stream where each transplant
-    starts; each transplant then re-runs only the layers from its own on
-    (:func:`mechbook.core.circuits.run_from_layer`).
-    """
-    from mechbook.core.circuits import run_from_layer
-
-    for t in transplants:
-        if t.method not in METHODS:
-            raise MechbookError(f"unknown transplant method {t.method!r}; use one of {list(METHODS)}")
-        model.check_layer(t.layer)
-        _check_vector(model, t.o, len(batch))
-    names = sorted({t.start()[0] for t in transplants})
-    baseline, after = [], [[] for _ in transplants]
-    for start in tqdm(range(0, len(batch), batch_size), disable=None, leave=False):
-        rows = slice(start, start + batch_size)
-        chunk = batch.select(rows)
-        logits, cache = run_last(model, chunk, names=names)
-        baseline.append(logits)
-        for k, t in enumerate(transplants):
-            name, layer = t.start()
-            o = _rows_of(t.o, rows)
-            if t.method == "add":
-                _, add = add_vector_hook(model, chunk, t.layer, o, scale=t.scale, positions=t.positions or "last")
-                edited, _ = run_from_layer(model, add(cache[name], None), layer, chunk.last_pos)
-            else:
-                hooks = replace_mlp_outputs_hooks(model, chunk, t.layer, t.scale * o, positions=t.positions or "all")
-                edited, _ = run_from_layer(model, cache[name], layer, chunk.last_pos, fwd_hooks=hooks)
-            after[k].append(edited)
-    return torch.cat(baseline), [torch.cat(parts) for parts in after]
-
-
-def no_context_targets(
-    model: LoadedModel, task: str, *, exclude: Sequence[str] = (), groups: Sequence[str] | None = None,
-    n: int | None = None, seed: int = 0,
-) -> PromptSet:
-    """No-context prompts of a task (§4.1, "table mug free China ..."), leaving out the items o was built from.
-
-    ``groups`` keeps only items of those groups (past tense: "regular" / "irregular").
-    ``n`` draws at most that many (seeded); the target is each prompt's ``answer_ids``.
-    """
-    from mechbook.papers.vector_arithmetic.prompts import Pair, build_prompts
-
-    full = build_prompts(task, model, variant="no_context", seed=seed)
-    excluded = set(exclude)
-    pairs = [
-        Pair(item, answer, group)
-        for item, answer, group in zip(full.items, full.answers, full.groups)
-        if item not in excluded and (groups is None or group in groups)
-    ]
-    if not pairs:
-        raise MechbookError(
-            f"no no-context prompts of task {task!r} left (groups={groups}, {len(excluded)} items excluded); "
-            "build o from fewer items or use another task"
-        )
-    return build_prompts(task, model, variant="no_context", pairs=pairs, seed=seed,
-                         n=None if n is None else min(n, len(pairs)))
-
-
-# task of the o vector -> domain -> (task whose no-context prompts receive it, groups kept or None for all).
-# §4.1: in-domain = the same task's items not used to build o; out-of-domain = US state capitals for
-# world capitals, words outside the colour/object list for (up)casing, irregular verbs for an o built
-# from regular ones.
-TRANSPLANT_DOMAINS: dict[str, dict[str, tuple[str, list[str] | None]]] = {
-    "capitals": {"in-domain": ("capitals", None), "out-of-domain": ("us_state_capitals", None)},
-    "capitalize": {"in-domain": ("capitalize", None), "out-of-domain": ("capitalize_unseen", None)},
-    "uppercase": {"in-domain": ("uppercase", None), "out-of-domain": ("uppercase_unseen", None)},
-    "past_tense": {"in-domain": ("past_tense", ["regular"]), "out-of-domain": ("past_tense", ["irregular"])},
-}
-
-
-def transplant_targets(model: LoadedModel, o: OVector, domain: str, *, n: int | None = None, seed: int = 0) -> PromptSet:
-    """The no-context prompts a saved o is transplanted into, per :data:`TRANSPLANT_DOMAINS`, without o's own items."""
-    if o.task not in TRANSPLANT_DOMAINS:
-        raise MechbookError(f"no transplant domains for task {o.task!r}; known: {sorted(TRANSPLANT_DOMAINS)}")
-    domains = TRANSPLANT_DOMAINS[o.task]
-    if domain not in domains:
-        raise MechbookError(f"unknown domain {domain!r}; use one of {list(domains)}")
-    task, groups = domains[domain]
-    return no_context_targets(model, task, exclude=o.items, groups=groups, n=n, seed=seed)
-
-
-def run_transplants(
-    model: LoadedModel, targets: PromptSet, transplants: Sequence[Transplant], *, batch_size: int = 32
-) -> pd.DataFrame:
-    """Every transplant on every no-context prompt: the target's rank before and after, one row per pair.
-
-    ``argument_rank_before`` checks the set-up: the unedited model should be about
-    to repeat the argument (" China").
-    """
-    batch = tokenize(model, targets.token_ids)
-    baseline, after = transplant_logits(model, batch, transplants, batch_size=batch_size)
-    argument_rank = decoding.token_ranks(baseline.cpu(), _ids(targets.argument_ids))
-    top_before = [decoding.to_str(model, t) for t in baseline.argmax(-1)]
-    frames = []
-    for t, logits in zip(transplants, after):
-        table = _rank_table(model, baseline, logits, _ids(targets.answer_ids))
-        table.insert(0, "method", t.label)
-        table.insert(1, "edit", t.method)
-        table.insert(2, "layer", t.layer)
-        table.insert(3, "item", targets.items)
-        table.insert(4, "group", targets.groups)
-        table.insert(5, "target", targets.answer_tokens)
-        table.insert(6, "top_before", top_before)
-        table.insert(7, "argument_rank_before", argument_rank.numpy())
-        frames.append(table)
-    return pd.concat(frames, ignore_index=True)
-
-
-def transplant_summary(table: pd.DataFrame, by: Sequence[str] = ("task", "domain", "method")) -> pd.DataFrame:
-    """Failure rate ("no effect": the target's rank does not improve) and median ranks per group."""
-    grouped = table.groupby(list(by), sort=False)
-    return grouped.agg(
-        failure_rate=("improved", lambda s: 1.0 - s.mean()),
-        median_rank_before=("rank_before", "median"),
-        median_rank_after=("rank_after", "median"),
-        top1_rate_after=("top1_after", "mean"),
-        n=("improved", "size"),
-    ).reset_index()
-
-

@@ -12,6 +12,7 @@ import torch
 
 from mechbook.core import decoding
 from mechbook.core import patching as P
+from mechbook.core.architectures import kv_head, ov_circuit
 from mechbook.papers.seqcont import components as S
 from mechbook.core.errors import MechbookError
 from mechbook.core.runs import run_last, temporary_hooks
@@ -104,25 +105,16 @@ def test_ov_circuit_equals_the_heads_contribution_on_a_single_token(tiny_model):
         none, _ = _attn_out_with_heads(tiny_model, ids, layer, keep=[])
         for head in range(tiny_model.n_heads):
             out, resid = _attn_out_with_heads(tiny_model, ids, layer, keep=[head])
-            ours = S.ov_circuit(tiny_model, layer, head)(resid)
+            ours = ov_circuit(tiny_model, layer, head)(resid)
             assert torch.allclose(ours, out - none, atol=1e-5), (layer, head, float((ours - out + none).abs().max()))
 
 
 def test_grouped_query_heads_share_their_value_head(tiny_model):
     group = tiny_model.n_heads // tiny_model.n_kv_heads
-    assert [S.kv_head(tiny_model, h) for h in range(tiny_model.n_heads)] == [h // group for h in range(tiny_model.n_heads)]
+    assert [kv_head(tiny_model, h) for h in range(tiny_model.n_heads)] == [h // group for h in range(tiny_model.n_heads)]
     if group > 1:
-        a, b = S.ov_circuit(tiny_model, 0, 0), S.ov_circuit(tiny_model, 0, 1)
+        a, b = ov_circuit(tiny_model, 0, 0), ov_circuit(tiny_model, 0, 1)
         assert torch.equal(a.W_V, b.W_V) and not torch.equal(a.W_O, b.W_O)
-
-
-def test_ov_circuit_refuses_other_architectures():
-    fake = types.SimpleNamespace(
-        name="bloom-ish", n_heads=4, n_kv_heads=4, d_head=8, check_layer=lambda layer: layer,
-        hf_model=types.SimpleNamespace(config=types.SimpleNamespace(model_type="bloom")),
-    )
-    with pytest.raises(MechbookError, match="GPT-2, Llama and Gemma 3"):
-        S.ov_circuit(fake, 0, 0)
 
 
 def test_successor_ranks_follow_the_ov_output_through_the_unembedding(tiny_model):
@@ -132,7 +124,7 @@ def test_successor_ranks_follow_the_ov_output_through_the_unembedding(tiny_model
     table, vectors = S.member_vectors(tiny_model, prompts)
     assert len(scores) == len(heads) * len(table)
     for j, head in enumerate(heads):
-        logits = decoding.unembed(tiny_model, S.ov_circuit(tiny_model, head.layer, head.head)(vectors))
+        logits = decoding.unembed(tiny_model, ov_circuit(tiny_model, head.layer, head.head)(vectors))
         for m, row in table.iterrows():
             spellings = S._spellings(tiny_model, row["next"], row["next_token_id"])
             hand = min(int(decoding.token_ranks(logits[m], torch.tensor(t))) for t in spellings)
@@ -213,7 +205,7 @@ def test_single_ablation_effects_agree_with_patching_ablate(tiny_model):
     comps = [P.Component("head", 0, 0), P.Component("head", 2, 1), P.Component("mlp", 1), P.Component("head", 2, 3),
              P.Component("mlp", 2)]
     effects = S.single_ablation_effects(tiny_model, batch, metric, means, components=comps, max_rows=8)
-    fast = S.single_ablation_effects(tiny_model, batch, metric, means, components=comps, max_rows=12, from_layer=True)
+    fast = S.single_ablation_effects(tiny_model, batch, metric, means, components=comps, max_rows=12)
     full = float(metric(run_last(tiny_model, batch)[0]).mean())
     for comp, row, quick in zip(comps, effects.itertuples(), fast.itertuples()):
         alone = float(P.ablate(tiny_model, batch, [comp], metric, mode="mean", means=means).mean())

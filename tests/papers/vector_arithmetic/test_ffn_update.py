@@ -1,4 +1,4 @@
-"""The FFN update o (Paper A §3-4): capture, function-application layer, subtraction, transplants, saving."""
+"""The FFN update o (Paper A §3-4): capture, function-application layer, subtraction, saving."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
+import slow_twins
 from mechbook.core import decoding
-from mechbook.papers.vector_arithmetic import ffn_update as ffn
 from mechbook.core.errors import MechbookError
 from mechbook.core.runs import run_last, tokenize
+from mechbook.papers.vector_arithmetic import ffn_update as ffn
 from mechbook.papers.vector_arithmetic.prompts import build_prompts
 
 PROMPTS = [
@@ -72,16 +73,19 @@ def test_kept_positions_hold_the_residual_and_give_the_same_subtraction(tiny_mod
     for layer in range(tiny_model.n_layers):
         o = 3.0 * plain.o(layer)
         fast = ffn.subtract_o(tiny_model, batch, kept, layer, o, answer, argument, batch_size=2)
-        slow = ffn.subtract_o(tiny_model, batch, plain, layer, o, answer, argument)
-        pd.testing.assert_frame_equal(fast, slow)
+        full = slow_twins.transplant(tiny_model, batch, -o, layer, method="add")  # o taken away by a full forward
+        output = fast[fast.readout == "model output"]
+        assert output.top_after.tolist() == [decoding.to_str(tiny_model, t) for t in full.argmax(-1)]
+    with pytest.raises(MechbookError, match="keep_positions=True"):
+        ffn.subtract_o(tiny_model, batch, plain, 0, plain.o(0), answer, argument)
     assert kept.select([1]).resid_positions.shape[0] == 1
 
 
-def test_lens_target_logits_equal_the_full_unembedding(tiny_model):
+def test_token_logits_equal_the_full_unembedding(tiny_model):
     resid = torch.randn(4, 2, tiny_model.d_model)
     ids = torch.randint(0, tiny_model.d_vocab, (4, 2))
     full = decoding.unembed(tiny_model, resid).gather(-1, ids[..., None])[..., 0]
-    assert torch.allclose(ffn.lens_target_logits(tiny_model, resid, ids), full, atol=1e-4)
+    assert torch.allclose(decoding.token_logits(tiny_model, resid, ids), full, atol=1e-4)
 
 
 # --- the function-application layer ---------------------------------------------------------------------
@@ -172,117 +176,9 @@ def test_run_select_keeps_rows(tiny_model):
     assert torch.equal(sub.mlp_out[0], run.mlp_out[2]) and torch.equal(sub.logits[1], run.logits[0])
 
 
-# --- hooks --------------------------------------------------------------------------------------------------
-
-
-def test_subtracting_own_o_equals_zeroing_the_mlp_at_the_last_position(tiny_model):
-    batch = tokenize(tiny_model, PROMPTS)
-    run = ffn.capture_mlp_outputs(tiny_model, batch)
-    layer = 1
-
-    def zero_last(act, hook):
-        act = act.clone()
-        act[torch.arange(len(batch)), batch.last_pos] = 0.0
-        return act
-
-    expected, _ = run_last(tiny_model, batch, fwd_hooks=[(f"blocks.{layer}.hook_mlp_out", zero_last)])
-    hook = ffn.add_vector_hook(tiny_model, batch, layer, run.o(layer), scale=-1.0)
-    got, _ = run_last(tiny_model, batch, fwd_hooks=[hook])
-    assert torch.allclose(got, expected, atol=1e-4)
-
-
-def test_adding_a_vector_touches_only_the_last_position(tiny_model):
-    batch = tokenize(tiny_model, PROMPTS)
-    name = "blocks.0.hook_resid_post"
-    _, clean = run_last(tiny_model, batch, names=[name])
-    vector = torch.ones(tiny_model.d_model)
-    _, edited = run_last(tiny_model, batch, names=[name], fwd_hooks=[ffn.add_vector_hook(tiny_model, batch, 0, vector)])
-    diff = (edited[name] - clean[name]).abs().sum(-1)  # [batch, pos]
-    for i in range(len(batch)):
-        last = int(batch.last_pos[i])
-        assert diff[i, last] > 0
-        assert diff[i, :last].max() < 1e-5
-
-
-def test_replacing_mlp_outputs_writes_the_constant_from_the_start_layer_on(tiny_model):
-    batch = tokenize(tiny_model, PROMPTS)
-    o = torch.randn(tiny_model.d_model)
-    names = ffn.mlp_out_names(tiny_model)
-    hooks = ffn.replace_mlp_outputs_hooks(tiny_model, batch, 1, o, positions="all")
-    assert [n for n, _ in hooks] == names[1:]
-    _, cache = run_last(tiny_model, batch, names=names, fwd_hooks=hooks)
-    first = 1 if tiny_model.prepend_bos else 0
-    for i in range(len(batch)):
-        real = slice(first, int(batch.lengths[i]))
-        for layer in range(1, tiny_model.n_layers):
-            assert torch.allclose(cache[names[layer]][i, real], o.expand_as(cache[names[layer]][i, real]))
-        assert not torch.allclose(cache[names[0]][i, real], o.expand_as(cache[names[0]][i, real]))
-    if tiny_model.prepend_bos:  # BOS keeps its own MLP output
-        assert not torch.allclose(cache[names[1]][0, 0], o)
-
-
-def test_transplants_that_change_nothing_leave_the_logits_alone(tiny_model):
-    batch = tokenize(tiny_model, PROMPTS)
-    run = ffn.capture_mlp_outputs(tiny_model, batch)
-    zero = torch.zeros(tiny_model.d_model)
-    added = ffn.transplant_o(tiny_model, batch, zero, 1, method="add")
-    assert torch.allclose(added, run.logits, atol=1e-4)
-    last = tiny_model.n_layers - 1
-    own = ffn.transplant_o(tiny_model, batch, run.o(last), last, method="replace", positions="last")
-    assert torch.allclose(own, run.logits, atol=1e-4)
-
-
-def test_transplant_ranks_and_failure_rate(tiny_model):
-    batch = tokenize(tiny_model, PROMPTS)
-    run = ffn.capture_mlp_outputs(tiny_model, batch)
-    target = run.logits.argmin(-1)  # the least likely token: a large push must raise it
-    o = 50.0 * tiny_model.hf_model.get_output_embeddings().weight[target].detach().mean(0)
-    table = ffn.transplant_ranks(tiny_model, batch, target, o, tiny_model.n_layers - 1, method="add")
-    assert (table.rank_before == tiny_model.d_vocab).all()
-    assert list(table.columns) == ["prompt", "rank_before", "rank_after", "top_after", "improved", "top1_after"]
-    table = table.assign(task="t", domain="in-domain", method="add")
-    summary = ffn.transplant_summary(table)
-    assert summary.loc[0, "failure_rate"] == pytest.approx(1.0 - table.improved.mean())
-    assert summary.loc[0, "n"] == 3
-
-
-def test_transplant_logits_from_a_layer_equal_full_forwards(tiny_model):
-    batch = tokenize(tiny_model, PROMPTS)
-    run = ffn.capture_mlp_outputs(tiny_model, batch)
-    torch.manual_seed(0)
-    o = torch.randn(tiny_model.d_model)
-    last = tiny_model.n_layers - 1
-    transplants = [
-        ffn.Transplant("add", o, 1, method="add", scale=2.0),
-        ffn.Transplant("add at the last layer", torch.randn(3, tiny_model.d_model), last, method="add"),
-        ffn.Transplant("replace", o, 1, method="replace"),
-        ffn.Transplant("replace last position", o, 0, method="replace", positions="last"),
-    ]
-    baseline, after = ffn.transplant_logits(tiny_model, batch, transplants, batch_size=2)
-    assert torch.allclose(baseline, run.logits, atol=1e-4)
-    for t, logits in zip(transplants, after):
-        full = ffn.transplant_o(tiny_model, batch, t.o, t.layer, method=t.method, positions=t.positions, scale=t.scale)
-        assert torch.allclose(logits, full, atol=1e-4), t.label
-        assert not torch.allclose(logits, baseline, atol=1e-4), t.label
-
-
-def test_transplant_input_errors(tiny_model):
-    batch = tokenize(tiny_model, PROMPTS)
-    with pytest.raises(MechbookError, match=f"d_model={tiny_model.d_model}"):
-        ffn.transplant_o(tiny_model, batch, torch.zeros(tiny_model.d_model + 1), 0)
-    with pytest.raises(MechbookError, match="out of range"):
-        ffn.transplant_o(tiny_model, batch, torch.zeros(tiny_model.d_model), tiny_model.n_layers)
-    with pytest.raises(MechbookError, match="unknown transplant method"):
-        ffn.transplant_o(tiny_model, batch, torch.zeros(tiny_model.d_model), 0, method="swap")
-    with pytest.raises(MechbookError, match="unknown positions"):
-        ffn.transplant_o(tiny_model, batch, torch.zeros(tiny_model.d_model), 0, positions="first")
-    with pytest.raises(MechbookError, match="vectors for 3 prompts"):
-        ffn.transplant_o(tiny_model, batch, torch.zeros(2, tiny_model.d_model), 0)
-
-
 def test_subtract_o_reads_the_lens_without_the_update(tiny_model):
     batch = tokenize(tiny_model, PROMPTS)
-    run = ffn.capture_mlp_outputs(tiny_model, batch)
+    run = ffn.capture_mlp_outputs(tiny_model, batch, keep_positions=True)
     answer, argument = _targets(tiny_model, batch)
     layer = 1
     table = ffn.subtract_o(tiny_model, batch, run, layer, run.o(layer), answer, argument)
@@ -292,33 +188,6 @@ def test_subtract_o_reads_the_lens_without_the_update(tiny_model):
     assert lens.top_after.tolist() == [decoding.to_str(tiny_model, t) for t in expected]
     output = table[table.readout == "model output"]
     assert output.top_before.tolist() == [decoding.to_str(tiny_model, t) for t in run.logits.argmax(-1)]
-
-
-@pytest.fixture(scope="module")
-def real_tokenizer():
-    """A packaged model's tokenizer from the mechbook cache (no-context prompts need real single-token words)."""
-    from mechbook.core.loading import cached_model_dir
-
-    path = cached_model_dir("smollm2-135m")
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"no cached tokenizer at {path}; run mechbook.load_model('smollm2-135m') once")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-def test_no_context_targets_leave_out_the_items_o_came_from(real_tokenizer):
-    everything = build_prompts("past_tense", real_tokenizer, variant="no_context")
-    exclude = everything.items[:2]
-    targets = ffn.no_context_targets(real_tokenizer, "past_tense", exclude=exclude)
-    assert not set(exclude) & set(targets.items)
-    assert len(targets) == len(everything) - 2
-    same = dict(zip(everything.items, everything.prompts))
-    assert all(same[item] == prompt for item, prompt in zip(targets.items, targets.prompts))
-    irregular = ffn.no_context_targets(real_tokenizer, "past_tense", groups=["irregular"], n=5)
-    assert len(irregular) == 5 and set(irregular.groups) == {"irregular"}
-    with pytest.raises(MechbookError, match="no no-context prompts"):
-        ffn.no_context_targets(real_tokenizer, "past_tense", exclude=everything.items)
 
 
 # --- how constant is o ----------------------------------------------------------------------------------------
@@ -426,15 +295,3 @@ def test_gemma_function_layer_flips_poland_to_warsaw(gemma):
     table = ffn.subtract_o(gemma, batch, run, layer, run.o(layer), [warsaw], [poland])
     lens = table[table.readout == f"logit lens at layer {layer}"].iloc[0]
     assert lens.answer_top1_before and lens.argument_top1_after  # " Warsaw" -> " Poland" without o
-
-
-@pytest.mark.slow
-def test_gemma_capital_o_promotes_beijing_without_context(gemma):
-    batch = tokenize(gemma, [POLAND])
-    run = ffn.capture_mlp_outputs(gemma, batch)
-    warsaw, poland = decoding.single_token_id(gemma, " Warsaw"), decoding.single_token_id(gemma, " Poland")
-    layer = int(ffn.function_application_layers(ffn.mlp_effects(gemma, run, [warsaw], [poland])).layer[0])
-    china = tokenize(gemma, ["table mug free China table mug free China table mug free"])
-    beijing = decoding.single_token_id(gemma, " Beijing")
-    table = ffn.transplant_ranks(gemma, china, [beijing], run.o(layer)[0], layer, method="replace")
-    assert table.rank_after[0] < table.rank_before[0]

@@ -7,7 +7,7 @@ import torch
 
 from mechbook.core import decoding
 from mechbook.core.errors import MechbookError
-from mechbook.core.runs import run_last, temporary_hooks, tokenize
+from mechbook.core.runs import run_from_layer, run_last, temporary_hooks, tokenize
 
 PROMPTS = [
     "The capital of France is Paris. The capital of Poland is",
@@ -110,3 +110,53 @@ def test_gemma_logit_lens_last_layer_is_the_models_prediction(gemma):
     top = decoding.top_tokens_per_layer(gemma, resid[0], k=1)
     assert top[top.layer == gemma.n_layers - 1]["token"].item() == decoding.to_str(gemma, logits[0].argmax())
     assert top[top.layer == gemma.n_layers - 1]["token"].item() == " Warsaw"
+
+
+# --- running from a layer -------------------------------------------------------------------------
+
+
+def _check_run_from_layer(model, layers):
+    batch = tokenize(model, ["one two three four five six seven eight nine ten January", "1 2 3 4", "Today I walk."])
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(model.n_layers)]
+    full, cache = run_last(model, batch, names=names)
+    for layer in layers:
+        resid = cache[names[layer]] if layer < model.n_layers else None
+        if resid is None:  # from the end: only the final norm and unembedding
+            _, end = run_last(model, batch, names=["ln_final.hook_in"])
+            resid = end["ln_final.hook_in"]
+        logits, _ = run_from_layer(model, resid, layer, batch.last_pos)
+        assert torch.equal(logits, full), (model.name, layer, (logits - full).abs().max())
+
+
+def test_run_from_layer_equals_full_forward(tiny_model):
+    _check_run_from_layer(tiny_model, range(tiny_model.n_layers + 1))
+
+
+@pytest.mark.slow
+def test_run_from_layer_equals_full_forward_gemma(gemma):
+    _check_run_from_layer(gemma, [0, 1, 5, 6, 11, 17])
+
+
+def test_run_from_layer_hooks_and_cache(tiny_model):
+    batch = tokenize(tiny_model, ["1 2 3 4 5", "one two three"])
+    _, cache = run_last(tiny_model, batch, names=["blocks.1.hook_resid_pre", "blocks.2.attn.hook_z"])
+    fired = []
+    hooks = [("blocks.0.attn.hook_z", lambda a, hook: fired.append(0)),
+             ("blocks.2.attn.hook_z", lambda a, hook: fired.append(2))]
+    _, got = run_from_layer(tiny_model, cache["blocks.1.hook_resid_pre"], 1, batch.last_pos, fwd_hooks=hooks,
+                            names=["blocks.2.attn.hook_z"])
+    assert fired == [2]
+    assert torch.allclose(got["blocks.2.attn.hook_z"], cache["blocks.2.attn.hook_z"], atol=1e-6)
+    with pytest.raises(MechbookError, match="before layer 1"):
+        run_from_layer(tiny_model, cache["blocks.1.hook_resid_pre"], 1, batch.last_pos, names=["blocks.0.attn.hook_z"])
+    with pytest.raises(MechbookError, match="out of range"):
+        run_from_layer(tiny_model, cache["blocks.1.hook_resid_pre"], 7, batch.last_pos)
+
+
+def test_run_from_layer_tokens_restricts_the_logits(tiny_model):
+    batch = tokenize(tiny_model, ["1 2 3 4 5", "one two three"])
+    full, cache = run_last(tiny_model, batch, names=["blocks.1.hook_resid_pre"])
+    tokens = torch.tensor([5, 17, 42])
+    part, _ = run_from_layer(tiny_model, cache["blocks.1.hook_resid_pre"], 1, batch.last_pos, tokens=tokens)
+    assert torch.allclose(part[:, tokens], full[:, tokens], atol=1e-5)
+    assert part.isnan().sum() == part.numel() - 2 * len(tokens)

@@ -35,7 +35,7 @@ import pytest
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "_build" / "screenshots"
 WINDOW = (1280, 2000)
 PAGE_TIMEOUT = 60.0  # seconds for a page to fire its load event

@@ -14,7 +14,7 @@ import pytest
 from conftest import random_circuit_task
 from mechbook import MechbookError
 from mechbook.book import results
-from mechbook.core.circuits import Circuit, score_circuit
+from mechbook.core.circuits import score_circuits, Circuit, score_circuit
 from mechbook.papers.seqcont.task_circuits import (
     PAPER_CROSS_TASK,
     TaskSet,
@@ -30,7 +30,6 @@ from mechbook.papers.seqcont.task_circuits import (
     overlap_heatmap,
     overlap_regions,
     paper_circuits,
-    score_circuits,
     shared_circuit,
     size_comparison,
 )
@@ -115,11 +114,12 @@ def test_score_circuits_equals_score_circuit(tiny_model):
     task = _taskset(tiny_model, "a", seed=0)
     l = tiny_model.n_layers
     circuits = [Circuit.full(tiny_model), Circuit([], []), Circuit([(0, 1), (l - 1, 0)], [0]), Circuit([(1, 0)], [])]
-    batched = score_circuits(tiny_model, task, circuits, max_rows=10)  # two circuits per pass
+    batched = score_circuits(tiny_model, task.batch, circuits, task.means, task.metric, max_rows=10,
+                             tokens=task.tokens)  # two circuits per pass
     for c, s in zip(circuits, batched.tolist()):
         assert s == pytest.approx(score_circuit(tiny_model, task.batch, c, task.means, task.metric), abs=1e-3)
     with pytest.raises(MechbookError, match="no circuits"):
-        score_circuits(tiny_model, task, [])
+        score_circuits(tiny_model, task.batch, [], task.means, task.metric)
 
 
 def test_cross_task_table(tiny_gpt2):

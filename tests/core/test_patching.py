@@ -6,9 +6,17 @@ import pytest
 import torch
 from transformer_lens import patching as tl_patching
 
+import mechbook
+import slow_twins
+from conftest import build_tiny_model, random_circuit_task, sharpen
 from mechbook.core import patching as P
+from mechbook.core.patching import logit_diff
 from mechbook.core.errors import MechbookError
-from mechbook.core.runs import run_last, tokenize
+from mechbook.core.interventions import Edit, edit_hooks
+from mechbook.core.names import Component
+from mechbook.core.runs import run_last, run_variants, tokenize
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLEAN = ["one two three four five six", "January February March April May June"]
 
@@ -72,7 +80,8 @@ def test_patching_everything_at_the_last_layer_input_restores_clean(tiny_model):
     last = tiny_model.n_layers - 1
     comps = [P.Component("resid", last)]
     values = P.cache_components(tiny_model, clean, comps)
-    patched = P.run_variants(tiny_model, corrupt, [comps], metric, mode="patch", values=values)[0]
+    edits = [Edit(comps[0], "patch", values[comps[0].hook_name])]
+    patched = run_variants(tiny_model, corrupt, 1, lambda first, count: edit_hooks(edits), metric)[0]
     assert torch.allclose(patched, metric(clean_logits), atol=1e-4)
 
 
@@ -108,8 +117,8 @@ def test_ablation_sweep_batches_variants_like_separate_runs(tiny_model):
     means = P.mean_activations(tiny_model, corrupt, comps)
     sets = [[comps[0]], [comps[1], comps[2]], comps]
     batched = P.ablation_sweep(tiny_model, clean, sets, metric, means=means, max_rows=4)
-    separate = torch.stack([P.ablate(tiny_model, clean, s, metric, means=means).mean() for s in sets])
-    assert torch.allclose(batched, separate, atol=1e-5)
+    separate = torch.stack([P.ablate(tiny_model, clean, s, metric, means=means) for s in sets])
+    assert batched.shape == (3, len(clean)) and torch.allclose(batched, separate, atol=1e-5)
 
 
 def test_bad_components_and_pairs_are_explained(tiny_model):
@@ -122,3 +131,71 @@ def test_bad_components_and_pairs_are_explained(tiny_model):
         P.patch_head_outputs(tiny_model, clean.select([0]), corrupt, metric)
     with pytest.raises(MechbookError, match="unknown component kind"):
         P.Component("neuron", 0)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "bloom", "llama", "gemma3"])
+def sharp(request, tmp_path_factory):
+    return mechbook.load_model(str(sharpen(build_tiny_model(request.param, tmp_path_factory.mktemp(f"sharp-{request.param}")))))
+
+
+# --- the head sweep against one forward per head ----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_head_patching_with_the_prefix_cache_on_gemma(gemma):
+    """Numerals prompts and their shuffles share a prefix ("<bos>Van done in"): the prefix cache on the real model."""
+    clean = tokenize(gemma, ["Van done in 1. Hat done in 2. Ring done in 3. Sun done in",
+                             "Oil done in 4. Cup done in 5. Box done in 6. Pen done in"])
+    corrupted = tokenize(gemma, ["Van done in 3. Hat done in 1. Ring done in 2. Sun done in",
+                                 "Oil done in 6. Cup done in 4. Box done in 5. Pen done in"])
+    answers = torch.tensor([gemma.tokenizer.convert_tokens_to_ids(t) for t in ("4", "7")]), \
+        torch.tensor([gemma.tokenizer.convert_tokens_to_ids(t) for t in ("3", "6")])
+    metric = logit_diff(*answers)
+    heads = [Component("head", l, h) for l in (0, 8, 17) for h in range(gemma.n_heads)]
+    slow = slow_twins.patch_head_outputs(gemma, clean, corrupted, metric, heads)
+    fast = P.patch_head_outputs(gemma, clean, corrupted, metric, heads=heads, tokens=torch.cat(answers))
+    assert (fast.metric - slow.metric).abs().max() < 1e-4
+
+
+def test_head_patching_equals_one_forward_per_head(sharp):
+    clean, corrupted, means, metric = random_circuit_task(sharp)
+    slow = slow_twins.patch_head_outputs(sharp, clean, corrupted, metric, P.all_heads(sharp))
+    fast = P.patch_head_outputs(sharp, clean, corrupted, metric, max_rows=16)  # several passes per layer
+    assert list(fast.component) == list(slow.component)
+    assert (fast.metric - slow.metric).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("shared", [5, 8])
+def test_head_patching_with_a_shared_prefix(sharp, shared):
+    """Prompts of several lengths whose first ``shared`` tokens agree: the prefix is computed once, results unchanged."""
+    g = torch.Generator().manual_seed(2)
+    lengths = [12, 12, 10, 11, 12, 9]
+    clean = [torch.randint(3, 300, (n,), generator=g) for n in lengths]
+    corrupted = [torch.cat([row[:shared], row[shared:][torch.randperm(len(row) - shared, generator=g)]]) for row in clean]
+    clean, corrupted = tokenize(sharp, [r.tolist() for r in clean]), tokenize(sharp, [r.tolist() for r in corrupted])
+    logits = run_last(sharp, clean)[0]
+    ranked = logits.argsort(-1, descending=True)
+    answers = (ranked[:, 0], ranked[:, 7])
+    metric = logit_diff(*answers)
+    slow = slow_twins.patch_head_outputs(sharp, clean, corrupted, metric, P.all_heads(sharp))
+    fast = P.patch_head_outputs(sharp, clean, corrupted, metric, max_rows=12)
+    cheap = P.patch_head_outputs(sharp, clean, corrupted, metric, tokens=torch.cat(answers).unique())
+    assert (fast.metric - slow.metric).abs().max() < 1e-5
+    assert (cheap.metric - slow.metric).abs().max() < 1e-5
+    assert (slow.metric - slow.metric.mean()).abs().max() > 1e-3
+
+
+def test_head_patching_refuses_a_prefix_cache_the_attention_never_saw(sharp, monkeypatch):
+    """If the installed transformers/transformer-lens drop the cache keyword, the run fails instead of lying."""
+    from mechbook.core import architectures
+
+    g = torch.Generator().manual_seed(3)
+    clean = [torch.randint(3, 300, (10,), generator=g) for _ in range(3)]
+    corrupted = [torch.cat([row[:6], row[6:][torch.randperm(4, generator=g)]]) for row in clean]
+    clean, corrupted = tokenize(sharp, [r.tolist() for r in clean]), tokenize(sharp, [r.tolist() for r in corrupted])
+    metric = logit_diff(torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10]))
+    if not architectures.has_fast_loop(sharp):
+        pytest.skip("no prefix cache without a hand-written loop")
+    monkeypatch.setattr(architectures, "_cache_kwargs", lambda prefix: {})  # as if the keyword were filtered out
+    with pytest.raises(MechbookError, match="did not reach the attention of layer"):
+        P.patch_head_outputs(sharp, clean, corrupted, metric)

@@ -1,0 +1,335 @@
+"""Every architecture-specific branch of the library, and nowhere else.
+
+The rest of the core talks to a model through transformer-lens hook names and the
+bridge's generic sub-modules (``blocks[L].ln1``, ``attn.q/k/v/o``, ``ln1_post``), which
+exist for every architecture transformer-lens supports. What differs between
+architectures, and is handled here:
+
+- **running the decoder layers from layer L** (:func:`run_layers`). For GPT-2, Llama
+  and Gemma 3 a hand-written loop mirrors ``GPT2Model.forward``, ``LlamaModel.forward``
+  and ``Gemma3TextModel.forward`` of transformers 5 and supports a shared-prefix cache.
+  Every other causal LM runs the model's own forward with the blocks before L skipped
+  (each replaced for the run by a pass-through) and the residual stream entering
+  block L replaced by the given one: the same operations as a full forward from L
+  on, whatever the architecture's masks, position encodings (rotary, ALiBi, learned)
+  or parallel attention/MLP blocks.
+- the layout of a linear map's weight (GPT-2's ``Conv1D`` stores ``x @ W``, ``nn.Linear``
+  stores ``x @ W.T``), for reading a head's value and output maps;
+- the post-attention norm of Gemma 2/3 (``ln1_post``), which makes a head's write to
+  the residual stream non-additive;
+- grouped-query attention: which key/value head a query head reads.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechbook.core.errors import MechbookError
+
+# model_type -> hand-written decoder loop; each is checked against a full forward in the tests.
+FAST_LOOPS = ("gpt2", "llama", "gemma3_text")
+
+
+def has_fast_loop(model) -> bool:
+    """Whether :func:`run_layers` uses a hand-written loop (and can share a prefix cache) for ``model``."""
+    return model.hf_model.config.model_type in FAST_LOOPS
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+class SharedPrefix:
+    """Keys and values of the first ``length`` positions, shared by every row of later runs.
+
+    Stands in for a Hugging Face cache in the hand-written loops: the bridge's
+    attention hands it each layer's keys and values (after RoPE and norms) through
+    ``update``. While recording it keeps the prefix part and returns them unchanged;
+    afterwards it prepends the recorded prefix (tiled ``repeat`` times along the batch)
+    to the suffix's own.
+
+    It reaches the attention as the ``layer_past`` keyword: the decoder layers pass
+    unknown keywords on to their attention untouched, and transformer-lens's attention
+    reads ``layer_past`` when ``past_key_values`` is absent. (transformers 5.24 renamed
+    the layers' ``past_key_values`` argument to ``cache``, which transformer-lens 4.3
+    does not read, so a cache handed over by either of those names is silently dropped.)
+    ``used`` records the layers that called ``update``, so a run can check that.
+    """
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+        self.recording = True
+        self.repeat = 1
+        self.used: set[int] = set()
+
+    def update(self, keys: Tensor, values: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        self.used.add(layer_idx)
+        if self.recording:
+            self.keys[layer_idx] = keys[..., : self.length, :]
+            self.values[layer_idx] = values[..., : self.length, :]
+            return keys, values
+        tile = (self.repeat,) + (1,) * (keys.dim() - 1)
+        return (torch.cat([self.keys[layer_idx].repeat(tile), keys], dim=-2),
+                torch.cat([self.values[layer_idx].repeat(tile), values], dim=-2))
+
+    def check_used(self, start: int, stop: int) -> None:
+        """A prefix cache that some layer never saw gives wrong numbers silently: fail instead."""
+        missing = sorted(set(range(start, stop)) - self.used)
+        if missing:
+            raise MechbookError(
+                f"the shared-prefix cache did not reach the attention of layer(s) {missing}: this pair of "
+                "transformers and transformer-lens versions does not hand mechbook's `layer_past` keyword to the "
+                "attention (it does with transformers 5.24.0 and transformer-lens 4.3.0). Install those versions, "
+                "or run without a shared prefix"
+            )
+
+
+# --- running the decoder layers from a layer -------------------------------------------------------
+
+
+def run_layers(model, hidden: Float[Tensor, "batch pos d_model"], start: int, *,
+               prefix: SharedPrefix | None = None) -> Float[Tensor, "batch pos d_model"]:
+    """The residual stream entering the final norm, running blocks ``start..`` on ``hidden``.
+
+    ``hidden`` is the residual stream entering block ``start`` at every position
+    (right padding needs no padding mask). Hooks on blocks from ``start`` on fire as in
+    a full forward; hooks on earlier blocks do not. A ``prefix`` (hand-written loops
+    only) holds keys and values of the first positions: while recording, ``hidden``
+    holds every position; afterwards only the positions after the prefix.
+    """
+    if start >= model.n_layers:
+        return hidden
+    if has_fast_loop(model):
+        return _FAST[model.hf_model.config.model_type](model, hidden, start, prefix)
+    if prefix is not None:
+        raise MechbookError(f"a shared-prefix cache needs a hand-written decoder loop ({', '.join(FAST_LOOPS)}), "
+                            f"not {model.hf_model.config.model_type!r}; run without one")
+    return _generic(model, hidden, start)
+
+
+def _mask_args(model, hidden: Tensor, prefix: SharedPrefix | None) -> tuple[dict, Tensor, Tensor]:
+    """Arguments of transformers' mask builders for a run of ``hidden``, its positions and the own positions."""
+    from transformers.masking_utils import create_causal_mask
+
+    offset = prefix.length if prefix is not None and not prefix.recording else 0
+    width = offset + hidden.shape[1]
+    positions = torch.arange(width, device=hidden.device)[None]
+    shape_only = hidden.new_empty(hidden.shape[0], width, hidden.shape[2]) if offset else hidden
+    # the mask builders' cache argument: ``past_key_values`` until transformers 5.24, ``cache`` since
+    cache_arg = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+    args = {"config": model.hf_model.config, "inputs_embeds": shape_only, "attention_mask": None, cache_arg: None,
+            "position_ids": positions}
+    return args, positions, positions[:, offset:]
+
+
+def _cache_kwargs(prefix: SharedPrefix | None) -> dict:
+    return {} if prefix is None else {"layer_past": prefix}
+
+
+def _gpt2_loop(model, hidden, start, prefix):
+    """``GPT2Model.forward`` from block ``start``: causal mask, learned positions already in ``hidden``."""
+    from transformers.masking_utils import create_causal_mask
+
+    args, _, own = _mask_args(model, hidden, prefix)
+    mask = create_causal_mask(**args)
+    for block in model.hf_model.transformer.h[start:]:
+        hidden = _first(block(hidden, None, mask, None, encoder_attention_mask=None, use_cache=False,
+                              position_ids=own, **_cache_kwargs(prefix)))
+    return hidden
+
+
+def _rotary_loop(model, hidden, start, prefix):
+    """``LlamaModel.forward`` / ``Gemma3TextModel.forward`` from block ``start``.
+
+    The causal mask (sliding-window mask for Gemma 3's local layers) and the rotary
+    embeddings (Gemma 3: one per layer type) at the true positions.
+    """
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    cfg = model.hf_model.config
+    inner = model.hf_model.model
+    args, _, own = _mask_args(model, hidden, prefix)
+    types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * model.n_layers)
+    needed = set(types[start:])
+    make_mask = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    masks = {t: make_mask[t](**args) for t in needed}
+    if cfg.model_type == "gemma3_text":
+        rope = {t: inner.rotary_emb(hidden, own, t) for t in needed}
+    else:
+        shared = inner.rotary_emb(hidden, position_ids=own)
+        rope = {t: shared for t in needed}
+    for i in range(start, model.n_layers):
+        hidden = _first(inner.layers[i](hidden, attention_mask=masks[types[i]], position_embeddings=rope[types[i]],
+                                        position_ids=own, use_cache=False, **_cache_kwargs(prefix)))
+    return hidden
+
+
+_FAST = {"gpt2": _gpt2_loop, "llama": _rotary_loop, "gemma3_text": _rotary_loop}
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early (nothing after it is computed)."""
+
+
+def _block_returns_tuple(model) -> bool:
+    """Whether the model's decoder blocks return a tuple (BLOOM) or a tensor; probed once on one token."""
+    known = getattr(model, "_block_returns_tuple", None)
+    if known is not None:
+        return known
+    seen = {}
+
+    def grab(module, args, output):
+        seen["tuple"] = isinstance(output, tuple)
+        raise _Stop
+
+    handle = model.bridge.blocks[0].register_forward_hook(grab)
+    try:
+        with torch.inference_mode():
+            model.hf_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.device), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    model._block_returns_tuple = seen["tuple"]
+    return seen["tuple"]
+
+
+def _generic(model, hidden: Tensor, start: int) -> Tensor:
+    """Blocks ``start..`` through the model's own forward: earlier blocks skipped, block ``start``'s input replaced.
+
+    The forward runs on placeholder token ids of the right shape, so the model builds
+    its own masks and position encodings; every block before ``start`` returns its
+    input unchanged (no compute, no hooks), a pre-hook hands block ``start`` the given
+    residual stream, and the run stops at the final norm's input.
+    """
+    blocks = model.bridge.blocks
+    as_tuple = _block_returns_tuple(model)
+    out: dict[str, Tensor] = {}
+
+    def skip(hidden_states=None, *args, **kwargs):
+        if hidden_states is None:
+            hidden_states = kwargs.get("hidden_states")
+        return (hidden_states, None) if as_tuple else hidden_states
+
+    def enter(module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    def leave(module, args, output):
+        out["final"] = output
+        raise _Stop
+
+    for block in blocks[:start]:  # set on the wrapper itself: the bridge forwards plain setattr to the HF module
+        object.__setattr__(block, "forward", skip)
+    handles = [blocks[start].register_forward_pre_hook(enter, with_kwargs=True),
+               model.bridge.hook_dict["ln_final.hook_in"].register_forward_hook(leave)]
+    pad = model.tokenizer.pad_token_id
+    fill = next(t for t in (model.tokenizer.bos_token_id, model.tokenizer.eos_token_id, 0, 1) if t is not None and t != pad)
+    placeholder = torch.full(hidden.shape[:2], fill, dtype=torch.long, device=hidden.device)  # no pad: no warning
+    try:
+        model.hf_model(input_ids=placeholder, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        for block in blocks[:start]:
+            object.__delattr__(block, "forward")
+    return out["final"]
+
+
+# --- reading a head's maps -----------------------------------------------------------------------
+
+
+def kv_head(model, head: int) -> int:
+    """The key/value head a query head reads (grouped-query attention; the head itself otherwise)."""
+    return head // (model.n_heads // model.n_kv_heads)
+
+
+def _plain(module: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face module under a transformer-lens bridge wrapper (calling it fires no hooks)."""
+    return getattr(module, "original_component", module)
+
+
+def _weight_in_out(linear: torch.nn.Module) -> Tensor:
+    """A linear map's weight as ``[in, out]`` (``x @ W``): GPT-2's Conv1D stores it so, nn.Linear transposed."""
+    from transformers.pytorch_utils import Conv1D
+
+    return linear.weight if isinstance(linear, Conv1D) else linear.weight.T
+
+
+def attention_write(model, layer: int, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos d_model"]:
+    """What layer ``layer``'s attention adds to the residual stream for head outputs ``z``.
+
+    The output projection of the concatenated heads, then the post-attention norm
+    where the architecture has one (Gemma 2/3), so a head's share is not additive there.
+    """
+    block = model.bridge.blocks[layer]
+    out = _plain(block.attn.o)(z.flatten(-2))
+    post = getattr(block, "ln1_post", None)
+    return _plain(post)(out) if post is not None else out
+
+
+def project(model, layer: int, kind: str, resid: Float[Tensor, "batch pos d_model"]) -> Tensor:
+    """The ``kind`` ('q', 'k', 'v') input of layer ``layer``'s heads for a residual stream: [batch, pos, heads, d_head].
+
+    The block's attention input norm and the q/k/v linear map, called directly (no hook
+    fires); equals ``attn.hook_q`` (``hook_k``, ``hook_v``) for the same input. Keys and
+    values have ``n_kv_heads`` heads.
+    """
+    block = model.bridge.blocks[layer]
+    out = _plain(getattr(block.attn, kind))(_plain(block.ln1)(resid))
+    return out.reshape(*out.shape[:-1], -1, model.d_head)
+
+
+@dataclass(frozen=True)
+class OVCircuit:
+    """One head's value and output maps, as the forward pass applies them.
+
+    ``head_output(x) = (norm_in(x) @ W_V + b_V) @ W_O``, then ``norm_out`` where the
+    architecture normalizes the attention output (Gemma 2/3's post-attention norm).
+    The output bias, shared by all heads, is left out, as transformer-lens does.
+    """
+
+    layer: int
+    head: int
+    W_V: Float[Tensor, "d_model d_head"]
+    b_V: Float[Tensor, "d_head"] | None
+    W_O: Float[Tensor, "d_head d_model"]
+    norm_in: torch.nn.Module
+    norm_out: torch.nn.Module | None
+
+    def __call__(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        with torch.inference_mode():
+            v = self.norm_in(resid) @ self.W_V
+            if self.b_V is not None:
+                v = v + self.b_V
+            out = v @ self.W_O
+            # Gemma's post-attention norm acts on the sum of all heads' outputs, a non-linear map; applied to one
+            # head's output alone it keeps the head's direction and rescales each coordinate by the norm's weight.
+            return self.norm_out(out) if self.norm_out is not None else out
+
+
+def ov_circuit(model, layer: int, head: int) -> OVCircuit:
+    """A head's OV circuit, its weights read from the model's value and output maps (any architecture).
+
+    Grouped-query attention: query head ``h`` reads value head :func:`kv_head`.
+    """
+    block = model.bridge.blocks[layer]
+    d = model.d_head
+    kv = kv_head(model, head)
+    v_map, o_map = _plain(block.attn.v), _plain(block.attn.o)
+    W_V = _weight_in_out(v_map)[:, kv * d : (kv + 1) * d]
+    b_V = None if getattr(v_map, "bias", None) is None else v_map.bias[kv * d : (kv + 1) * d]
+    W_O = _weight_in_out(o_map)[head * d : (head + 1) * d, :]
+    post = getattr(block, "ln1_post", None)
+    return OVCircuit(layer, head, W_V.detach(), None if b_V is None else b_V.detach(), W_O.detach(),
+                     _plain(block.ln1), None if post is None else _plain(post))

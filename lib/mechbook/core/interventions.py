@@ -1,0 +1,197 @@
+"""Editing activations: patch, mean, zero, add and replace, all made by one hook factory.
+
+An :class:`Edit` says what happens to one component's activation, in some rows of a
+(possibly stacked) batch; :func:`edit_hooks` turns any list of edits into
+transformer-lens hooks, one per hook name. Patching (values from another run), mean
+ablation (per-position means over corrupted prompts, Paper B), zero ablation (FFN
+removal, Paper A) and adding or writing a vector (the o transplant, Paper A) are all
+edits, so every sweep in the library runs through this one mechanism.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from mechbook.core.errors import MechbookError
+from mechbook.core.names import Component
+
+MODES = ("patch", "mean", "zero", "add", "replace")
+POSITIONS = ("last", "all")
+
+
+@dataclass(frozen=True, eq=False)
+class Edit:
+    """A change to ``component``'s activation in rows ``rows`` of the batch (all rows if None).
+
+    ``mode`` and ``value``:
+
+    - ``"patch"``: ``value`` is the activation of another run of the same prompts
+      (``[n, pos, ...]``, ``n`` the rows edited); the component's slot is copied over.
+    - ``"mean"``: ``value`` is a per-position mean (``[pos, ...]``), copied into every row.
+    - ``"zero"``: no value; the slot becomes 0.
+    - ``"add"`` / ``"replace"``: ``value`` is a vector (``[d]``, or ``[n, d]`` one per
+      row) added to, or written over, the activation at the positions ``mask``
+      (``[n, pos]`` booleans) selects, or at the component's position.
+    """
+
+    component: Component
+    mode: str
+    value: Tensor | None = None
+    rows: slice | None = None
+    mask: Bool[Tensor, "n pos"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise MechbookError(f"unknown edit mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if (self.mode == "zero") != (self.value is None):
+            raise MechbookError(f"a {self.mode!r} edit {'takes no' if self.mode == 'zero' else 'needs a'} value")
+        if self.mask is not None and self.mode not in ("add", "replace"):
+            raise MechbookError("mask= selects positions for 'add' and 'replace' edits only")
+
+
+def edit_hooks(edits: Iterable[Edit]) -> list[tuple[str, object]]:
+    """Transformer-lens hooks applying ``edits`` in order: one hook per hook name.
+
+    Edits of whole heads that share mode, rows and value (mean ablation of many heads
+    of a layer) are applied as one indexing operation.
+    """
+    by_name: dict[str, list[Edit]] = defaultdict(list)
+    for e in edits:
+        by_name[e.component.hook_name].append(e)
+    return [(name, _hook(todo)) for name, todo in by_name.items()]
+
+
+def _groups(todo: Sequence[Edit]) -> list[tuple[Edit, list[int] | None]]:
+    """Edits in order, consecutive head edits with the same mode, rows, position and value merged into one."""
+    out: list[tuple[Edit, list[int] | None]] = []
+    index: dict[tuple, int] = {}
+    for e in todo:
+        c = e.component
+        if c.head is not None and e.mode in ("patch", "mean", "zero") and e.mask is None:
+            key = (e.mode, _rows_key(e.rows), c.position, id(e.value))
+            if key in index and index[key] == len(out) - 1:
+                out[-1][1].append(c.head)
+                continue
+            index[key] = len(out)
+            out.append((e, [c.head]))
+        else:
+            out.append((e, None))
+    return out
+
+
+def _rows_key(rows: slice | None) -> tuple | None:
+    return None if rows is None else (rows.start, rows.stop, rows.step)
+
+
+def _hook(todo: Sequence[Edit]):
+    groups = _groups(todo)
+
+    def hook(act: Tensor, hook: object) -> Tensor:
+        act = act.clone()
+        for e, heads in groups:
+            rows = slice(None) if e.rows is None else e.rows
+            pos = slice(None) if e.component.position is None else e.component.position
+            where = (rows, pos, heads) if heads is not None else (rows, pos)
+            if e.mode == "zero":
+                act[where] = 0.0
+            elif e.mode == "mean":
+                mean = e.value[: act.shape[1]].to(act.dtype)
+                act[where] = mean[(pos, heads)] if heads is not None else mean[pos]
+            elif e.mode == "patch":
+                value = e.value.to(act.dtype)
+                act[where] = value[(slice(None), pos, heads)] if heads is not None else value[:, pos]
+            else:
+                _write_vector(act, e, rows)
+        return act
+
+    return hook
+
+
+def _write_vector(act: Tensor, e: Edit, rows: slice) -> None:
+    """An add or replace edit of a [d] or [n, d] vector at the positions its mask (or component) selects."""
+    part = act[rows]
+    if e.mask is not None:
+        mask = e.mask
+    else:
+        mask = torch.zeros(part.shape[:2], dtype=torch.bool, device=act.device)
+        mask[:, slice(None) if e.component.position is None else e.component.position] = True
+    act[rows] = (add_vector if e.mode == "add" else write_vector)(part, e.value, mask)
+
+
+def _broadcast(act: Tensor, vector: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    value = vector.to(act.device, act.dtype)
+    value = value[:, None, :] if value.dim() == 2 else value[None, None, :]
+    return value, mask[:, : act.shape[1], None].to(act.device)
+
+
+def add_vector(act: Float[Tensor, "n pos d"], vector: Float[Tensor, "d"] | Float[Tensor, "n d"],
+               mask: Bool[Tensor, "n pos"]) -> Float[Tensor, "n pos d"]:
+    """``act`` plus ``vector`` (one, or one per row) at the positions ``mask`` selects."""
+    value, mask = _broadcast(act, vector, mask)
+    return act + mask.to(act.dtype) * value
+
+
+def write_vector(act: Float[Tensor, "n pos d"], vector: Float[Tensor, "d"] | Float[Tensor, "n d"],
+                 mask: Bool[Tensor, "n pos"]) -> Float[Tensor, "n pos d"]:
+    """``act`` with ``vector`` (one, or one per row) written over the positions ``mask`` selects."""
+    value, mask = _broadcast(act, vector, mask)
+    return torch.where(mask, value.expand_as(act), act)
+
+
+# --- common edits ------------------------------------------------------------------------------------
+
+
+def mean_ablation(components: Iterable[Component], means: Mapping[str, Tensor], *, rows: slice | None = None,
+                  first_layer: int = 0) -> list[Edit]:
+    """Mean-ablate components at every position (Paper B): their outputs become the corrupted means.
+
+    Components in layers before ``first_layer`` are left out: a run that starts later
+    never reaches them.
+    """
+    out = []
+    for c in components:
+        if c.layer < first_layer:
+            continue
+        if c.hook_name not in means:
+            raise MechbookError(f"means have no entry for {c.hook_name}; compute them with mean_activations "
+                                "(or circuit_means) over every head and MLP")
+        out.append(Edit(c, "mean", means[c.hook_name], rows))
+    return out
+
+
+def zero_ablation(components: Iterable[Component], *, rows: slice | None = None) -> list[Edit]:
+    """Zero-ablate components (e.g. remove MLPs: their write to the residual stream becomes 0)."""
+    return [Edit(c, "zero", None, rows) for c in components]
+
+
+def position_mask(batch, positions: str, *, skip_bos: bool) -> Bool[Tensor, "batch pos"]:
+    """``[batch, pos]`` booleans: each prompt's last position, or every real position (BOS excepted if asked)."""
+    if positions not in POSITIONS:
+        raise MechbookError(f"unknown positions {positions!r}; use one of {list(POSITIONS)}")
+    pos = torch.arange(batch.input_ids.shape[1], device=batch.lengths.device)
+    if positions == "last":
+        return pos[None, :] == batch.last_pos[:, None]
+    mask = pos[None, :] < batch.lengths[:, None]
+    if skip_bos:
+        mask &= pos[None, :] > 0
+    return mask
+
+
+def check_vector(model, vector: Float[Tensor, "... d_model"], n: int | None = None, what: str = "the vector") -> Tensor:
+    """A ``[d_model]`` vector or one per prompt (``[n, d_model]``), finite and of the model's width."""
+    from mechbook.core.decoding import check_finite
+
+    if vector.dim() not in (1, 2):
+        raise MechbookError(f"expected {what} as [d_model] or [batch, d_model], got shape {tuple(vector.shape)}")
+    if vector.shape[-1] != model.d_model:
+        raise MechbookError(f"{what} has width {vector.shape[-1]} but {model.name} has d_model={model.d_model}; "
+                            "use a vector computed on this model")
+    if vector.dim() == 2 and n is not None and vector.shape[0] != n:
+        raise MechbookError(f"{vector.shape[0]} vectors for {n} prompts; pass one vector, or one per prompt")
+    return check_finite(vector, what)

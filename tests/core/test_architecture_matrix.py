@@ -1,0 +1,222 @@
+"""The architecture matrix: every public core entry point on nine families, against plain torch hooks.
+
+Each family is a tiny config-built model (tests/conftest.py), its attention sharpened
+so that every path matters. The reference side (tests/reference.py) loads the same
+folder with ``AutoModelForCausalLM`` and computes each quantity with one full forward
+per variant and hooks on the transformers modules; mechbook loads it through the
+transformer-lens bridge and its batched, run-from-a-layer engine. All agree within 1e-4.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mechbook
+from conftest import ARCHITECTURES, build_tiny_model, sharpen
+from mechbook.core import decoding
+from mechbook.core.circuits import Circuit, circuit_means, prune_nodes, score_circuit
+from mechbook.core.names import Component, layer_names
+from mechbook.core.path_patching import Edge, patch_paths
+from mechbook.core.patching import ablate, logit_diff, patch_head_outputs, patch_mlp_outputs, patch_residual
+from mechbook.core.runs import run_from_layer, run_last, tokenize
+from mechbook.papers.vector_arithmetic.ffn_removal import logits_without_top_mlps
+from mechbook.papers.vector_arithmetic.transplant import Transplant, transplant_logits
+from reference import Ref, ablation_makers, complement, literal_node_pruning, means_over
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def pair(request, tmp_path_factory):
+    directory = sharpen(build_tiny_model(request.param, tmp_path_factory.mktemp(f"matrix-{request.param}")))
+    return mechbook.load_model(str(directory)), Ref(directory)
+
+
+def _prompts(seed: int, lengths):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 300, (n,), generator=g).tolist() for n in lengths]
+
+
+def _task(model, ref, seed=0, lengths=(9, 9, 7, 8), shared=3):
+    """Clean prompts, corrupted twins (shuffled after the first ``shared`` tokens), a logit-difference metric."""
+    g = torch.Generator().manual_seed(seed)
+    clean = [torch.randint(3, 300, (n,), generator=g) for n in lengths]
+    corrupt = [torch.cat([r[:shared], r[shared:][torch.randperm(len(r) - shared, generator=g)]]) for r in clean]
+    clean_b, corrupt_b = tokenize(model, [r.tolist() for r in clean]), tokenize(model, [r.tolist() for r in corrupt])
+    ranked = ref.logits(clean_b.input_ids, clean_b.lengths).argsort(-1, descending=True)
+    metric = logit_diff(ranked[:, 0], ranked[:, 5])
+    return clean_b, corrupt_b, metric
+
+
+def test_logit_lens(pair):
+    model, ref = pair
+    batch = tokenize(model, _prompts(1, (8, 6, 9)))
+    names = layer_names("resid_post", model.n_layers)
+    _, cache = run_last(model, batch, names=names, last_only=True)
+    targets = {"a": torch.tensor([5, 6, 7]), "b": torch.tensor([10, 11, 12])}
+    lens = decoding.logit_lens(model, decoding.stack_layers(cache, names), targets)
+    store = ref.cache(batch.input_ids)
+    rows = torch.arange(len(batch))
+    for layer in range(model.n_layers):
+        logits = ref.lens(store[("resid_post", layer)][rows, batch.last_pos])
+        probs = logits.softmax(-1)
+        for name, ids in targets.items():
+            got = lens[(lens.layer == layer) & (lens.target == name)].sort_values("prompt")
+            want_p = probs[rows, ids]
+            want_rank = (logits > logits[rows, ids][:, None]).sum(-1) + 1
+            assert (torch.tensor(got.prob.to_numpy()) - want_p).abs().max() < TOL
+            assert got["rank"].tolist() == want_rank.tolist()
+
+
+def test_run_from_layer(pair):
+    model, ref = pair
+    batch = tokenize(model, _prompts(2, (11, 4, 7)))
+    want = ref.logits(batch.input_ids, batch.lengths)
+    names = layer_names("resid_pre", model.n_layers)
+    _, cache = run_last(model, batch, names=names)
+    for layer in range(model.n_layers):
+        got, _ = run_from_layer(model, cache[names[layer]], layer, batch.last_pos)
+        assert (got - want).abs().max() < TOL, layer
+
+
+def test_head_patching_with_a_shared_prefix(pair):
+    model, ref = pair
+    clean, corrupt, metric = _task(model, ref)
+    got = patch_head_outputs(model, clean, corrupt, metric, max_rows=8)  # several passes per layer
+    src = ref.cache(clean.input_ids)
+    for row in got.itertuples():
+        def put(z, l=row.layer, h=row.head):
+            z[:, :, h] = src[("z", l)][:, :, h]
+            return z
+        want = metric(ref.logits(corrupt.input_ids, corrupt.lengths, [ref.edit_z(row.layer, put)])).mean()
+        assert abs(row.metric - float(want)) < TOL, row.component
+    assert got.metric.std() > 1e-3  # the patches do something
+
+
+def test_mlp_and_residual_patching(pair):
+    model, ref = pair
+    clean, corrupt, metric = _task(model, ref, seed=3, lengths=(8, 8, 8), shared=2)
+    src = ref.cache(clean.input_ids)
+    mlps = patch_mlp_outputs(model, clean, corrupt, metric)
+    for row in mlps.itertuples():
+        want = metric(ref.logits(corrupt.input_ids, corrupt.lengths,
+                                 [ref.edit_mlp(row.layer, lambda x, l=row.layer: src[("mlp", l)].clone())])).mean()
+        assert abs(row.metric - float(want)) < TOL, row.component
+    resid = patch_residual(model, clean, corrupt, metric, layers=[0, model.n_layers - 1])
+    for row in resid.itertuples():
+        def put(x, l=row.layer, p=row.position):
+            x[:, p] = src[("resid_pre", l)][:, p]
+            return x
+        want = metric(ref.logits(corrupt.input_ids, corrupt.lengths, [ref.edit_resid_pre(row.layer, put)])).mean()
+        assert abs(row.metric - float(want)) < TOL, (row.component, row.position)
+
+
+def test_mean_ablation_and_node_pruning(pair):
+    model, ref = pair
+    clean, corrupt, metric = _task(model, ref, seed=4, lengths=(8, 8, 8, 8), shared=1)
+    means = circuit_means(model, corrupt)
+    ref_means = means_over(ref, corrupt.input_ids, corrupt.lengths)
+    full = float(metric(ref.logits(clean.input_ids, clean.lengths)).mean())
+
+    def ref_score(heads, mlps):
+        gone_h, gone_m = complement(ref, heads, mlps)
+        logits = ref.logits(clean.input_ids, clean.lengths, ablation_makers(ref, ref_means, gone_h, gone_m))
+        return 100.0 * float(metric(logits).mean()) / full
+
+    some = [Component("head", 0, 1), Component("head", model.n_layers - 1, 2), Component("mlp", 1)]
+    got = ablate(model, clean, some, metric, means=means)
+    want = metric(ref.logits(clean.input_ids, clean.lengths,
+                             ablation_makers(ref, ref_means, [(0, 1), (model.n_layers - 1, 2)], [1])))
+    assert (got - want).abs().max() < TOL
+
+    # the full model's metric can be small on a random model: keep the threshold where some nodes go and some stay
+    circuit = prune_nodes(model, clean, means, metric, threshold=0.3, max_rows=8)
+    heads, mlps, log = literal_node_pruning(ref_score, model.n_layers, model.n_heads, threshold=0.3)
+    assert circuit.heads == sorted(heads) and circuit.mlps == sorted(mlps)
+    assert len(circuit.log) == len(log)
+    # scores are percent of the full model's metric: compare the metric itself
+    assert max(abs(a - b[2]) * abs(full) / 100 for a, b in zip(circuit.log.score_without, log)) < TOL
+    assert circuit.log.removed.tolist() == [r for *_, r in log]
+    assert abs(score_circuit(model, clean, circuit, means, metric) - ref_score(heads, mlps)) * abs(full) / 100 < TOL
+
+
+def test_path_patching_into_q_k_v(pair):
+    """Each edge: the receiver's q/k/v input reads resid + (the sender's change), nothing else moves."""
+    model, ref = pair
+    clean, corrupt, metric = _task(model, ref, seed=5, lengths=(8, 8, 8), shared=1)
+    means = circuit_means(model, corrupt)
+    ref_means = means_over(ref, corrupt.input_ids, corrupt.lengths)
+    circuit = Circuit([(0, 1), (0, 3), (1, 0), (1, 2), (2, 1), (2, 3)], [0, 1, 2])
+    gone_h, gone_m = complement(ref, circuit.heads, circuit.mlps)
+    context = ablation_makers(ref, ref_means, gone_h, gone_m)
+    base = ref.cache(clean.input_ids, context)
+    edges = [Edge(Component("head", 0, 1), Component("head", 2, 1), x) for x in "qkv"]
+    edges += [Edge(Component("mlp", 0), Component("head", 1, 2), "k"), Edge(Component("head", 1, 0), Component("head", 2, 3), "v")]
+    got = patch_paths(model, clean, edges, metric, means=means, ablate=circuit.complement(model))
+    group = ref.n_heads // ref.n_kv
+    for e, values in zip(edges, got):
+        s, r = e.sender, e.receiver
+        # 1. the receiver layer's input with only the sender changed: freeze every other head and MLP
+        freeze = []
+        for l in range(s.layer, r.layer):
+            def fz(z, l=l):
+                new = base[("z", l)].clone()
+                if l == s.layer and s.kind == "head":
+                    new[:, :, s.head] = ref_means[("z", l)][: z.shape[1], s.head]
+                return new
+            freeze.append(ref.edit_z(l, fz))
+            if l == s.layer and s.kind == "mlp":
+                freeze.append(ref.edit_mlp(l, lambda x, l=l: ref_means[("mlp", l)][: x.shape[1]].expand_as(x).clone()))
+            else:
+                freeze.append(ref.edit_mlp(l, lambda x, l=l: base[("mlp", l)].clone()))
+        changed = ref.qkv_inputs(clean.input_ids, r.layer, e.input, [*context, *freeze])
+        # 2. the circuit run with that input for the receiver only (its kv head's other query heads keep their z)
+        slot = r.head if e.input == "q" else r.head // group
+
+        def put(x, slot=slot):
+            x[:, :, slot] = changed[:, :, slot]
+            return x
+        hooks = [*context, ref.edit_qkv(r.layer, e.input, put)]
+        if e.input != "q" and group > 1:
+            others = [h for h in range(slot * group, (slot + 1) * group) if h != r.head]
+
+            def keep(z, others=others, l=r.layer):
+                z[:, :, others] = base[("z", l)][:, :, others]
+                return z
+            hooks.append(ref.edit_z(r.layer, keep))
+        want = metric(ref.logits(clean.input_ids, clean.lengths, hooks))
+        assert (values - want).abs().max() < TOL, e.label
+
+
+def test_transplant_and_ffn_removal(pair):
+    """Paper A's edits: o added after a layer / written over every later MLP output; the top MLPs removed."""
+    model, ref = pair
+    batch = tokenize(model, _prompts(6, (7, 9, 5)))
+    g = torch.Generator().manual_seed(6)
+    o = torch.randn(model.d_model, generator=g)
+    layer = 1
+    add, replace = Transplant("add", o, layer, "add", scale=2.0), Transplant("replace", o, layer, "replace")
+    _, (got_add, got_replace) = transplant_logits(model, batch, [add, replace])
+    last = batch.last_pos
+
+    def add_last(x):
+        x[torch.arange(len(x)), last] += 2.0 * o
+        return x
+    want_add = ref.logits(batch.input_ids, batch.lengths, [ref.edit_resid_post(layer, add_last)])
+    assert (got_add - want_add).abs().max() < TOL
+    first = 1 if model.prepend_bos else 0  # BOS keeps its MLP outputs (its activations are an attention sink)
+
+    def write(x):
+        x[:, first:] = o
+        return x
+    want_replace = ref.logits(batch.input_ids, batch.lengths,
+                              [ref.edit_mlp(l, write) for l in range(layer, model.n_layers)])
+    assert (got_replace - want_replace).abs().max() < TOL
+
+    ks = [0, 1, model.n_layers]
+    got = logits_without_top_mlps(model, batch, ks)
+    for i, k in enumerate(ks):
+        zero = [ref.edit_mlp(l, torch.zeros_like) for l in range(model.n_layers - k, model.n_layers)]
+        assert (got[:, i] - ref.logits(batch.input_ids, batch.lengths, zero)).abs().max() < TOL, k
