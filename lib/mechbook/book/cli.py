@@ -183,7 +183,7 @@ class Allowed:
 
 
 # What each chapter parameter may be, by name: a name means the same thing in every chapter. A chapter
-# parameter with a numeric default must be listed (tests/test_cli.py checks the book). None stays allowed
+# parameter with a numeric default must be listed (tests/test_faults.py checks the book). None stays allowed
 # where the chapter's default is None ("every usable item", "repeat until nothing changes").
 PARAMETER_RANGES = {
     "n_prompts": Allowed(1, whole=True, what="a count of prompts"),

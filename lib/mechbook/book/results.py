@@ -31,6 +31,7 @@ from typing import Any
 import pandas as pd
 
 from mechbook.core.errors import MechbookError
+from mechbook.core.loading import process_alive
 
 RESULTS_ENV = "MECHBOOK_RESULTS"
 MARKER = "_complete.json"
@@ -127,31 +128,23 @@ class ChapterResults:
         """Old copy aside, new copy in, old copy gone; a death between the renames is undone by :func:`tidy`."""
         old = self.final.with_name(f".{self.chapter}.old-{os.getpid()}")
         for _ in range(5):
-            if self.final.exists():
-                if old.exists():  # left by an earlier attempt of this process while a newer copy is in place
+            moved = self.final.exists()
+            if moved:
+                if old.exists():  # an earlier attempt's copy, since replaced by another run's: not the latest
                     shutil.rmtree(old)
                 os.replace(self.final, old)
             try:
                 os.replace(self._staging, self.final)
                 break
             except OSError:
-                if not self.final.exists():  # not a race with another publisher: a real error
-                    raise
+                if self.final.exists():  # another run published (or a reader restored) in between: again
+                    continue
+                if moved:  # a real error: the previous copy goes back before we fail
+                    os.replace(old, self.final)
+                raise
         else:
             raise MechbookError(f"{self.final} kept being replaced by other runs; run the chapter again")
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def tidy(model_dir: Path, *, wait: float = 2.0) -> None:
@@ -169,11 +162,11 @@ def tidy(model_dir: Path, *, wait: float = 2.0) -> None:
         if not match or not path.is_dir():
             continue
         final = model_dir / match["chapter"]
-        while match["kind"] == "old" and not final.exists() and _alive(int(match["pid"])) and path.exists():
+        while match["kind"] == "old" and not final.exists() and process_alive(int(match["pid"])) and path.exists():
             if time.monotonic() > deadline:
                 raise MechbookError(f"{final} is being replaced by process {match['pid']}; read it when that run ends")
             time.sleep(0.01)
-        if _alive(int(match["pid"])):
+        if process_alive(int(match["pid"])):
             continue
         with contextlib.suppress(OSError):  # a read-only results folder, or another reader got there first
             if match["kind"] == "old" and not final.exists():
@@ -183,8 +176,12 @@ def tidy(model_dir: Path, *, wait: float = 2.0) -> None:
 
 
 def _fingerprint(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a file, as the marker lists them."""
+    digest = hashlib.sha256()
     with path.open("rb") as fh:
-        return {"bytes": path.stat().st_size, "sha256": hashlib.sha256(fh.read()).hexdigest()}
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def _jsonable(value: Any) -> Any:

@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 
 from mechbook.core.errors import MechbookError
 
@@ -278,11 +280,12 @@ def _tokenizer_settings(tokenizer: Any) -> dict[str, Any]:
     """What a tokenizer adds on top of its tokenizer.json, as JSON: special tokens, BOS/EOS, sides."""
     settings = {key: str(value) if not isinstance(value, list) else [str(v) for v in value]
                 for key, value in tokenizer.special_tokens_map.items()}
-    for key in ("add_bos_token", "add_eos_token", "padding_side", "truncation_side", "model_max_length",
-                "clean_up_tokenization_spaces"):
-        value = getattr(tokenizer, key, None)
-        if value is not None:
-            settings[key] = value
+    for key in ("padding_side", "truncation_side", "model_max_length", "clean_up_tokenization_spaces"):
+        if getattr(tokenizer, key, None) is not None:
+            settings[key] = getattr(tokenizer, key)
+    for key in ("add_bos_token", "add_eos_token"):  # only if set: passing one rebuilds the JSON's post-processor
+        if isinstance(tokenizer.init_kwargs.get(key), bool):
+            settings[key] = tokenizer.init_kwargs[key]
     return settings
 
 
@@ -308,10 +311,13 @@ def check_files(folder: Path, manifest: dict[str, Any]) -> None:
         odd = sorted(on_disk ^ set(files))[0]
         raise DamagedCache(f"{odd} is {'missing' if odd in files else 'not one of the files written'}")
     for name, expected in files.items():
-        size = (folder / name).stat().st_size
+        try:
+            size, digest = (folder / name).stat().st_size, _sha256(folder / name)
+        except OSError as exc:
+            raise DamagedCache(f"{name} cannot be read ({exc.strerror})") from None
         if size != expected.get("bytes"):
             raise DamagedCache(f"{name} has {size} bytes, not the {expected.get('bytes')} written")
-        if _sha256(folder / name) != expected.get("sha256"):
+        if digest != expected.get("sha256"):
             raise DamagedCache(f"{name} does not match the sha256 recorded when it was written")
 
 
@@ -337,7 +343,11 @@ def dequantize_to_cache(spec: ModelSpec, *, force: bool = False) -> Path:
     gguf_path = spec.locate_gguf()
     _check_gguf(gguf_path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    for left in final.parent.glob(f".{final.name}.*-*"):  # what killed runs left: a GB each
+        match = re.match(rf"^\.{re.escape(final.name)}\.(tmp|replaced)-(\d+)", left.name)
+        if match and not process_alive(int(match[2])):
+            shutil.rmtree(left, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
         with _quiet():
             model, tokenizer = _read_gguf(gguf_path, spec)
@@ -351,6 +361,19 @@ def dequantize_to_cache(spec: ModelSpec, *, force: bool = False) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine is running (a folder named after a dead one is a leftover)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _read_gguf(gguf_path: Path, spec: ModelSpec) -> tuple[Any, Any]:
@@ -390,6 +413,8 @@ def _publish_cache(tmp: Path, final: Path) -> None:
             with contextlib.suppress(DamagedCache):
                 verify_cache(final)
                 return
+    raise MechbookError(f"could not put the dequantized model in place at {final}: other processes kept replacing "
+                        "it; load again")
 
 
 def _load_packaged(spec: ModelSpec, device: str | None) -> tuple[Path, Any, Any]:
@@ -445,23 +470,43 @@ def _cached_tokenizer(folder: Path, settings: dict[str, Any]) -> Any:
 
 
 def _load_weights(folder: Path, *, dtype: torch.dtype, device: str | None, device_map: Any) -> Any:
+    """The model in ``folder``; refused if some of its tensors are not in the checkpoint (they would be random)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "output_loading_info": True}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    absent = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if absent:
+        raise MechbookError(
+            f"the weights in {folder} do not fit its config.json ({type(model).__name__}): {len(absent)} of its "
+            f"tensors are missing from the checkpoint or have another shape (e.g. {absent[0]}) and would be random; "
+            "point at a folder saved with save_pretrained for this architecture"
+        )
     if device_map is None and device is not None:
         model = model.to(device)
     return model.eval()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tekken.json")
+
+
 def _load_folder(folder: Path, *, dtype: torch.dtype, device: str | None, device_map: Any) -> tuple[Any, Any]:
-    """Model and tokenizer from a Hugging Face model folder, tokenizer from its JSON files."""
+    """Model and tokenizer from a Hugging Face model folder, tokenizer from its JSON (or vocabulary) files."""
     from transformers import AutoTokenizer
 
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        # AutoTokenizer would build an empty one from config.json alone and encode every text as nothing.
+        raise MechbookError(f"{folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
+                            "there too: tokenizer.save_pretrained(folder)")
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    return _load_weights(folder, dtype=dtype, device=device, device_map=device_map), tokenizer
+    model = _load_weights(folder, dtype=dtype, device=device, device_map=device_map)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise MechbookError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model embeds only {rows}; "
+                            "save the tokenizer that belongs to these weights")
+    return model, tokenizer
 
 
 HUB_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.safetensors"]  # what a hub model needs to load
@@ -623,7 +668,9 @@ def load_model(
     try:
         with _quiet():
             hf_model, tokenizer = _load_folder(path, dtype=dtype, device=device, device_map=device_map)
-    except (OSError, ValueError, KeyError) as exc:  # a missing file, an unknown architecture, a bad config
+    except MechbookError:
+        raise
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # a missing or cut file, an unknown architecture
         raise MechbookError(f"could not load the model in {path} ({type(exc).__name__}: "
                             f"{' '.join(str(exc).split())})") from exc
     family = family or hf_model.config.model_type
