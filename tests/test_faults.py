@@ -589,3 +589,18 @@ def test_a_chapter_error_is_reported_whole(repo, capsys):
     _chapter(repo / "book" / "a1_first.ipynb", body=body)
     assert cli.main(["--root", str(repo), "run", "--model", models.DEFAULT_MODEL, "--out", str(repo / "runs")]) == 1
     assert fix in capsys.readouterr().out
+
+
+def test_a_relative_model_folder_reaches_the_chapters_as_a_full_path(repo, monkeypatch, tiny_gpt2_dir):
+    """Chapters run in book/, where the relative path would name another folder (or none)."""
+    shutil.copytree(tiny_gpt2_dir, repo / "mine")
+    monkeypatch.chdir(repo)
+    seen = {}
+
+    def run_chapters(chapters, *, parameters, **kwargs):
+        seen.update(parameters)
+        return []
+
+    monkeypatch.setattr(cli, "run_chapters", run_chapters)
+    cli.main(["--root", str(repo), "run", "--model", "mine", "--no-book-update"])
+    assert seen["a1"]["model_name"] == str((repo / "mine").resolve())

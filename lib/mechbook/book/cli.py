@@ -542,8 +542,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     book_dir = root / "book"
     chapters = select_chapters(book_dir, args.chapters)
     _check_parameters(chapters)
-    parameters = chapter_parameters(chapters, args.model, args.parameter or [])
     check_model_name(args.model)
+    if args.model not in REGISTRY:  # a local folder: the chapters run in book/, where a relative path means another
+        args.model = str(Path(args.model).expanduser().resolve())
+    parameters = chapter_parameters(chapters, args.model, args.parameter or [])
     check_results_for(chapters, args.model, default_root(root))
     _check_results_writable(root)
     out_root = args.out if args.out.is_absolute() else Path.cwd() / args.out
