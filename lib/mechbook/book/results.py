@@ -1,30 +1,44 @@
 """Tidy results a chapter writes for other chapters (and other people) to read.
 
 Each chapter writes its key tables under ``<root>/<model>/<chapter>/`` as CSV or
-JSON. Files go to a staging folder first and the folder is swapped into place by
-:meth:`ChapterResults.finish`, so a chapter that dies halfway leaves the previous
-complete results untouched and never a half-written set. A ``_complete.json``
-marker, written last, records the model, chapter, library version and files.
+JSON (and other files through :meth:`ChapterResults.staged`). Files go to a staging
+folder first; :meth:`ChapterResults.finish` writes a ``_complete.json`` marker listing
+every file with its size and sha256, then swaps the folder into place. Readers check
+each file against the marker and name the chapter to rerun when one is missing or
+changed.
+
+Publishing moves the previous copy aside (``.<chapter>.old-<pid>``), renames the new
+one into place and deletes the old one. A run that dies in between leaves the old
+copy under that name; the next run or read of the model's results puts it back (its
+process is gone) and deletes staging folders of dead runs, so a death never loses the
+last complete results. (A pointer swapped between versioned folders would avoid the
+step, but git and the book build would then see symbolic links.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from mechbook.core.errors import MechbookError
+from mechbook.core.loading import process_alive
 
 RESULTS_ENV = "MECHBOOK_RESULTS"
 MARKER = "_complete.json"
-FORMAT = 1
+FORMAT = 2  # 2: the marker lists each file's size and sha256
 CHAPTER_FOLDER = re.compile(r"^(?P<key>[a-z]\d+)_")  # a chapter's results folder: a2_tasks_accuracy, b2_...
+# What a run leaves beside the chapter folders while it publishes: .<chapter>.staging-<pid>-<random>, .<chapter>.old-<pid>
+LEFTOVER = re.compile(r"^\.(?P<chapter>[^/]+)\.(?P<kind>staging|old)-(?P<pid>\d+)(?:-[^/]*)?$")
 
 
 def safe_name(model_name: str) -> str:
@@ -44,16 +58,27 @@ def default_root(start: str | Path | None = None) -> Path:
     return here / "results"
 
 
+def _unwritable(folder: Path, exc: OSError) -> MechbookError:
+    return MechbookError(f"cannot write results to {folder} ({exc.strerror or type(exc).__name__}); make it writable, "
+                         f"or set {RESULTS_ENV} to a folder that is")
+
+
 class ChapterResults:
     """Collects one chapter's tables for one model and publishes them atomically."""
 
     def __init__(self, chapter: str, model_name: str, root: str | Path | None = None) -> None:
+        if not chapter or chapter.startswith(".") or any(c in chapter for c in "/\\"):
+            raise MechbookError(f"chapter {chapter!r} is not a folder name; use the notebook's name, e.g. 'a2_tasks_accuracy'")
         self.chapter = chapter
         self.model_name = model_name
         self.root = Path(root) if root else default_root()
         self.final = self.root / safe_name(model_name) / chapter
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self._staging = Path(tempfile.mkdtemp(prefix=f".{chapter}.", dir=self.final.parent))
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            tidy(self.final.parent)
+            self._staging = Path(tempfile.mkdtemp(prefix=f".{chapter}.staging-{os.getpid()}-", dir=self.final.parent))
+        except OSError as exc:
+            raise _unwritable(self.final.parent, exc) from None
         self.written: list[str] = []
 
     def save(self, name: str, data: pd.DataFrame | dict | list) -> Path:
@@ -67,22 +92,96 @@ class ChapterResults:
         self.written.append(path.name)
         return self.final / path.name
 
+    def staged(self, filename: str) -> Path:
+        """Where to write a file of another format (safetensors, ...): published and hashed with the tables.
+
+        ``filename`` is relative to the chapter's folder and may have one sub-folder
+        (``o_vectors/capitals.safetensors``).
+        """
+        parts = Path(filename).parts
+        if not parts or len(parts) > 2 or Path(filename).is_absolute() or any(p in ("..", ".") for p in parts) \
+                or filename == MARKER:
+            raise MechbookError(f"{filename!r} is not a file name inside the chapter's folder; use e.g. 'vectors/o.safetensors'")
+        path = self._staging / filename
+        path.parent.mkdir(exist_ok=True)
+        return path
+
     def finish(self) -> Path:
         """Publish the staged files as the chapter's complete results."""
         from mechbook import __version__
 
+        if not self._staging.is_dir():
+            raise MechbookError(f"the results of {self.chapter} were already published; make a new ChapterResults")
+        files = {p.relative_to(self._staging).as_posix(): _fingerprint(p)
+                 for p in sorted(self._staging.rglob("*")) if p.is_file()}
         # No timestamp: re-running unchanged code must leave committed results unchanged.
         marker = {"model": self.model_name, "chapter": self.chapter, "format": FORMAT,
-                  "mechbook": __version__, "files": sorted(self.written)}
-        (self._staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        old = None
-        if self.final.exists():
-            old = self.final.with_name(f".{self.chapter}.old-{os.getpid()}")
-            os.replace(self.final, old)
-        os.replace(self._staging, self.final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+                  "mechbook": __version__, "files": files}
+        try:
+            (self._staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            self._publish()
+        except OSError as exc:
+            raise _unwritable(self.final.parent, exc) from None
         return self.final
+
+    def _publish(self) -> None:
+        """Old copy aside, new copy in, old copy gone; a death between the renames is undone by :func:`tidy`."""
+        old = self.final.with_name(f".{self.chapter}.old-{os.getpid()}")
+        for _ in range(5):
+            moved = self.final.exists()
+            if moved:
+                if old.exists():  # an earlier attempt's copy, since replaced by another run's: not the latest
+                    shutil.rmtree(old)
+                os.replace(self.final, old)
+            try:
+                os.replace(self._staging, self.final)
+                break
+            except OSError:
+                if self.final.exists():  # another run published (or a reader restored) in between: again
+                    continue
+                if moved:  # a real error: the previous copy goes back before we fail
+                    os.replace(old, self.final)
+                raise
+        else:
+            raise MechbookError(f"{self.final} kept being replaced by other runs; run the chapter again")
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def tidy(model_dir: Path, *, wait: float = 2.0) -> None:
+    """Finish what runs that died left in a model's results folder.
+
+    An old copy moved aside by a dead run whose new copy never arrived goes back in
+    place; other leftovers of dead runs (staging folders, old copies already replaced)
+    are deleted. A live run that is between its two renames gets ``wait`` seconds.
+    """
+    if not model_dir.is_dir():
+        return
+    deadline = time.monotonic() + wait
+    for path in sorted(model_dir.iterdir()):
+        match = LEFTOVER.match(path.name)
+        if not match or not path.is_dir():
+            continue
+        final = model_dir / match["chapter"]
+        while match["kind"] == "old" and not final.exists() and process_alive(int(match["pid"])) and path.exists():
+            if time.monotonic() > deadline:
+                raise MechbookError(f"{final} is being replaced by process {match['pid']}; read it when that run ends")
+            time.sleep(0.01)
+        if process_alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(OSError):  # a read-only results folder, or another reader got there first
+            if match["kind"] == "old" and not final.exists():
+                os.replace(path, final)
+            else:
+                shutil.rmtree(path)
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a file, as the marker lists them."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def _jsonable(value: Any) -> Any:
@@ -98,29 +197,74 @@ def _rerun_command(model: str, chapter: str) -> str:
     return f"python -m mechbook run --model {model} --chapters {match['key'] if match else chapter}"
 
 
+def _model_of(folder: Path) -> str:
+    """The model whose results a chapter folder holds (from the model folder's name)."""
+    return folder.parent.name.replace("--", "/")
+
+
 def _read_marker(marker: Path, model: str) -> dict[str, Any]:
-    """A chapter's ``_complete.json``; a MechbookError naming the rerun command if an older mechbook wrote it."""
-    info = json.loads(marker.read_text())
-    if info.get("format") != FORMAT:
-        folder = marker.parent
+    """A chapter's ``_complete.json``, or a MechbookError naming the rerun command if it is unreadable or old."""
+    folder = marker.parent
+    rerun = _rerun_command(model, folder.name)
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not valid JSON"
+        raise MechbookError(f"{marker} is unreadable ({reason}): the results in {folder} are damaged; "
+                            f"rerun that chapter ({rerun})") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        found = info.get("format") if isinstance(info, dict) else None
         raise MechbookError(
-            f"{folder} was written by an older mechbook (format {info.get('format')}, now {FORMAT}); rerun that "
-            f"chapter ({_rerun_command(info.get('model', model), info.get('chapter', folder.name))}) "
-            "or delete the folder"
+            f"{folder} was written by an older mechbook (format {found}, now {FORMAT}); rerun that "
+            f"chapter ({rerun}) or delete the folder"
         )
+    files = info.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()) \
+            or not isinstance(info.get("model"), str) or not isinstance(info.get("chapter"), str):
+        raise MechbookError(f"{marker} does not list the model, chapter and files: the results in {folder} are "
+                            f"damaged; rerun that chapter ({rerun})")
     return info
 
 
+def _check_file(folder: Path, name: str, info: dict[str, Any]) -> Path:
+    """``folder/name`` after checking it against the marker ``info``; a MechbookError naming the rerun if not."""
+    path = folder / name
+    rerun = _rerun_command(info["model"], info["chapter"])
+    expected = info["files"].get(name)
+    if expected is None:
+        raise MechbookError(f"the complete results in {folder} have no {name} (another version of the chapter "
+                            f"wrote them); rerun that chapter ({rerun})")
+    if not path.is_file():
+        raise MechbookError(f"{path} is missing from complete results; rerun that chapter ({rerun})")
+    found = _fingerprint(path)
+    if found["bytes"] != expected.get("bytes"):
+        change = f"has {found['bytes']} bytes, not the {expected.get('bytes')} its marker lists"
+    elif found["sha256"] != expected.get("sha256"):
+        change = "does not match the sha256 its marker lists"
+    else:
+        return path
+    raise MechbookError(f"{path} {change}: it changed after the chapter wrote it; rerun that chapter ({rerun})")
+
+
+def _check_chapter(folder: Path, info: dict[str, Any]) -> None:
+    for name in info["files"]:
+        _check_file(folder, name, info)
+
+
 def check_results(root: str | Path | None = None, *, skip: set[tuple[str, str]] = frozenset()) -> None:
-    """Refuse results written by an older mechbook, naming the folder and the command that rewrites it.
+    """Refuse results that are old or damaged, naming the folder and the command that rewrites it.
 
     Old means a marker of another format, or a chapter folder with no marker at all
     (written before markers existed; a run that dies now leaves only hidden staging
-    folders). ``skip`` holds (model folder, chapter) pairs about to be rewritten anyway.
+    folders). Damaged means a marker that is not valid JSON, or a file missing or
+    changed since the marker was written. ``skip`` holds (model folder, chapter) pairs
+    about to be rewritten anyway.
     """
     root = Path(root) if root else default_root()
     if not root.is_dir():
         return
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        tidy(model_dir)
     for folder in sorted(p for p in root.glob("*/*") if p.is_dir() and not p.name.startswith(".")):
         model_dir, chapter = folder.parent.name, folder.name
         if not CHAPTER_FOLDER.match(chapter) or (model_dir, chapter) in skip:
@@ -129,31 +273,70 @@ def check_results(root: str | Path | None = None, *, skip: set[tuple[str, str]] 
         if not marker.exists():
             raise MechbookError(
                 f"{folder} has no {MARKER}: it was written by an older mechbook; rerun that chapter "
-                f"({_rerun_command(model_dir.replace('--', '/'), chapter)}) or delete the folder"
+                f"({_rerun_command(_model_of(folder), chapter)}) or delete the folder"
             )
-        _read_marker(marker, model_dir.replace("--", "/"))
+        _check_chapter(folder, _read_marker(marker, _model_of(folder)))
 
 
-def complete_runs(root: str | Path | None = None) -> dict[str, list[str]]:
-    """Model folder -> chapters with complete results under ``root``."""
-    root = Path(root) if root else default_root()
-    found: dict[str, list[str]] = {}
+def _complete(root: Path, chapter: str | None = None) -> list[tuple[Path, dict[str, Any]]]:
+    """(folder, marker) of every complete chapter under ``root``; the files of ``chapter`` (all if None) checked."""
+    if not root.is_dir():
+        return []
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        tidy(model_dir)
+    found = []
     for marker in sorted(root.glob(f"*/*/{MARKER}")):
-        if marker.parent.name.startswith("."):  # an old copy being replaced right now
+        if marker.parent.name.startswith("."):  # a copy being published or replaced right now
             continue
-        info = _read_marker(marker, marker.parent.parent.name.replace("--", "/"))
+        info = _read_marker(marker, _model_of(marker.parent))
+        if chapter is None or marker.parent.name == chapter:
+            _check_chapter(marker.parent, info)
+        found.append((marker.parent, info))
+    return found
+
+
+def complete_runs(root: str | Path | None = None, chapter: str | None = None) -> dict[str, list[str]]:
+    """Model -> chapters with complete results under ``root``.
+
+    Every marker is read; the files of ``chapter`` (of every chapter if None) are
+    checked against theirs.
+    """
+    found: dict[str, list[str]] = {}
+    for _, info in _complete(Path(root) if root else default_root(), chapter):
         found.setdefault(info["model"], []).append(info["chapter"])
     return found
+
+
+def chapter_file(chapter: str, filename: str, model_name: str, root: str | Path | None = None) -> Path:
+    """One file of a model's complete results of a chapter, checked against its marker.
+
+    Raises a MechbookError naming the command that writes it when the chapter has no
+    complete results for the model, or when the file is missing or changed.
+    """
+    root = Path(root) if root else default_root()
+    folder = root / safe_name(model_name) / chapter
+    tidy(folder.parent)
+    if not (folder / MARKER).is_file():
+        raise MechbookError(f"no complete results of chapter {chapter} for {model_name} in {folder}; run: "
+                            f"{_rerun_command(model_name, chapter)}")
+    return _check_file(folder, filename, _read_marker(folder / MARKER, model_name))
+
+
+def checked_file(path: str | Path) -> Path:
+    """``path``, checked against the marker of the chapter folder it lies in (if any, up to two levels up)."""
+    path = Path(path)
+    for folder in path.parents[:2]:
+        if (folder / MARKER).is_file():
+            info = _read_marker(folder / MARKER, _model_of(folder))
+            return _check_file(folder, path.relative_to(folder).as_posix(), info)
+    return path
 
 
 def load_table(chapter: str, name: str, root: str | Path | None = None) -> pd.DataFrame:
     """One table from every model's complete results of a chapter, stacked with a ``model`` column."""
     root = Path(root) if root else default_root()
-    frames = []
-    for model, chapters in complete_runs(root).items():
-        path = root / safe_name(model) / chapter / f"{name}.csv"
-        if chapter in chapters and path.exists():
-            frames.append(pd.read_csv(path).assign(model=model))
+    frames = [pd.read_csv(_check_file(folder, f"{name}.csv", info)).assign(model=info["model"])
+              for folder, info in _complete(root, chapter) if folder.name == chapter]
     if not frames:
         raise MechbookError(f"no complete results of chapter {chapter!r} ({name}) under {root}; run the chapter first")
     return pd.concat(frames, ignore_index=True)
@@ -162,12 +345,8 @@ def load_table(chapter: str, name: str, root: str | Path | None = None) -> pd.Da
 def load_json(chapter: str, name: str, root: str | Path | None = None) -> dict[str, Any]:
     """One JSON result of a chapter for every model that has complete results: model -> content."""
     root = Path(root) if root else default_root()
-    found = {}
-    for model, chapters in complete_runs(root).items():
-        path = root / safe_name(model) / chapter / f"{name}.json"
-        if chapter in chapters and path.exists():
-            found[model] = json.loads(path.read_text())
-    return found
+    return {info["model"]: json.loads(_check_file(folder, f"{name}.json", info).read_text())
+            for folder, info in _complete(root, chapter) if folder.name == chapter}
 
 
 def sort_safetensors_header(path: str | Path) -> None:

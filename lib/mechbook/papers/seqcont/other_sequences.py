@@ -42,7 +42,7 @@ from mechbook.core.errors import MechbookError
 from mechbook.core.runs import run_variants, tokenize
 from mechbook.core.loading import LoadedModel
 from mechbook.core.patching import all_heads, all_mlps, mean_activations
-from mechbook.book.results import MARKER, default_root, safe_name
+from mechbook.book.results import MARKER, chapter_file, default_root, safe_name
 from mechbook.papers.seqcont.sequences import SeqPromptSet, make_prompts, sequence_members
 
 SHARED_CHAPTER = "b4_shared_circuit"
@@ -170,8 +170,8 @@ def load_shared_circuit(model: LoadedModel, root: str | Path | None = None) -> t
     does not fit the model or is empty.
     """
     folder = (Path(root) if root else default_root()) / safe_name(model.name) / SHARED_CHAPTER
-    shared_file = folder / "shared.json"
-    if shared_file.is_file() and (folder / MARKER).is_file():
+    if (folder / MARKER).is_file():  # b4 finished: its file, checked against its marker
+        shared_file = chapter_file(SHARED_CHAPTER, "shared.json", model.name, root)
         circuit, source = Circuit.load(shared_file), f"{SHARED_CHAPTER}/shared.json"
     else:
         circuits = task_circuits.load_task_circuits(model, root)

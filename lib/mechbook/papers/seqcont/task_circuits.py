@@ -196,16 +196,11 @@ def load_task_circuits(model: LoadedModel | str, root: str | Path | None = None)
     """The node circuits chapter b2 saved for a model (``results/<model>/b2_node_pruning/circuits.json``), with scores.
 
     Raises a :class:`MechbookError` naming the command that makes them if they are
-    missing, and one if they do not fit ``model`` (circuits of another model).
+    missing or changed since b2 wrote them, and one if they do not fit ``model``
+    (circuits of another model).
     """
     name = model if isinstance(model, str) else model.name
-    root = Path(root) if root else results.default_root()
-    folder = root / results.safe_name(name) / NODE_CHAPTER
-    path = folder / "circuits.json"
-    if not (folder / results.MARKER).exists() or not path.exists():
-        raise MechbookError(
-            f"no node circuits of {name} at {path}; make them with: python -m mechbook run --model {name} --chapters b2"
-        )
+    path = results.chapter_file(NODE_CHAPTER, "circuits.json", name, root)
     try:
         data = json.loads(path.read_text())
         circuits = {task: Circuit([tuple(h) for h in entry["heads"]], entry["mlps"], score=entry.get("score"))

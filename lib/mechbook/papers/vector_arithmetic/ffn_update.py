@@ -44,6 +44,7 @@ from mechbook.core.runs import TokenBatch, run_from_layer, run_last, tokenize
 from mechbook.papers.vector_arithmetic.prompts import PromptSet
 
 VECTOR_FORMAT = 1
+O_VECTOR_CHAPTER = "a4_ffn_update"  # the chapter that saves the o vectors among its results
 
 
 # --- capturing what every MLP writes ----------------------------------------------------
@@ -471,15 +472,16 @@ class OVector:
 
 
 def o_vector_path(model_name: str, name: str, root: str | Path | None = None) -> Path:
-    """Where the book keeps a model's o vectors: ``results/<model>/o_vectors/<name>.safetensors``.
+    """Where the book keeps a model's o vectors: ``results/<model>/a4_ffn_update/o_vectors/<name>.safetensors``.
 
     Chapter a4 writes one per task (``capitals``, ...) and one from a single prompt
-    (``capitals_one_prompt``); chapter a5 reads them.
+    (``capitals_one_prompt``) among its results, so its marker lists their hashes;
+    chapter a5 reads them.
     """
     from mechbook.book.results import default_root, safe_name
 
     root = Path(root) if root else default_root()
-    return root / safe_name(model_name) / "o_vectors" / f"{name}.safetensors"
+    return root / safe_name(model_name) / O_VECTOR_CHAPTER / "o_vectors" / f"{name}.safetensors"
 
 
 def save_o_vector(
@@ -520,8 +522,13 @@ def save_o_vector(
 
 
 def load_o_vector(path: str | Path, model: LoadedModel | None = None, *, allow_other_model: bool = False) -> OVector:
-    """Read a saved o; with ``model``, check that it fits (same width, a valid layer, same model)."""
+    """Read a saved o; with ``model``, check that it fits (same width, a valid layer, same model).
+
+    A vector among a chapter's published results is first checked against that chapter's marker.
+    """
     from safetensors import safe_open
+
+    from mechbook.book.results import checked_file
 
     path = Path(path)
     if not path.is_file():
@@ -529,6 +536,7 @@ def load_o_vector(path: str | Path, model: LoadedModel | None = None, *, allow_o
             f"no saved o vector at {path}; run chapter a4_ffn_update for this model first "
             "(python -m mechbook run --model MODEL --chapters a4) or write one with ffn.save_o_vector"
         )
+    checked_file(path)
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
