@@ -177,3 +177,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def resave_as_qwen2(source: Path, directory: Path) -> Path:
+    """A Llama-architecture model folder (SmolLM2's weights) re-saved as the same function in Qwen2's class.
+
+    Qwen2 has the Llama decoder with biases on q, k and v: they are set to zero. The
+    tokenizer files are copied as they are.
+    """
+    import shutil
+
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    llama = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    c = llama.config
+    config = Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps, rope_parameters=dict(c.rope_parameters), hidden_act=c.hidden_act,
+        tie_word_embeddings=c.tie_word_embeddings, use_sliding_window=False,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+    )
+    qwen = Qwen2ForCausalLM(config)
+    state = llama.state_dict()
+    for name, tensor in qwen.state_dict().items():
+        if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+            state[name] = torch.zeros_like(tensor)
+    missing, unexpected = qwen.load_state_dict(state, strict=False)
+    assert not unexpected and all(m == "lm_head.weight" for m in missing), (missing, unexpected)
+    qwen.tie_weights()
+    qwen.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(source) / name).is_file():
+            shutil.copy(Path(source) / name, Path(directory) / name)
+    return Path(directory)

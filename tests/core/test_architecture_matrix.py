@@ -220,3 +220,29 @@ def test_transplant_and_ffn_removal(pair):
     for i, k in enumerate(ks):
         zero = [ref.edit_mlp(l, torch.zeros_like) for l in range(model.n_layers - k, model.n_layers)]
         assert (got[:, i] - ref.logits(batch.input_ids, batch.lengths, zero)).abs().max() < TOL, k
+
+
+@pytest.mark.slow
+def test_real_weights_in_another_class_give_the_same_numbers(tmp_path):
+    """SmolLM2-135M's weights re-saved as a Qwen2 model (no hand-written loop: the generic run from a layer)
+    give chapter a4's function layer, MLP effects and o, and chapter a5's transplant ranks, within 1e-4."""
+    from conftest import resave_as_qwen2
+    from mechbook.core.architectures import has_fast_loop
+    from mechbook.core.loading import cached_model_dir
+    from mechbook.papers.vector_arithmetic import ffn_update, transplant
+    from mechbook.papers.vector_arithmetic.prompts import build_prompts
+
+    smol = mechbook.load_model("smollm2-135m")
+    qwen = mechbook.load_model(str(resave_as_qwen2(cached_model_dir("smollm2-135m"), tmp_path / "qwen2")))
+    assert qwen.hf_model.config.model_type == "qwen2" and has_fast_loop(smol) and not has_fast_loop(qwen)
+    found = []
+    for model in (smol, qwen):
+        task = ffn_update.find_function_layer(model, build_prompts("capitals", model, n=12, seed=0, n_shots=2))
+        targets = transplant.no_context_targets(model, "capitals", n=10, seed=0)
+        edits = [transplant.Transplant(m, task.mean_o(), task.layer, m) for m in ("add", "replace")]
+        found.append((task, transplant.run_transplants(model, targets, edits)))
+    (a, ranks_a), (b, ranks_b) = found
+    assert a.layer == b.layer
+    assert (a.effects.rr_jump - b.effects.rr_jump).abs().max() < TOL
+    assert (a.mean_o() - b.mean_o()).abs().max() < TOL
+    assert (ranks_a.rank_after.to_numpy() == ranks_b.rank_after.to_numpy()).all()

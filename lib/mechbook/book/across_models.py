@@ -23,39 +23,16 @@ import seaborn as sns
 
 from mechbook.core.errors import MechbookError
 from mechbook.book.results import load_json, load_table
+from mechbook.papers.seqcont import reported as seqcont_reported
+from mechbook.papers.vector_arithmetic import reported as vector_arithmetic_reported
 
 PAPER_SUFFIX = " (paper)"
 
-# The papers' numbers, as (quantity, task, condition, model, value, source). Only what PAPERS.md lists.
-PAPER_NUMBERS = pd.DataFrame(
-    [
-        ("function layer, fraction of depth", "capitals", "", "GPT-2 medium (paper)", 2 / 3, "Paper A §3: about 2/3 of the way"),
-        ("transplant failure, in-domain", "capitals", "", "GPT-2 (paper)", 0.37, "Paper A §4"),
-        ("transplant failure, out-of-domain", "capitals", "", "GPT-2 (paper)", 0.20, "Paper A §4"),
-        ("transplant failure, in-domain", "uppercase", "", "GPT-2 (paper)", 0.04, "Paper A §4"),
-        ("transplant failure, out-of-domain", "uppercase", "", "GPT-2 (paper)", 0.05, "Paper A §4"),
-        ("transplant failure, in-domain", "past_tense", "", "GPT-2 (paper)", 0.19, "Paper A §4"),
-        ("transplant failure, out-of-domain", "past_tense", "", "GPT-2 (paper)", 0.22, "Paper A §4"),
-        ("FFN ablation, accuracy drop", "uppercase", "abstractive", "BLOOM-176B (paper)", 0.73, "Paper A §5: top 24 of 70 FFNs removed"),
-        ("FFN ablation, accuracy drop", "uppercase", "extractive", "BLOOM-176B (paper)", 0.17, "Paper A §5: top 24 of 70 FFNs removed"),
-        ("circuit score on numerals (%)", "numerals circuit", "", "GPT-2 small (paper)", 81.0, "Paper B, cross-task table"),
-        ("circuit score on number words (%)", "numerals circuit", "", "GPT-2 small (paper)", 48.4, "Paper B, cross-task table"),
-        ("circuit score on numerals (%)", "numwords circuit", "", "GPT-2 small (paper)", 87.3, "Paper B, cross-task table"),
-        ("circuit score on number words (%)", "numwords circuit", "", "GPT-2 small (paper)", 81.1, "Paper B, cross-task table"),
-        ("circuit score on numerals (%)", "months circuit", "", "GPT-2 small (paper)", 43.7, "Paper B, cross-task table"),
-        ("circuit score on number words (%)", "months circuit", "", "GPT-2 small (paper)", 32.4, "Paper B, cross-task table"),
-        ("circuit heads", "numerals", "", "GPT-2 small (paper)", 14, "Paper B circuit files"),
-        ("circuit heads", "numwords", "", "GPT-2 small (paper)", 19, "Paper B circuit files"),
-        ("circuit heads", "months", "", "GPT-2 small (paper)", 13, "Paper B circuit files"),
-        ("heads in all three circuits", "all", "", "GPT-2 small (paper)", 8, "Paper B: 0.1 4.4 6.1 6.6 6.10 7.11 8.8 9.1"),
-        ("MLPs in all three circuits", "all", "", "GPT-2 small (paper)", 10, "Paper B: MLPs 0-4 and 6-10"),
-    ],
-    columns=["quantity", "task", "condition", "model", "value", "source"],
-)
-GPT2_SMALL_HEADS = 12 * 12
+# The papers' numbers, as (quantity, task, condition, model, value, source), from each paper's ``reported`` module.
+PAPER_NUMBERS = pd.concat([vector_arithmetic_reported.NUMBERS, seqcont_reported.NUMBERS], ignore_index=True)
+GPT2_SMALL_HEADS = seqcont_reported.GPT2_SMALL_HEADS
 PAPER_TASK_NAMES = {"number words": "numwords", "numerals": "numerals"}
-# The book stands in its "capitalize" task (red -> Red) for the paper's uppercasing, as chapters a5 and a6 do.
-BOOK_TASK = {"uppercase": "capitalize"}
+BOOK_TASK = vector_arithmetic_reported.BOOK_TASKS  # the book's stand-in tasks for the paper's
 
 
 def paper_rows(quantity_prefix: str) -> pd.DataFrame:

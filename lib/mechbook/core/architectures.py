@@ -30,6 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechbook.core.errors import MechbookError
+from mechbook.core.names import act_name
 
 # model_type -> hand-written decoder loop; each is checked against a full forward in the tests.
 FAST_LOOPS = ("gpt2", "llama", "gemma3_text")
@@ -230,7 +231,7 @@ def _generic(model, hidden: Tensor, start: int) -> Tensor:
     for block in blocks[:start]:  # set on the wrapper itself: the bridge forwards plain setattr to the HF module
         object.__setattr__(block, "forward", skip)
     handles = [blocks[start].register_forward_pre_hook(enter, with_kwargs=True),
-               model.bridge.hook_dict["ln_final.hook_in"].register_forward_hook(leave)]
+               model.bridge.hook_dict[act_name("final")].register_forward_hook(leave)]
     pad = model.tokenizer.pad_token_id
     fill = next(t for t in (model.tokenizer.bos_token_id, model.tokenizer.eos_token_id, 0, 1) if t is not None and t != pad)
     placeholder = torch.full(hidden.shape[:2], fill, dtype=torch.long, device=hidden.device)  # no pad: no warning

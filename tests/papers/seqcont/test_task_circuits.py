@@ -10,13 +10,14 @@ matplotlib.use("Agg")
 
 import pandas as pd
 import pytest
+import torch
 
 from conftest import random_circuit_task
 from mechbook import MechbookError
 from mechbook.book import results
-from mechbook.core.circuits import score_circuits, Circuit, score_circuit
+from mechbook.core.circuits import Circuit, score_circuit, score_circuits
+from mechbook.papers.seqcont import reported
 from mechbook.papers.seqcont.task_circuits import (
-    PAPER_CROSS_TASK,
     TaskSet,
     circuit_grid,
     circuit_heatmaps,
@@ -45,7 +46,7 @@ THREE = {
 
 def _taskset(model, name: str, seed: int) -> TaskSet:
     clean, _, means, metric = random_circuit_task(model, n_prompts=5, length=8, seed=seed)
-    return TaskSet(name, None, clean, means, metric, metric.answer_ids)
+    return TaskSet(name, None, None, clean, means, metric, metric.answer_ids)
 
 
 def test_tables_of_circuits():
@@ -107,7 +108,7 @@ def test_paper_circuits_and_sizes(tiny_gpt2):
     assert shared_circuit(paper).heads[:2] == [(0, 1), (4, 4)]
     sizes = size_comparison(THREE, tiny_gpt2)
     assert sizes[sizes.model == "gpt2-small (paper)"].heads.tolist() == [len(paper[t].heads) for t in THREE]
-    assert set(PAPER_CROSS_TASK.values()) == {81.0, 48.4, 87.3, 81.1, 43.7, 32.4}
+    assert set(reported.CROSS_TASK.values()) == {81.0, 48.4, 87.3, 81.1, 43.7, 32.4}
 
 
 def test_score_circuits_equals_score_circuit(tiny_model):
@@ -175,3 +176,26 @@ def test_load_task_circuits(tmp_path, tiny_gpt2):
     empty.finish()
     with pytest.raises(MechbookError, match="holds no circuits"):
         load_task_circuits(tiny_gpt2, root=tmp_path)
+
+
+def test_b2s_prompts_are_saved_and_rebuilt_exactly(tiny_model, tmp_path):
+    """Later chapters score circuits on chapter b2's own prompts: the record rebuilds the same batch and means."""
+    from mechbook.papers.seqcont import sequences
+    from mechbook.papers.seqcont.components import concat_prompts
+    from mechbook.papers.seqcont.task_circuits import load_task_sets, prompts_record, task_set
+
+    clean = [sequences.tokenize_prompts(sequences.load_paper_prompts("months", t), tiny_model.tokenizer).select([3, 1])
+             for t in ("done", "names")]
+    prompts = concat_prompts(clean)
+    corrupted = sequences.tokenize_prompts(sequences.load_paper_prompts("months", "corrupted"), tiny_model.tokenizer)
+    corrupted = corrupted.select([5, 0, 9])
+    original = {"months": task_set(tiny_model, prompts, corrupted)}
+    saved = results.ChapterResults("b2_node_pruning", tiny_model.name, root=tmp_path)
+    saved.save("prompts", prompts_record(original))
+    saved.finish()
+    back = load_task_sets(tiny_model, root=tmp_path)["months"]
+    assert back.prompts.text == prompts.text and back.prompts.template == prompts.template
+    assert torch.equal(back.batch.input_ids, original["months"].batch.input_ids)
+    assert all(torch.equal(back.means[k], v) for k, v in original["months"].means.items())
+    with pytest.raises(MechbookError, match="--chapters b2"):
+        load_task_sets(tiny_model, root=tmp_path / "elsewhere")

@@ -244,6 +244,22 @@ def member_token_frame(model: LoadedModel, prompts: SeqPromptSet) -> pd.DataFram
 # --- single-component ablations -----------------------------------------------------------------------
 
 
+def corrupted_sample(corrupted: SeqPromptSet, clean: SeqPromptSet, *, n_prompts: int | None = None,
+                     seed: int = 0) -> SeqPromptSet:
+    """The corrupted prompts whose means ablate: those of a token length some clean prompt has, at most ``n_prompts``.
+
+    Positions must line up for per-position means (Gemma splits "12" into two tokens,
+    which shifts the rest of a corrupted prompt; clean prompts of one length, see
+    :func:`solved_paper_prompts`, make the alignment exact). Drawn at random with ``seed``.
+    """
+    lengths = set(clean.n_tokens)
+    same = [i for i, n in enumerate(corrupted.n_tokens) if n in lengths]
+    if not same:
+        raise MechbookError(f"no corrupted prompt has a token length of the clean prompts ({sorted(lengths)}); "
+                            "build corrupted prompts from the same templates")
+    return sample_prompts(corrupted.select(same), n_prompts, seed=seed)
+
+
 def corrupted_means(
     model: LoadedModel,
     corrupted: SeqPromptSet,
@@ -254,17 +270,9 @@ def corrupted_means(
 ) -> dict[str, Tensor]:
     """Per-position means of every head output and MLP output over the corrupted prompts (the paper's ablation values).
 
-    Only corrupted prompts with a token length that some clean prompt has are used,
-    so positions line up (Gemma splits "12" into two tokens, which shifts the rest
-    of a corrupted prompt; clean prompts of one length, see :func:`solved_paper_prompts`,
-    make the alignment exact); at most ``n_prompts`` of them, drawn at random.
+    Over :func:`corrupted_sample` of them: the ones whose positions line up with the clean prompts.
     """
-    lengths = set(clean.n_tokens)
-    same = [i for i, n in enumerate(corrupted.n_tokens) if n in lengths]
-    if not same:
-        raise MechbookError(f"no corrupted prompt has a token length of the clean prompts ({sorted(lengths)}); "
-                            "build corrupted prompts from the same templates")
-    chosen = sample_prompts(corrupted.select(same), n_prompts, seed=seed)
+    chosen = corrupted_sample(corrupted, clean, n_prompts=n_prompts, seed=seed)
     return mean_activations(model, batch_of(model, chosen), all_heads(model) + all_mlps(model))
 
 

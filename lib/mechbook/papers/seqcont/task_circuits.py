@@ -33,19 +33,13 @@ from mechbook.book import results
 from mechbook.core.circuits import Circuit, full_model_metric, prune_nodes, random_circuits, score_circuits
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
-from mechbook.core.patching import Metric
+from mechbook.core.names import all_heads, all_mlps
+from mechbook.core.patching import Metric, mean_activations
 from mechbook.core.runs import TokenBatch
-from mechbook.papers.seqcont import components, sequences
+from mechbook.papers.seqcont import components, reported, sequences
 
 NODE_CHAPTER = "b2_node_pruning"
 
-# Paper B, section 4 (GPT-2 small): circuit found on one task scored on another, in % of the full model.
-# PAPERS.md gives each circuit's scores "on numerals / on number words"; none on months.
-PAPER_CROSS_TASK = {
-    ("numerals", "numerals"): 81.0, ("numerals", "numwords"): 48.4,
-    ("numwords", "numerals"): 87.3, ("numwords", "numwords"): 81.1,
-    ("months", "numerals"): 43.7, ("months", "numwords"): 32.4,
-}
 
 
 # --- a task's prompts, means and metric ------------------------------------------------------------
@@ -57,6 +51,7 @@ class TaskSet:
 
     task: str
     prompts: sequences.SeqPromptSet
+    corrupted: sequences.SeqPromptSet
     batch: TokenBatch
     means: dict[str, Tensor]
     metric: Metric
@@ -72,14 +67,60 @@ def answer_tokens(prompts: sequences.SeqPromptSet) -> Int[Tensor, "k"]:
     return torch.unique(torch.cat([corr, incorr]))
 
 
+def task_set(model: LoadedModel, prompts: sequences.SeqPromptSet, corrupted: sequences.SeqPromptSet) -> TaskSet:
+    """A task's clean prompts, the means of its corrupted prompts (every head and MLP output), its metric."""
+    means = mean_activations(model, components.batch_of(model, corrupted), all_heads(model) + all_mlps(model))
+    return TaskSet(prompts.task, prompts, corrupted, components.batch_of(model, prompts), means,
+                   components.answer_metric(prompts), answer_tokens(prompts))
+
+
 def prepare_task(model: LoadedModel, task: str, *, n_prompts: int, n_corrupted: int | None = 64,
                  seed: int = 0) -> TaskSet:
     """A task's solved paper prompts (one token length), the per-position means of its corrupted prompts, its metric."""
     prompts = components.solved_paper_prompts(model, task, n_prompts=n_prompts, seed=seed)
     corrupted = sequences.tokenize_prompts(sequences.load_paper_prompts(task, "corrupted"), model.tokenizer)
-    means = components.corrupted_means(model, corrupted, prompts, n_prompts=n_corrupted, seed=seed)
-    return TaskSet(task, prompts, components.batch_of(model, prompts), means, components.answer_metric(prompts),
-                   answer_tokens(prompts))
+    return task_set(model, prompts, components.corrupted_sample(corrupted, prompts, n_prompts=n_corrupted, seed=seed))
+
+
+def prompts_record(tasks: Mapping[str, TaskSet]) -> dict[str, dict]:
+    """Which of the paper's prompts each task used: ``{task: {"clean": [[template, row], ...], "corrupted": [row, ...]}}``.
+
+    Rows index the paper's files (``data/<task>_<template>.json``); chapter b2 saves this
+    so that later chapters score circuits on exactly its prompts (:func:`load_task_sets`).
+    """
+    return {task: {"clean": [[t, int(i)] for t, i in zip(ts.prompts.template, ts.prompts.source_index)],
+                   "corrupted": [int(i) for i in ts.corrupted.source_index]}
+            for task, ts in tasks.items()}
+
+
+def _rows(prompts: sequences.SeqPromptSet, rows: Sequence[int], what: str) -> sequences.SeqPromptSet:
+    where = {int(i): k for k, i in enumerate(prompts.source_index)}
+    missing = [r for r in rows if r not in where]
+    if missing:
+        raise MechbookError(f"{what}: rows {missing[:5]} are not among the paper's usable prompts for this tokenizer; "
+                            "rerun chapter b2 on this model")
+    return prompts.select([where[r] for r in rows])
+
+
+def load_task_sets(model: LoadedModel, root: str | Path | None = None) -> dict[str, TaskSet]:
+    """The task sets of chapter b2 for ``model``, rebuilt from the prompts it saved (``prompts.json``).
+
+    The same prompts in the same order as b2 scored them, so a circuit scores here what
+    it scored there; a MechbookError names the command that makes them if b2 has not run.
+    """
+    path = results.chapter_file(NODE_CHAPTER, "prompts.json", model.name, root)
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MechbookError(f"could not read {path} ({exc}); rerun: python -m mechbook run --model {model.name} "
+                            "--chapters b2") from exc
+    out = {}
+    for task, entry in record.items():
+        pools = {t: sequences.tokenize_prompts(sequences.load_paper_prompts(task, t), model.tokenizer)
+                 for t in {*(t for t, _ in entry["clean"]), "corrupted"}}
+        clean = components.concat_prompts([_rows(pools[t], [row], f"{task}/{t}") for t, row in entry["clean"]])
+        out[task] = task_set(model, clean, _rows(pools["corrupted"], entry["corrupted"], f"{task}/corrupted"))
+    return out
 
 
 def find_task_circuits(model: LoadedModel, tasks: Mapping[str, TaskSet], *, threshold: float = 0.2,
@@ -318,5 +359,5 @@ def cross_task_table(
                          "random_mean": float(rand[i].mean()),
                          "random_std": float(rand[i].std(ddof=1)) if n_random > 1 else float("nan"),
                          "n_random": n_random, "n_heads": len(circuits[name].heads), "n_mlps": len(circuits[name].mlps),
-                         "paper_gpt2_small": PAPER_CROSS_TASK.get((name, eval_task), float("nan"))})
+                         "paper_gpt2_small": reported.CROSS_TASK.get((name, eval_task), float("nan"))})
     return pd.DataFrame(rows)

@@ -40,9 +40,10 @@ from mechbook.core.names import act_name
 from mechbook.core.runs import TokenBatch, run_from_layer, run_last, tokenize
 from mechbook.core.loading import LoadedModel
 from mechbook.core.names import Component
+from mechbook.papers.vector_arithmetic import reported
 from mechbook.papers.vector_arithmetic.prompts import PromptSet, build_prompts
 
-PAPER_STEPS = 6  # the paper removes FFNs top-down in steps of 1/6 of the layers
+PAPER_STEPS = reported.FFN_REMOVAL_STEPS  # the paper removes FFNs top-down in steps of 1/6 of the layers
 
 
 # --- which layers -------------------------------------------------------------------
@@ -273,7 +274,7 @@ def collapse_summary(table: pd.DataFrame, *, at_fraction: float = 2 / PAPER_STEP
 # --- the figure ------------------------------------------------------------------------------
 
 VARIANT_PALETTE = {"abstractive": "#DD8452", "extractive": "#4C72B0"}
-PAPER_POINT = 24 / 70  # BLOOM-176B: the top 24 of its 70 FFN sublayers removed
+PAPER_POINT = reported.BLOOM_176B_POINT[0] / reported.BLOOM_176B_POINT[1]  # BLOOM-176B: top 24 of 70 FFNs removed
 
 
 def plot_ffn_removal(items: pd.DataFrame, *, model_name: str, title: str | None = None):

@@ -57,6 +57,7 @@ from mechbook.core import decoding
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
 from mechbook.book.plots import PALETTE
+from mechbook.papers.vector_arithmetic import reported
 from mechbook.papers.vector_arithmetic.prompts import PromptSet
 
 STAGES = ("argument_formation", "function_application", "saturation")
@@ -71,7 +72,7 @@ DEFAULT_SATURATION_THRESHOLD = 0.5
 LENS_COLUMNS = ("prompt", "layer", "target", "rank", "reciprocal_rank", "prob")
 
 # GPT-2 medium (24 layers) in the paper, section 3: argument top-1 at layers 14-18, answer from layer 19.
-PAPER_GPT2_MEDIUM = {"n_layers": 24, "argument_formation": 14, "function_application": 19}
+PAPER_GPT2_MEDIUM = reported.GPT2_MEDIUM_STAGES
 
 
 def fraction_of_depth(layer: float | pd.Series | np.ndarray, n_layers: int):

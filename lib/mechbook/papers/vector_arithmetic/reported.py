@@ -1,0 +1,48 @@
+"""The numbers Merullo, Eickhoff & Pavlick (2024) report, in one place (Paper A).
+
+Chapters a1-a6 and the across-models chapter read them from here and always show
+them marked as the paper's. Each row names where in the paper it comes from; only
+numbers listed in the book's notes on the papers (``shared/PAPERS.md``) are kept.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+# GPT-2 medium, logit lens on world capitals (§3): the argument is top-1 at layers 14-18, the answer from layer 19.
+GPT2_MEDIUM_STAGES = {"n_layers": 24, "argument_formation": 14, "function_application": 19}
+# The released o vectors of GPT-2 medium come from layer 19 (capitals, uppercasing) and 18 (past tense) of 24.
+GPT2_MEDIUM_O_LAYERS = {"capitals": 19, "uppercase": 19, "past_tense": 18}
+# §5, FFN removal: top-down in steps of 1/6 of the layers; BLOOM-176B's reported point is the top 24 of its 70.
+FFN_REMOVAL_STEPS = 6
+BLOOM_176B_POINT = (24, 70)
+
+# The book's "capitalize" task (red -> Red) stands in for the paper's uppercasing (colored-objects answers).
+BOOK_TASKS = {"uppercase": "capitalize"}
+
+# §4.1: transplanting o ("replace the FFNs with o") into no-context prompts, GPT-2 family. Failure = no effect.
+TRANSPLANT = pd.DataFrame(
+    [
+        ("capitals", "in-domain", 0.37, "~10 -> 4"), ("capitals", "out-of-domain", 0.20, "20 -> 3"),
+        ("uppercase", "in-domain", 0.04, "promoted almost always"),
+        ("uppercase", "out-of-domain", 0.05, "promoted almost always"),
+        ("past_tense", "in-domain", 0.19, "7 -> 3 (regular)"), ("past_tense", "out-of-domain", 0.22, "6 -> 3 (irregular)"),
+    ],
+    columns=["task", "domain", "failure_rate", "rank_before_after"],
+)
+
+NUMBERS = pd.DataFrame(
+    [
+        ("function layer, fraction of depth", "capitals", "", "GPT-2 medium (paper)", 2 / 3,
+         "Paper A §3: about 2/3 of the way"),
+    ] + [
+        (f"transplant failure, {row.domain}", row.task, "", "GPT-2 (paper)", row.failure_rate, "Paper A §4")
+        for row in TRANSPLANT.itertuples()
+    ] + [
+        ("FFN ablation, accuracy drop", "uppercase", "abstractive", "BLOOM-176B (paper)", 0.73,
+         "Paper A §5: top 24 of 70 FFNs removed"),
+        ("FFN ablation, accuracy drop", "uppercase", "extractive", "BLOOM-176B (paper)", 0.17,
+         "Paper A §5: top 24 of 70 FFNs removed"),
+    ],
+    columns=["quantity", "task", "condition", "model", "value", "source"],
+)
