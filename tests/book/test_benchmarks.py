@@ -55,3 +55,26 @@ def test_chapter_times_runs_chapters_into_a_temporary_results_folder(monkeypatch
     assert seen["results_env"] == str(tmp_path / "kept" / "results")
     assert all(p["model_name"] == "gemma3-270m" for p in seen["parameters"].values())
     assert "OVER by" in out  # 700 s for a1 alone exceeds Paper A's 600 s
+
+
+def test_patching_speed_imports_and_parses():
+    """The patching benchmark loads against the current library and takes its arguments."""
+    patching_speed = _load("patching_speed")
+    args = patching_speed.parse_args([])
+    assert args.model == "gemma3-270m" and args.prompts == 32 and not args.without_generic
+    assert patching_speed.parse_args(["--without-generic", "--prompts", "8"]).prompts == 8
+
+
+def test_generic_only_switches_the_fast_loops_off(tiny_model):
+    from mechbook.core.architectures import generic_only, has_fast_loop
+    from mechbook.core.names import act_name
+    from mechbook.core.runs import run_from_layer, run_last, tokenize
+
+    batch = tokenize(tiny_model, ["1 2 3 4 5", "one two"])
+    full, cache = run_last(tiny_model, batch, names=[act_name("resid_pre", 1)])
+    fast = has_fast_loop(tiny_model)
+    with generic_only():
+        assert not has_fast_loop(tiny_model)
+        generic, _ = run_from_layer(tiny_model, cache[act_name("resid_pre", 1)], 1, batch.last_pos)
+    assert has_fast_loop(tiny_model) == fast
+    assert (generic - full).abs().max() < 1e-5

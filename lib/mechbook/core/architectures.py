@@ -22,6 +22,8 @@ architectures, and is handled here:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 from dataclasses import dataclass
 
@@ -34,11 +36,22 @@ from mechbook.core.names import act_name
 
 # model_type -> hand-written decoder loop; each is checked against a full forward in the tests.
 FAST_LOOPS = ("gpt2", "llama", "gemma3_text")
+_GENERIC_ONLY = contextvars.ContextVar("mechbook_generic_only", default=False)
 
 
 def has_fast_loop(model) -> bool:
     """Whether :func:`run_layers` uses a hand-written loop (and can share a prefix cache) for ``model``."""
-    return model.hf_model.config.model_type in FAST_LOOPS
+    return model.hf_model.config.model_type in FAST_LOOPS and not _GENERIC_ONLY.get()
+
+
+@contextlib.contextmanager
+def generic_only():
+    """Inside this block every model runs from a layer through the generic path (to compare it with the fast loops)."""
+    token = _GENERIC_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _GENERIC_ONLY.reset(token)
 
 
 def _first(output):

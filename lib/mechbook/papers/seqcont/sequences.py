@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
+from mechbook.core.runs import run_last, tokenize
 
 PAPER_TASKS = ("numerals", "numwords", "months")
 PAPER_TEMPLATES = {
@@ -624,29 +625,6 @@ def _right_pad(
     return ids, lengths
 
 
-def _last_position_logits(
-    model: LoadedModel, input_ids: Int[Tensor, "batch pos"], lengths: Int[Tensor, "batch"]
-) -> Float[Tensor, "batch d_vocab"]:
-    """Logits at each prompt's own last position only, for right-padded prompts.
-
-    The base model's last hidden state is already final-normed (Gemma, Llama,
-    GPT-2); unembedding one position instead of all saves most of the cost with
-    Gemma's 262k-token vocabulary. Private until the shared helper in
-    mechbook.core.runs (run_last_batched) settles; swap it in then.
-    """
-    hf = model.hf_model
-    device = model.device
-    input_ids, lengths = input_ids.to(device), lengths.to(device)
-    mask = (torch.arange(input_ids.shape[1], device=device)[None, :] < lengths[:, None]).long()
-    hidden = hf.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
-    last = hidden[torch.arange(len(lengths), device=device), lengths - 1]
-    logits = hf.get_output_embeddings()(last).float()
-    cap = getattr(hf.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
 def _tokenized_for(model: LoadedModel, prompts: SeqPromptSet) -> SeqPromptSet:
     if not prompts.is_tokenized:
         return tokenize_prompts(prompts, model.tokenizer)
@@ -663,13 +641,11 @@ def score_prompts(
 
     One row per prompt (in the set's order, after tokenization drops); ``solved`` is
     the paper's criterion p(corr) > ``ratio`` x p(incorr). Prompts are batched with
-    right padding, shortest first, under ``torch.inference_mode``.
+    right padding, shortest first (:func:`mechbook.core.runs.run_last`).
     """
     prompts = _tokenized_for(model, prompts)
     if len(prompts) == 0:
         raise MechbookError(f"no {prompts.task} prompts left to score; drop counts: {_counts(prompts.drop_counts())}")
-    pad = model.tokenizer.pad_token_id
-    pad = 0 if pad is None else pad
     order = sorted(range(len(prompts)), key=lambda k: len(prompts.prompt_ids[k]))
     corr_ids, incorr_ids = prompts.answer_tensors()
     columns: dict[str, list] = {"p_corr": [], "p_incorr": [], "logit_diff": [], "top1_id": [], "p_top1": []}
@@ -677,8 +653,7 @@ def score_prompts(
         for start in tqdm(range(0, len(order), batch_size), desc=f"{prompts.task} {model.name}",
                           disable=None, leave=False):
             chunk = order[start : start + batch_size]
-            ids, lengths = _right_pad([prompts.prompt_ids[k] for k in chunk], pad)
-            logits = _last_position_logits(model, ids, lengths).cpu()
+            logits = run_last(model, tokenize(model, [prompts.prompt_ids[k] for k in chunk]))[0].cpu()
             probs = logits.softmax(-1)
             rows = torch.arange(len(chunk))
             c, i = corr_ids[chunk], incorr_ids[chunk]
