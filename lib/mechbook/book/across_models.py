@@ -21,8 +21,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from mechbook.core.errors import MechbookError
 from mechbook.book.results import load_json, load_table
+from mechbook.core.errors import MechbookError
 from mechbook.papers.seqcont import reported as seqcont_reported
 from mechbook.papers.vector_arithmetic import reported as vector_arithmetic_reported
 

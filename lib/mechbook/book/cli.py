@@ -37,9 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from mechbook.core.errors import MechbookError
-from mechbook.core.loading import DEFAULT_MODEL, REGISTRY, cached_model_dir, hub_unreachable, in_hub_cache, known_models
 from mechbook.book.results import RESULTS_ENV, check_results, default_root, safe_name
+from mechbook.core.errors import MechbookError
+from mechbook.core.loading import (
+    DEFAULT_MODEL,
+    REGISTRY,
+    cached_model_dir,
+    hub_unreachable,
+    in_hub_cache,
+    known_models,
+)
 
 KERNEL_NAME = "python3"
 # a<N>: Paper A, b<N>: Paper B, c<N>: across models (reads the other chapters' results).

@@ -165,7 +165,10 @@ def _rotary_loop(model, hidden, start, prefix):
     The causal mask (sliding-window mask for Gemma 3's local layers) and the rotary
     embeddings (Gemma 3: one per layer type) at the true positions.
     """
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    from transformers.masking_utils import (
+        create_causal_mask,
+        create_sliding_window_causal_mask,
+    )
 
     cfg = model.hf_model.config
     inner = model.hf_model.model

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
@@ -33,9 +32,20 @@ from mechbook.core.errors import MechbookError
 from mechbook.core.interventions import edit_hooks, mean_ablation
 from mechbook.core.loading import LoadedModel
 from mechbook.core.names import Component, act_name, all_heads, all_mlps, layer_names
-from mechbook.core.path_patching import QKV, circuit_edges, patch_paths, patch_paths_to_logits
 from mechbook.core.patching import Metric, check_means, mean_activations
-from mechbook.core.runs import TokenBatch, embeddings, run_from_layer, run_last, run_variants
+from mechbook.core.path_patching import (
+    QKV,
+    circuit_edges,
+    patch_paths,
+    patch_paths_to_logits,
+)
+from mechbook.core.runs import (
+    TokenBatch,
+    embeddings,
+    run_from_layer,
+    run_last,
+    run_variants,
+)
 
 RESID = "resid_post"  # the receiver of a sender's direct path to the logits (the paper's name)
 INPUTS = (*QKV, "resid")  # what an edge enters: a head's q, k or v, or the final residual stream

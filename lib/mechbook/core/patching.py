@@ -31,8 +31,20 @@ from mechbook.core.decoding import check_finite
 from mechbook.core.errors import MechbookError
 from mechbook.core.interventions import Edit, edit_hooks, mean_ablation, zero_ablation
 from mechbook.core.loading import LoadedModel
-from mechbook.core.names import Component, act_name, all_heads, all_mlps, check_positions
-from mechbook.core.runs import TokenBatch, embeddings, run_from_layer, run_last, run_variants
+from mechbook.core.names import (
+    Component,
+    act_name,
+    all_heads,
+    all_mlps,
+    check_positions,
+)
+from mechbook.core.runs import (
+    TokenBatch,
+    embeddings,
+    run_from_layer,
+    run_last,
+    run_variants,
+)
 
 Metric = Callable[[Float[Tensor, "... batch d_vocab"]], Float[Tensor, "... batch"]]
 

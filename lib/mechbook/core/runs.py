@@ -120,6 +120,11 @@ def check_count(value, what: str) -> int:
     return value
 
 
+def chunk_starts(n: int, size: int, what: str = "batch_size") -> range:
+    """Start indices of chunks of ``size`` over ``n`` items; a size below 1 is a one-line error naming ``what``."""
+    return range(0, n, check_count(size, what))
+
+
 def run_last(
     model: LoadedModel,
     batch: TokenBatch,
@@ -173,9 +178,8 @@ def run_last_batched(
     With ``last_only=False`` the chunks' activations are padded to the longest prompt.
     ``hooks_for(chunk, rows)`` builds the hooks of each chunk (``rows``: its slice of ``batch``).
     """
-    batch_size = check_count(batch_size, "batch_size")
     logits, caches = [], []
-    for start in tqdm(range(0, len(batch), batch_size), desc=desc, disable=None, leave=False):
+    for start in tqdm(chunk_starts(len(batch), batch_size), desc=desc, disable=None, leave=False):
         rows = slice(start, start + batch_size)
         chunk = batch.select(rows)
         hooks = hooks_for(chunk, rows) if hooks_for is not None else ()

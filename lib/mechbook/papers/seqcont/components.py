@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -35,12 +35,24 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mechbook.core import decoding
-from mechbook.core.errors import MechbookError
-from mechbook.core.runs import TokenBatch, run_last, run_last_batched, tokenize
-from mechbook.core.loading import LoadedModel
 from mechbook.core.architectures import ov_circuit
+from mechbook.core.errors import MechbookError
+from mechbook.core.loading import LoadedModel
 from mechbook.core.names import Component, act_name, all_heads, all_mlps
-from mechbook.core.patching import Metric, ablation_sweep, check_whole, logit_diff, mean_activations
+from mechbook.core.patching import (
+    Metric,
+    ablation_sweep,
+    check_whole,
+    logit_diff,
+    mean_activations,
+)
+from mechbook.core.runs import (
+    TokenBatch,
+    chunk_starts,
+    run_last,
+    run_last_batched,
+    tokenize,
+)
 from mechbook.papers.seqcont.sequences import (
     PAPER_TEMPLATES,
     WORD_SEQUENCES,
@@ -368,7 +380,7 @@ def member_attention(
     """
     positions = member_positions(model, prompts)
     rows = []
-    for start in range(0, len(prompts), batch_size):
+    for start in chunk_starts(len(prompts), batch_size):
         chunk = prompts.select(range(start, min(start + batch_size, len(prompts))))
         pattern = last_position_attention(model, batch_of(model, chunk), heads)
         for i in range(len(chunk)):
@@ -467,7 +479,7 @@ def successor_scores(
     n = len(table)
     outputs = torch.cat([ov_circuit(model, h.layer, h.head)(vectors) for h in heads])  # [head * member, d_model]
     rank_next, rank_self, top_member = [], [], []
-    for start in tqdm(range(0, len(outputs), chunk), desc="successor scores", disable=None, leave=False):
+    for start in tqdm(chunk_starts(len(outputs), chunk, "chunk"), desc="successor scores", disable=None, leave=False):
         logits = decoding.unembed(model, outputs[start : start + chunk])
         for r, row_logits in zip(range(start, start + len(logits)), logits):
             m = r % n

@@ -35,15 +35,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechbook.papers.seqcont import task_circuits
+from mechbook.book.results import MARKER, chapter_file, default_root, safe_name
 from mechbook.core.circuits import Circuit, random_circuits
-from mechbook.core.interventions import edit_hooks, mean_ablation
 from mechbook.core.errors import MechbookError
-from mechbook.core.runs import run_variants, tokenize
+from mechbook.core.interventions import edit_hooks, mean_ablation
 from mechbook.core.loading import LoadedModel
 from mechbook.core.patching import all_heads, all_mlps, mean_activations
-from mechbook.book.results import MARKER, chapter_file, default_root, safe_name
-from mechbook.papers.seqcont.sequences import SeqPromptSet, make_prompts, sequence_members
+from mechbook.core.runs import run_variants, tokenize
+from mechbook.papers.seqcont import task_circuits
+from mechbook.papers.seqcont.sequences import (
+    SeqPromptSet,
+    make_prompts,
+    sequence_members,
+)
 
 SHARED_CHAPTER = "b4_shared_circuit"
 

@@ -36,13 +36,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 from tqdm import tqdm
 
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
-from mechbook.core.runs import run_last, tokenize
+from mechbook.core.runs import chunk_starts, run_last, tokenize
 
 PAPER_TASKS = ("numerals", "numwords", "months")
 PAPER_TEMPLATES = {
@@ -650,7 +650,7 @@ def score_prompts(
     corr_ids, incorr_ids = prompts.answer_tensors()
     columns: dict[str, list] = {"p_corr": [], "p_incorr": [], "logit_diff": [], "top1_id": [], "p_top1": []}
     with torch.inference_mode():
-        for start in tqdm(range(0, len(order), batch_size), desc=f"{prompts.task} {model.name}",
+        for start in tqdm(chunk_starts(len(order), batch_size), desc=f"{prompts.task} {model.name}",
                           disable=None, leave=False):
             chunk = order[start : start + batch_size]
             logits = run_last(model, tokenize(model, [prompts.prompt_ids[k] for k in chunk]))[0].cpu()

@@ -26,11 +26,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
 from mechbook.book import results
-from mechbook.core.circuits import Circuit, full_model_metric, prune_nodes, random_circuits, score_circuits
+from mechbook.core.circuits import (
+    Circuit,
+    full_model_metric,
+    prune_nodes,
+    random_circuits,
+    score_circuits,
+)
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
 from mechbook.core.names import all_heads, all_mlps

@@ -36,10 +36,15 @@ from tqdm import tqdm
 
 from mechbook.core.errors import MechbookError
 from mechbook.core.interventions import edit_hooks, zero_ablation
-from mechbook.core.names import act_name
-from mechbook.core.runs import TokenBatch, run_from_layer, run_last, tokenize
 from mechbook.core.loading import LoadedModel
-from mechbook.core.names import Component
+from mechbook.core.names import Component, act_name
+from mechbook.core.runs import (
+    TokenBatch,
+    chunk_starts,
+    run_from_layer,
+    run_last,
+    tokenize,
+)
 from mechbook.papers.vector_arithmetic import reported
 from mechbook.papers.vector_arithmetic.prompts import PromptSet, build_prompts
 
@@ -197,7 +202,7 @@ def _correct_per_step(model: LoadedModel, prompts: PromptSet, ks: Sequence[int],
     answers = torch.tensor(prompts.answer_ids, dtype=torch.long)
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts.token_ids[i]), i))
     correct = torch.zeros(len(ks), len(prompts), dtype=torch.bool)
-    for begin in tqdm(range(0, len(order), prompts_per_pass), desc=prompts.task, disable=None, leave=False):
+    for begin in tqdm(chunk_starts(len(order), prompts_per_pass, "prompts_per_pass"), desc=prompts.task, disable=None, leave=False):
         rows = order[begin : begin + prompts_per_pass]
         logits = logits_without_top_mlps(model, batch.select(rows), ks)
         correct[:, rows] = (logits.argmax(-1).cpu() == answers[rows][:, None]).T

@@ -40,7 +40,13 @@ from mechbook.core.errors import MechbookError
 from mechbook.core.interventions import add_vector, check_vector, position_mask
 from mechbook.core.loading import LoadedModel
 from mechbook.core.names import act_name, layer_names
-from mechbook.core.runs import TokenBatch, run_from_layer, run_last, tokenize
+from mechbook.core.runs import (
+    TokenBatch,
+    chunk_starts,
+    run_from_layer,
+    run_last,
+    tokenize,
+)
 from mechbook.papers.vector_arithmetic.prompts import PromptSet
 
 VECTOR_FORMAT = 1
@@ -98,7 +104,7 @@ def capture_mlp_outputs(
     mlp_names = mlp_out_names(model)
     resid_names = decoding.resid_post_names(model)
     logits, last, full = [], [], []
-    for start in tqdm(range(0, len(batch), batch_size), desc=desc, disable=None, leave=False):
+    for start in tqdm(chunk_starts(len(batch), batch_size), desc=desc, disable=None, leave=False):
         chunk = batch.select(slice(start, start + batch_size))
         lg, cache = run_last(model, chunk, names=[*mlp_names, *resid_names], last_only=not keep_positions)
         if keep_positions:
@@ -128,7 +134,7 @@ def _lens_ranks(
 ) -> list[Int[Tensor, "n"]]:
     """Logit-lens rank of several target tokens per residual vector, the vocabulary unembedded in chunks."""
     out: list[list[Tensor]] = [[] for _ in targets]
-    for start in range(0, len(resid), chunk):
+    for start in chunk_starts(len(resid), chunk, "chunk"):
         logits = decoding.unembed(model, resid[start : start + chunk])
         for k, ids in enumerate(targets):
             out[k].append(decoding.token_ranks(logits, ids[start : start + chunk].to(logits.device)).cpu())
@@ -334,7 +340,7 @@ def subtract_o(
             raise MechbookError("subtract_o(forward=True) needs the residual at every position: "
                                 "capture_mlp_outputs(..., keep_positions=True)")
         edited = []
-        for start in range(0, len(batch), batch_size):
+        for start in chunk_starts(len(batch), batch_size):
             rows = slice(start, start + batch_size)
             chunk = batch.select(rows)
             resid = run.resid_positions[rows, layer, : chunk.input_ids.shape[1]]

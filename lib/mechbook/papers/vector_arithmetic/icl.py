@@ -11,8 +11,8 @@ import pandas as pd
 import torch
 
 from mechbook.core import decoding
-from mechbook.core.runs import run_last_batched, tokenize
 from mechbook.core.loading import LoadedModel
+from mechbook.core.runs import run_last_batched, tokenize
 from mechbook.papers.vector_arithmetic.prompts import PromptSet
 
 

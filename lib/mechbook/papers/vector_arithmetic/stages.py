@@ -53,10 +53,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechbook.book.plots import PALETTE
 from mechbook.core import decoding
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
-from mechbook.book.plots import PALETTE
 from mechbook.papers.vector_arithmetic import reported
 from mechbook.papers.vector_arithmetic.prompts import PromptSet
 

@@ -23,10 +23,22 @@ from tqdm import tqdm
 
 from mechbook.core import decoding
 from mechbook.core.errors import MechbookError
-from mechbook.core.interventions import Edit, add_vector, check_vector, edit_hooks, position_mask
+from mechbook.core.interventions import (
+    Edit,
+    add_vector,
+    check_vector,
+    edit_hooks,
+    position_mask,
+)
 from mechbook.core.loading import LoadedModel
 from mechbook.core.names import Component, act_name
-from mechbook.core.runs import TokenBatch, run_from_layer, run_last, tokenize
+from mechbook.core.runs import (
+    TokenBatch,
+    chunk_starts,
+    run_from_layer,
+    run_last,
+    tokenize,
+)
 from mechbook.papers.vector_arithmetic.ffn_update import OVector
 from mechbook.papers.vector_arithmetic.prompts import Pair, PromptSet, build_prompts
 
@@ -88,7 +100,7 @@ class Transplant:
 def transplant_logits(
     model: LoadedModel, batch: TokenBatch, transplants: Sequence[Transplant], *, batch_size: int = 32
 ) -> tuple[Float[Tensor, "batch d_vocab"], list[Float[Tensor, "batch d_vocab"]]]:
-    """Logits of the unedited prompts and after each transplant, the same as :func:`transplant_o` but cheaper.
+    """Logits of the unedited prompts and after each transplant (:meth:`Transplant.edited_run`), cheaply.
 
     One full forward per chunk caches the residual stream where each transplant
     starts; each transplant then re-runs only the layers from its own on
@@ -101,7 +113,7 @@ def transplant_logits(
         check_vector(model, t.o, len(batch), f"the o of transplant {t.label!r}")
     names = sorted({t.start()[0] for t in transplants})
     baseline, after = [], [[] for _ in transplants]
-    for start in tqdm(range(0, len(batch), batch_size), disable=None, leave=False):
+    for start in tqdm(chunk_starts(len(batch), batch_size), disable=None, leave=False):
         rows = slice(start, start + batch_size)
         chunk = batch.select(rows)
         logits, cache = run_last(model, chunk, names=names)
