@@ -3,9 +3,10 @@
 Each chapter writes its key tables under ``<root>/<model>/<chapter>/`` as CSV or
 JSON (and other files through :meth:`ChapterResults.staged`). Files go to a staging
 folder first; :meth:`ChapterResults.finish` writes a ``_complete.json`` marker listing
-every file with its size and sha256, then swaps the folder into place. Readers check
-each file against the marker and name the chapter to rerun when one is missing or
-changed.
+every file with its size and sha256, and what produced them (``provenance``:
+:func:`mechbook.book.provenance.record`), then swaps the folder into place. Readers check
+each listed file against the marker and name the chapter to rerun when one is missing
+or changed; the provenance is shown, never checked.
 
 Publishing moves the previous copy aside (``.<chapter>.old-<pid>``), renames the new
 one into place and deletes the old one. A run that dies in between leaves the old
