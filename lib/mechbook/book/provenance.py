@@ -290,7 +290,7 @@ def runs(root: str | Path | None = None) -> list[dict[str, Any]]:
             "commit": (code.get("commit") or "–")[:10] + (" (dirty)" if code.get("dirty") else ""),
             **{name: software.get(name) or "–" for name in PACKAGES},
             "CPU": (found.get("cpu") or {}).get("name", "–"),
-            "weights": weights_text(model) if model else "not recorded (older results)",
+            "weights": weights_text(model).split(": ", 1)[-1] if model else "not recorded (older results)",
             "marker": folder / MARKER,
         })
     return rows
