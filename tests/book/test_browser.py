@@ -7,7 +7,8 @@ fails if it requests anything outside 127.0.0.1 (a CDN, fonts, analytics), if a
 local request fails, if a script throws, if an image is missing, empty or
 undecodable, or if an internal link points at a missing page or anchor.
 
-Screenshots of every page go to _build/screenshots/<page>.png (1280 x 2000).
+Screenshots of every page go to _build/screenshots/<page>.png (1280 x 2000), and one of a results CSV
+downloaded through a chapter page to _build/screenshots/download__<file>.png.
 Select with ``-m browser``; skipped when Chromium is absent, except under CI=true.
 """
 
@@ -457,3 +458,88 @@ def test_the_checks_see_a_bad_page(devtools: DevTools, visits: dict[str, PageVis
     assert "https://cdn.example.invalid/plot.png" in visit.requests
     assert any("missing.png" in failure and "404" in failure for failure in visit.failures), visit.failures
     assert any("boom" in error for error in visit.errors), visit.errors
+
+
+# ------------------------------------------------------------- references, provenance, downloads
+
+
+def _chapter_pages(visits: dict[str, PageVisit]) -> dict[str, PageVisit]:
+    return {page: visit for page, visit in visits.items() if re.match(r"^book/[abc]\d+_", page)}
+
+
+def test_chapters_cite_and_list_their_references(visits: dict[str, PageVisit]) -> None:
+    chapters = _chapter_pages(visits)
+    assert chapters, "no chapter pages (book/a*.html, b*, c*) were visited"
+    problems = []
+    for page, visit in chapters.items():
+        if not any(urlsplit(href).path.endswith("/book/references.html") for href in visit.links):
+            problems.append(f"{page}: cites nothing (add {{cite:p}}`key` where a claim or number comes from)")
+        if "references" not in visit.ids:
+            problems.append(f"{page}: no References section at its end (the closing markdown cell)")
+        if "how-this-page-was-made" not in visit.ids and "how-these-results-were-made" not in visit.ids:
+            problems.append(f"{page}: no provenance section at its end (the closing cells)")
+    assert not problems, "\n".join(problems)
+
+
+def _results_links(site: Path, server: str, visit: PageVisit) -> list[tuple[str, Path | None]]:
+    links = []
+    for href in visit.links:
+        url = href.split("#")[0]
+        if "/results/" in urlsplit(url).path:
+            links.append((url, _local_file(site, server, url)))
+    return links
+
+
+def test_results_links_resolve(site: Path, server: str, visits: dict[str, PageVisit]) -> None:
+    """Every link into the results copy serves the saved file; a chapter whose box ran links its results."""
+    problems = []
+    for page, visit in _chapter_pages(visits).items():
+        links = _results_links(site, server, visit)
+        notebook = ROOT / page.replace(".html", ".ipynb")
+        box_ran = notebook.is_file() and any(
+            cell.get("id") == "provenance" and cell.get("outputs") for cell in json.loads(notebook.read_text())["cells"])
+        if box_ran and not links:
+            problems.append(f"{page}: its provenance box ran but links no saved results")
+        for url, file in links:
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                body = answer.read()
+            if file is None or not file.is_file() or body != file.read_bytes() or not body:
+                problems.append(f"{page}: {url} does not serve the saved file")
+    assert not problems, "\n".join(problems)
+
+
+def test_a_results_csv_downloads_in_chromium(site: Path, server: str, devtools: DevTools,
+                                             visits: dict[str, PageVisit], tmp_path: Path) -> None:
+    """A reader's click on a results link saves the CSV; it is the file the chapter wrote (screenshot of its text)."""
+    copied = sorted((site / "results").rglob("*.csv"))
+    assert copied, f"no results CSV in {site / 'results'}: mechbook.book.site_results did not copy results/"
+    pages = [(page, link) for page, visit in sorted(_chapter_pages(visits).items())
+             for link, _ in _results_links(site, server, visit) if link.endswith(".csv")]
+    if pages:
+        page, url = pages[0]
+    else:  # no executed box links one yet: a link as the box writes it, from a chapter page
+        page = "book/" + sorted(p.name for p in (site / "book").glob("a*.html"))[0]
+        url = f"{server}/{copied[0].relative_to(site).as_posix()}"
+    expected = _local_file(site, server, url).read_bytes()
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    _visit(devtools, server, page)
+    devtools.send("Page.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
+    devtools.send("Runtime.evaluate", expression=(
+        f"(() => {{ const a = document.createElement('a'); a.href = {json.dumps(url)}; a.download = ''; "
+        "document.body.appendChild(a); a.click(); })()"))
+    name = unquote(urlsplit(url).path).rsplit("/", 1)[-1]
+    deadline = time.monotonic() + 30
+    while not (downloads / name).is_file() and time.monotonic() < deadline:
+        devtools._receive(0.2)
+    assert (downloads / name).is_file(), f"Chromium did not download {url} into {downloads}"
+    assert (downloads / name).read_bytes() == expected, f"the downloaded {name} differs from the site's copy"
+    text = (downloads / name).read_text(encoding="utf-8", errors="replace")
+    assert "," in text.splitlines()[0], f"{name} is not a CSV table"
+    show = json.dumps(f"Downloaded from {url}\n\n" + "\n".join(text.splitlines()[:60]))
+    devtools.send("Runtime.evaluate", expression=(
+        f"document.open(); document.write('<pre style=\"font-size:13px\"></pre>'); document.close(); "
+        f"document.querySelector('pre').textContent = {show};"))
+    shot = devtools.send("Page.captureScreenshot", format="png")
+    (SCREENSHOTS / f"download__{_page_name(name)}.png").write_bytes(base64.b64decode(shot["data"]))
+

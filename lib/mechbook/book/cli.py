@@ -4,6 +4,7 @@
     python -m mechbook run --model smollm2-135m [--chapters a1 b2] [--out runs] [-p n_prompts=16]
     python -m mechbook build
     python -m mechbook refresh [--chapters a1]
+    python -m mechbook format [--check] [--chapters a1]
 
 Chapters are the notebooks ``book/a*.ipynb`` (Paper A), ``book/b*.ipynb`` (Paper B) and
 ``book/c*.ipynb`` (across models: they read the others' results, so they run last);
@@ -609,6 +610,21 @@ def cmd_build(args: argparse.Namespace) -> int:
     return subprocess.call(command, cwd=root, env=env)
 
 
+def cmd_format(args: argparse.Namespace) -> int:
+    from mechbook.book import chapter_style
+
+    root = project_root(args.root)
+    chapters = select_chapters(root / "book", args.chapters)
+    code = chapter_style.format_chapters([c.path for c in chapters], root=root, check=args.check)
+    longer = chapter_style.long_lines([c.path for c in chapters])
+    if longer:
+        print(f"{len(longer)} code lines are longer than {chapter_style.LINE_LENGTH} characters, which black cannot "
+              "break (comments, docstrings); wrap them by hand:", file=sys.stderr)
+        for line in longer:
+            print(f"  {line}", file=sys.stderr)
+    return 1 if code or longer else 0
+
+
 def _jupyter_book_executable() -> str:
     """The jupyter-book next to this Python (works without an activated venv), else the one on PATH."""
     beside = Path(sys.executable).with_name("jupyter-book")
@@ -686,6 +702,18 @@ def build_parser() -> argparse.ArgumentParser:
     refresh.add_argument("--chapters", nargs="+", metavar="CHAPTER", help="e.g. a1 (default: all)")
     refresh.add_argument("--stop-on-failure", action="store_true", help="stop at the first failing chapter")
     refresh.set_defaults(func=cmd_refresh)
+
+    fmt = commands.add_parser(
+        "format",
+        help="format the chapters' code cells with black (line length 100) and list lines still too long",
+        description="Run black (settings: [tool.black] in pyproject.toml) over the code cells of the chapter "
+        "notebooks in book/, in place; outputs and metadata are left alone. Then list every code line still "
+        "longer than 100 characters (comments and docstrings, which no formatter breaks). Exit code 1 if a "
+        "line is too long (or, with --check, if black would change a notebook).",
+    )
+    fmt.add_argument("--chapters", nargs="+", metavar="CHAPTER", help="e.g. a1 (default: all)")
+    fmt.add_argument("--check", action="store_true", help="change nothing: report what black would change")
+    fmt.set_defaults(func=cmd_format)
     return parser
 
 

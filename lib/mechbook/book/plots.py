@@ -11,9 +11,16 @@ PALETTE = {"argument": "#4C72B0", "answer": "#DD8452"}
 
 
 def setup() -> None:
-    """The book's figure style: white grid, large enough fonts, crisp PNGs."""
+    """The book's look: figures (white grid, large enough fonts, crisp PNGs) and tables.
+
+    Tables: in a Jupyter kernel, DataFrames show a missing value as "–" and the papers'
+    numbers in grey italics (:mod:`mechbook.book.tables`).
+    """
+    from mechbook.book import tables
+
     sns.set_theme(context="notebook", style="whitegrid", font_scale=1.05)
     plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 110, "figure.autolayout": False})
+    tables.install()
 
 
 def lens_over_layers(lens: pd.DataFrame, *, model_name: str, title: str | None = None, n_layers: int | None = None):

@@ -3,9 +3,10 @@
 Each chapter writes its key tables under ``<root>/<model>/<chapter>/`` as CSV or
 JSON (and other files through :meth:`ChapterResults.staged`). Files go to a staging
 folder first; :meth:`ChapterResults.finish` writes a ``_complete.json`` marker listing
-every file with its size and sha256, then swaps the folder into place. Readers check
-each file against the marker and name the chapter to rerun when one is missing or
-changed.
+every file with its size and sha256, and what produced them (``provenance``:
+:func:`mechbook.book.provenance.record`), then swaps the folder into place. Readers check
+each listed file against the marker and name the chapter to rerun when one is missing
+or changed; the provenance is shown, never checked.
 
 Publishing moves the previous copy aside (``.<chapter>.old-<pid>``), renames the new
 one into place and deletes the old one. A run that dies in between leaves the old
@@ -114,9 +115,10 @@ class ChapterResults:
             raise MechbookError(f"the results of {self.chapter} were already published; make a new ChapterResults")
         files = {p.relative_to(self._staging).as_posix(): _fingerprint(p)
                  for p in sorted(self._staging.rglob("*")) if p.is_file()}
-        # No timestamp: re-running unchanged code must leave committed results unchanged.
+        # The files carry no timestamp: re-running unchanged code leaves them byte for byte the same. What
+        # produced them (date, wall time, versions, ...) goes beside the file list, which readers check.
         marker = {"model": self.model_name, "chapter": self.chapter, "format": FORMAT,
-                  "mechbook": __version__, "files": files}
+                  "mechbook": __version__, "files": files, "provenance": _provenance(self.model_name)}
         try:
             (self._staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             self._publish()
@@ -173,6 +175,16 @@ def tidy(model_dir: Path, *, wait: float = 2.0) -> None:
                 os.replace(path, final)
             else:
                 shutil.rmtree(path)
+
+
+def _provenance(model_name: str) -> dict[str, Any]:
+    """What produced the results (:func:`mechbook.book.provenance.record`); a failure to tell is recorded, not raised."""
+    from mechbook.book import provenance
+
+    try:
+        return provenance.record(model_name)
+    except Exception as exc:  # provenance describes the results; it must never cost them
+        return {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
 
 
 def _fingerprint(path: Path) -> dict[str, Any]:

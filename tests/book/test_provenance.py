@@ -1,0 +1,137 @@
+"""What produced a chapter's results: recorded in its marker, shown in a box with download links; tables read cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mechbook.book import provenance, results, site_results, tables
+from mechbook.core import loading
+from mechbook.core.errors import MechbookError
+
+
+@pytest.fixture
+def local_model(tmp_path: Path) -> Path:
+    """A 'model folder' as load_model takes it: its weights file is what provenance hashes."""
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"not really weights")
+    return folder
+
+
+def test_finish_records_provenance_beside_the_checked_files(tmp_path, local_model, monkeypatch):
+    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
+    saved = results.ChapterResults("a1_test", str(local_model), root=tmp_path / "results")
+    saved.save("table", pd.DataFrame({"x": [1, 2]}))
+    saved.finish()
+    marker = json.loads((saved.final / results.MARKER).read_text())
+    found = marker["provenance"]
+    assert set(marker["files"]) == {"table.csv"}  # provenance is not one of the checked files
+    assert found["model"]["source"] == "local"
+    assert found["model"]["files"]["model.safetensors"] == loading._sha256(local_model / "model.safetensors")
+    assert set(found["versions"]) >= {"python", "torch", "transformers", "transformer-lens"}
+    assert found["versions"]["torch"] and found["cpu"]["name"]
+    assert found["mechbook"]["commit"] is None or len(found["mechbook"]["commit"]) == 40
+    assert found["wall_seconds"] > 0 and found["finished"] >= found["started"]
+    results.check_results(tmp_path / "results")  # readers still accept the marker
+
+
+def test_box_links_every_saved_file_from_the_chapter_page(tmp_path, local_model, monkeypatch):
+    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
+    root = tmp_path / "results"
+    book = tmp_path / "book"
+    book.mkdir()
+    saved = results.ChapterResults("a1_test", str(local_model), root=root)
+    with pytest.raises(MechbookError, match="finish"):
+        provenance.box(saved)
+    saved.save("table", pd.DataFrame({"x": [1]}))
+    saved.save("facts", {"layer": 3})
+    saved.finish()
+    monkeypatch.chdir(book)  # chapters run in book/
+    box = provenance.box(saved)
+    folder = f"../results/{results.safe_name(str(local_model))}/a1_test"
+    assert [d.href for d in box.downloads] == [f"{folder}/facts.json", f"{folder}/table.csv", f"{folder}/_complete.json"]
+    page = box._repr_html_()
+    assert f'<a href="{folder}/table.csv" download>table.csv</a>' in page
+    assert "sha256" in page and "wall time" in page and "transformer-lens" in page
+    assert all((book / d.href).is_file() for d in box.downloads)
+
+
+def test_box_says_when_results_have_no_provenance(tmp_path):
+    saved = results.ChapterResults("a1_test", "m", root=tmp_path)
+    saved.save("table", pd.DataFrame({"x": [1]}))
+    saved.finish()
+    marker = saved.final / results.MARKER
+    info = json.loads(marker.read_text())
+    del info["provenance"]
+    marker.write_text(json.dumps(info))
+    assert "rerun the chapter" in repr(provenance.box(saved))
+
+
+def test_runs_table_lists_each_model_and_chapter(tmp_path, local_model, monkeypatch):
+    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
+    for chapter in ("a1_test", "b2_test"):
+        saved = results.ChapterResults(chapter, str(local_model), root=tmp_path)
+        saved.save("table", pd.DataFrame({"x": [1]}))
+        saved.finish()
+    rows = provenance.runs(tmp_path)
+    assert [(r["model"], r["chapter"]) for r in rows] == [(str(local_model), "a1_test"), (str(local_model), "b2_test")]
+    assert "a1_test" in provenance.runs_table(tmp_path)._repr_html_()
+
+
+def test_file_sha256_is_kept_until_the_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
+    path = tmp_path / "weights.gguf"
+    path.write_bytes(b"one")
+    first = loading.file_sha256(path)
+    assert json.loads((tmp_path / "cache" / loading.SHA256_CACHE).read_text())[str(path.resolve())]["sha256"] == first
+    path.write_bytes(b"two!")  # another size: hashed again
+    assert loading.file_sha256(path) == loading._sha256(path) != first
+
+
+def test_duration_reads_as_time():
+    assert [provenance.duration(s) for s in (4.26, 245, 3720)] == ["4.3 s", "4 min 05 s", "1 h 02 min"]
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def test_missing_numbers_show_a_dash_and_the_papers_are_marked():
+    pd.set_option("display.precision", 3)
+    frame = pd.DataFrame({"gemma3-270m": [0.5, np.nan], "GPT-2 small (paper)": [81.0, np.nan]},
+                         index=pd.Index(["numerals", "months"], name="task"))
+    page = tables.to_html(frame)
+    assert "NaN" not in page and page.count(">–<") == 2
+    assert "81.000" in page and tables.CAPTION in page
+    assert tables.paper_columns(frame) == [False, True]
+    rows = pd.DataFrame({"task": ["capitals", "colored objects (paper, BLOOM-176B)"], "drop": [0.2, 0.73]})
+    assert tables.paper_rows(rows) == [False, True]
+    plain = tables.to_html(pd.DataFrame({"accuracy": [0.5, None]}))
+    assert tables.CAPTION not in plain and ">–<" in plain
+
+
+def test_a_long_table_is_cut_as_pandas_would():
+    frame = pd.DataFrame({"x": [np.nan] * 500})
+    page = tables.to_html(frame)
+    assert "500 rows" in page and "NaN" not in page
+
+
+# -------------------------------------------------------------------------- the site copy
+
+
+def test_site_copy_holds_the_results_but_not_runs_in_progress(tmp_path):
+    root = tmp_path / "results"
+    (root / "m" / "a1_x").mkdir(parents=True)
+    (root / "m" / "a1_x" / "table.csv").write_text("x\n1\n")
+    (root / "m" / ".a1_x.staging-1-abc").mkdir()
+    (root / "m" / ".a1_x.staging-1-abc" / "table.csv").write_text("half")
+    out = tmp_path / "html"
+    assert site_results.copy_results(root, out) == 1
+    assert (out / "results" / "m" / "a1_x" / "table.csv").read_text() == "x\n1\n"
+    assert not any(".staging" in str(p) for p in out.rglob("*"))
