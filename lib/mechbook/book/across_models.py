@@ -22,6 +22,7 @@ import pandas as pd
 import seaborn as sns
 
 from mechbook.book.results import load_json, load_table
+from mechbook.core import stats
 from mechbook.core.errors import MechbookError
 from mechbook.papers.seqcont import reported as seqcont_reported
 from mechbook.papers.vector_arithmetic import reported as vector_arithmetic_reported
@@ -167,9 +168,12 @@ def ffn_ablation_drop(ablation: pd.DataFrame, fraction: float = 1 / 3) -> pd.Dat
     for (model, task, variant), group in ablation.groupby(["model", "task", "variant"], sort=False):
         intact = group.loc[group.fraction_removed.idxmin()]
         step = group.loc[(group.fraction_removed - fraction).abs().idxmin()]
-        rows.append({"model": model, "task": task, "variant": variant, "fraction_removed": step.fraction_removed,
-                     "accuracy_intact": intact.accuracy, "accuracy_after": step.accuracy,
-                     "drop": intact.accuracy - step.accuracy})
+        row = {"model": model, "task": task, "variant": variant, "fraction_removed": step.fraction_removed,
+               "accuracy_intact": intact.accuracy, "accuracy_after": step.accuracy,
+               "drop": intact.accuracy - step.accuracy}
+        if "n" in group.columns:
+            row["n_intact"], row["n_after"] = int(intact.n), int(step.n)
+        rows.append(row)
     paper = paper_rows("FFN ablation")
     paper = pd.DataFrame({"model": paper.model, "task": paper.task.replace(BOOK_TASK), "variant": paper.condition,
                           "fraction_removed": 24 / 70, "drop": paper.value})
@@ -329,6 +333,52 @@ def model_lines(data: pd.DataFrame, *, x: str, y: str, col: str, style: str, tit
 # ------------------------------------------------------------------ what held here
 
 
+# ------------------------------------------------------------------- verdicts
+
+
+def _rate_row(model: str, claim: str, task: str, condition: str, value: float, low: float, high: float,
+              n: int, paper_model: str, paper: float) -> dict:
+    return {"model": model, "claim": claim, "task": task, "condition": condition, "ours": value,
+            "ci_low": low, "ci_high": high, "n": n, "paper": paper, "paper_model": paper_model,
+            "verdict": stats.verdict(paper, low, high)}
+
+
+def verdicts_table(tables: dict[str, pd.DataFrame | None]) -> pd.DataFrame | None:
+    """Each measured number that has a paper's number beside it, with its 95% interval over prompts and a verdict.
+
+    The verdict (:func:`mechbook.core.stats.verdict`) says whether the paper's number
+    lies inside our interval: "holds", "does not hold here", or "cannot tell" (an
+    interval half the scale wide or wider). Intervals: Wilson for the transplant
+    failure rates (chapter a5, ``n`` prompts per task and domain), Newcombe's hybrid
+    score interval for the accuracy lost when the top third of the FFNs is removed
+    (chapter a6, ``n`` items before and after).
+    """
+    rows = []
+    transplant = tables.get("transplant")
+    if transplant is not None and "n" in transplant.columns:
+        paper = transplant[transplant.model.map(is_paper)]
+        for r in transplant[~transplant.model.map(is_paper)].itertuples():
+            match = paper[(paper.task == r.task) & (paper.domain == r.domain)]
+            if not len(match) or not r.n > 0:
+                continue
+            n = int(r.n)
+            low, high = stats.wilson_interval(round(r.failure_rate * n), n)
+            rows.append(_rate_row(r.model, "transplant failure rate", r.task, r.domain, r.failure_rate, low, high, n,
+                                  match.model.iloc[0], float(match.failure_rate.iloc[0])))
+    drop = tables.get("ffn_drop")
+    if drop is not None and {"n_intact", "n_after"} <= set(drop.columns):
+        paper = drop[drop.model.map(is_paper)]
+        for r in drop[~drop.model.map(is_paper)].itertuples():
+            match = paper[(paper.task == r.task) & (paper.variant == r.variant)]
+            if not len(match) or not (r.n_intact > 0 and r.n_after > 0):
+                continue
+            n1, n2 = int(r.n_intact), int(r.n_after)
+            low, high = stats.difference_interval(round(r.accuracy_intact * n1), n1, round(r.accuracy_after * n2), n2)
+            rows.append(_rate_row(r.model, "accuracy lost, top third of FFNs removed", r.task, r.variant, r.drop,
+                                  low, high, n1, match.model.iloc[0], float(match["drop"].iloc[0])))
+    return pd.DataFrame(rows) if rows else None
+
+
 def _by_model(table: pd.DataFrame, value: str, fmt: str, by: str = "task") -> str:
     parts = []
     for model, group in table.groupby("model", sort=False):
@@ -340,7 +390,7 @@ SECTION_LABELS = {
     "icl_accuracy": "in-context accuracy (a2)", "function_layer": "function-application layer (a3/a4)",
     "transplant": "transplanting o (a5)", "ffn_drop": "FFN removal (a6)", "sequence_behaviour": "sequence continuation (b1)",
     "circuit_size": "circuit size (b2)", "circuit_overlap": "circuit overlap (b2)", "cross_task": "cross-task scores (b4)",
-    "subcircuit_effects": "sub-circuit ablation (b6)",
+    "subcircuit_effects": "sub-circuit ablation (b6)", "verdicts": "verdicts (a5/a6)",
 }
 
 
@@ -416,6 +466,17 @@ def what_held(tables: dict[str, pd.DataFrame | None], first: str | None = None) 
             parts.append(f"{model}: " + ", ".join(f"{cond} {acc:.0%}" for cond, acc in means.items()))
         lines.append(f"- Sub-circuit ablation on other sequences, accuracy averaged over the "
                      f"{effects.family.nunique()} prompt families: " + "; ".join(parts) + ".")
+    judged = tables.get("verdicts")
+    if judged is not None:
+        parts = []
+        for model, group in _ordered(judged, first).groupby("model", sort=False):
+            counts = group.verdict.value_counts()
+            parts.append(f"{model}: " + ", ".join(f"{label} {counts.get(label, 0)}" for label in
+                                                    (stats.HOLDS, stats.DOES_NOT_HOLD, stats.CANNOT_TELL))
+                         + f" (of {len(group)})")
+        lines.append("- Verdicts on the paper's numbers that have an interval here (transplant failure rates, accuracy "
+                     "lost without the top FFNs; the paper's number inside our 95% interval: holds): "
+                     + "; ".join(parts) + ".")
     missing = [SECTION_LABELS.get(name, name) for name, table in tables.items() if table is None]
     if missing:
         lines.append(f"- Not yet measured on any model: {', '.join(missing)} (each section above names the command).")

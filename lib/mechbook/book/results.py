@@ -36,6 +36,7 @@ from mechbook.core.loading import process_alive
 
 RESULTS_ENV = "MECHBOOK_RESULTS"
 MARKER = "_complete.json"
+CSV_FLOAT_FORMAT = "%.5g"
 FORMAT = 2  # 2: the marker lists each file's size and sha256
 CHAPTER_FOLDER = re.compile(r"^(?P<key>[a-z]\d+)_")  # a chapter's results folder: a2_tasks_accuracy, b2_...
 # What a run leaves beside the chapter folders while it publishes: .<chapter>.staging-<pid>-<random>, .<chapter>.old-<pid>
@@ -57,6 +58,21 @@ def default_root(start: str | Path | None = None) -> Path:
         if (folder / "_toc.yml").exists():
             return folder / "results"
     return here / "results"
+
+
+def _integral_as_int(table: pd.DataFrame) -> pd.DataFrame:
+    """Float columns holding only whole numbers (ranks or counts with a gap: NaN) written as integers.
+
+    ``%.5g`` would otherwise print a rank of 123456 as ``1.2346e+05``.
+    """
+    table = table.copy()
+    for column in table.columns:
+        values = table[column]
+        if pd.api.types.is_float_dtype(values):
+            finite = values[values.notna()]
+            if len(finite) and (finite == finite.round()).all() and finite.abs().max() < 2**53:
+                table[column] = values.astype("Int64")
+    return table
 
 
 def _unwritable(folder: Path, exc: OSError) -> MechbookError:
@@ -86,7 +102,9 @@ class ChapterResults:
         """Stage a table (CSV) or a JSON-able object under ``name``."""
         if isinstance(data, pd.DataFrame):
             path = self._staging / f"{name}.csv"
-            data.to_csv(path, index=False)
+            # Five significant digits: what the computation supports across CPUs (probabilities differ by
+            # up to ~5e-6 between x86-64 machines), so float noise does not churn the committed files.
+            _integral_as_int(data).to_csv(path, index=False, float_format=CSV_FLOAT_FORMAT)
         else:
             path = self._staging / f"{name}.json"
             path.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")

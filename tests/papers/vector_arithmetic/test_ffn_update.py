@@ -287,7 +287,7 @@ POLAND = "Q: What is the capital of France?\nA: Paris\nQ: What is the capital of
 @pytest.mark.slow
 def test_gemma_function_layer_flips_poland_to_warsaw(gemma):
     batch = tokenize(gemma, [POLAND])
-    run = ffn.capture_mlp_outputs(gemma, batch)
+    run = ffn.capture_mlp_outputs(gemma, batch, keep_positions=True)
     warsaw, poland = decoding.single_token_id(gemma, " Warsaw"), decoding.single_token_id(gemma, " Poland")
     best = ffn.function_application_layers(ffn.mlp_effects(gemma, run, [warsaw], [poland]))
     layer = int(best.layer[0])

@@ -57,6 +57,7 @@ from mechbook.book.plots import PALETTE
 from mechbook.core import decoding
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
+from mechbook.core.stats import wilson_interval
 from mechbook.papers.vector_arithmetic import reported
 from mechbook.papers.vector_arithmetic.prompts import PromptSet
 
@@ -116,17 +117,6 @@ def accuracy_by_group(accuracy: pd.DataFrame, prompts: PromptSet) -> pd.DataFram
             }
         )
     return pd.DataFrame(rows)
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (sensible for small n and for 0 or n successes)."""
-    if n == 0:
-        return (np.nan, np.nan)
-    p = successes / n
-    denom = 1 + z**2 / n
-    center = (p + z**2 / (2 * n)) / denom
-    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
-    return (float(center - half), float(center + half))
 
 
 def error_kinds(accuracy: pd.DataFrame, prompts: PromptSet) -> pd.DataFrame:

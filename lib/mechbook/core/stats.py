@@ -1,0 +1,53 @@
+"""Intervals over prompts for the rates and scores the book sets beside the papers' numbers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+Z95 = 1.96  # the standard normal's 97.5% quantile, to the two decimals the book has always used
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sensible for small n and for 0 or n successes).
+
+    ``(nan, nan)`` for ``n == 0``.
+    """
+    if n < 0 or not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval needs 0 <= successes <= n, got {successes} of {n}")
+    if n == 0:
+        return (np.nan, np.nan)
+    p = successes / n
+    denom = 1 + z**2 / n
+    center = (p + z**2 / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
+    return (float(center - half), float(center + half))
+
+
+def difference_interval(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> tuple[float, float]:
+    """95% interval of ``k1/n1 - k2/n2``: Newcombe's hybrid score interval (his method 10, 1998).
+
+    It combines the two Wilson intervals; for the same items measured twice (paired)
+    it is conservative, i.e. at least as wide as a paired interval.
+    """
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson_interval(k1, n1, z)
+    l2, u2 = wilson_interval(k2, n2, z)
+    d = p1 - p2
+    return (d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
+
+
+HOLDS, DOES_NOT_HOLD, CANNOT_TELL = "holds", "does not hold here", "cannot tell"
+WIDEST = 0.5  # an interval at least this wide (on a 0-1 scale) cannot tell the paper's number from most others
+
+
+def verdict(paper: float, low: float, high: float, *, widest: float = WIDEST) -> str:
+    """Whether the paper's number lies inside our 95% interval.
+
+    "holds" if it does, "does not hold here" if it does not, and "cannot tell" when
+    there is no interval or it is ``widest`` or wider.
+    """
+    if not all(np.isfinite([paper, low, high])) or high - low >= widest:
+        return CANNOT_TELL
+    return HOLDS if low <= paper <= high else DOES_NOT_HOLD

@@ -1,0 +1,71 @@
+"""Intervals over prompts and the verdicts c1 draws from them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mechbook.book import across_models
+from mechbook.core import stats
+
+
+def _wilson_by_inversion(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson interval as its definition: every p whose score test does not reject k of n (fine grid)."""
+    p = np.linspace(0, 1, 2_000_001)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        accepted = np.abs(k / n - p) <= z * np.sqrt(p * (1 - p) / n)
+    accepted |= (p == k / n)
+    inside = p[accepted]
+    return inside.min(), inside.max()
+
+
+@pytest.mark.parametrize("k, n", [(0, 4), (4, 4), (5, 10), (4, 40), (22, 40), (1, 38)])
+def test_wilson_matches_the_score_test_inverted(k, n):
+    low, high = stats.wilson_interval(k, n)
+    ref_low, ref_high = _wilson_by_inversion(k, n)
+    assert low == pytest.approx(ref_low, abs=2e-6) and high == pytest.approx(ref_high, abs=2e-6)
+
+
+def test_wilson_refuses_impossible_counts():
+    with pytest.raises(ValueError, match="0 <= successes <= n"):
+        stats.wilson_interval(5, 4)
+    assert all(math.isnan(v) for v in stats.wilson_interval(0, 0))
+
+
+def test_difference_interval_matches_newcombe_1998():
+    """Newcombe (1998), Statistics in Medicine 17:873, example (a): 56/70 - 48/80, method 10: 0.0524 to 0.3339."""
+    low, high = stats.difference_interval(56, 70, 48, 80)
+    assert low == pytest.approx(0.0524, abs=1e-4) and high == pytest.approx(0.3339, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "paper, low, high, expected",
+    [(0.37, 0.04, 0.23, stats.DOES_NOT_HOLD), (0.19, 0.12, 0.38, stats.HOLDS),
+     (0.2, 0.0, 0.6, stats.CANNOT_TELL), (0.2, float("nan"), float("nan"), stats.CANNOT_TELL)],
+)
+def test_verdict(paper, low, high, expected):
+    assert stats.verdict(paper, low, high) == expected
+
+
+def test_verdicts_table_reads_counts_and_paper_numbers():
+    transplant = pd.DataFrame({
+        "model": ["m", "m", "GPT-2 (paper)", "GPT-2 (paper)"],
+        "task": ["capitals", "capitals", "capitals", "capitals"],
+        "domain": ["in-domain", "out-of-domain", "in-domain", "out-of-domain"],
+        "failure_rate": [4 / 40, 13 / 29, 0.37, 0.20], "n": [40, 29, np.nan, np.nan],
+    })
+    drop = pd.DataFrame({
+        "model": ["m", "BLOOM-176B (paper)"], "task": ["capitalize", "capitalize"],
+        "variant": ["abstractive", "abstractive"], "accuracy_intact": [26 / 32, np.nan],
+        "accuracy_after": [7 / 32, np.nan], "drop": [19 / 32, 0.73], "n_intact": [32, np.nan], "n_after": [32, np.nan],
+    })
+    table = across_models.verdicts_table({"transplant": transplant, "ffn_drop": drop})
+    assert list(table.verdict) == [stats.DOES_NOT_HOLD, stats.DOES_NOT_HOLD, stats.HOLDS]
+    assert (table.ci_low.iloc[0], table.ci_high.iloc[0]) == stats.wilson_interval(4, 40)
+    assert (table.ci_low.iloc[2], table.ci_high.iloc[2]) == stats.difference_interval(26, 32, 7, 32)
+    assert list(table.paper) == [0.37, 0.20, 0.73]
+    line = [x for x in across_models.what_held({"verdicts": table}) if x.startswith("- Verdicts")][0]
+    assert "m: holds 1, does not hold here 2, cannot tell 0 (of 3)" in line
