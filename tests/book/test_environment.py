@@ -18,6 +18,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
+OPT_IN_EXTRAS = {"ndif"}  # not in the default environment: `pip install -e .[ndif]` adds nnsight
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_pip_installs_the_project_with_existing_extras(conda: dict, pyproject: d
     match = re.fullmatch(r"-e\s+\.(?:\[(?P<extras>[^\]]*)\])?", editable[0].strip())
     assert match, f"unexpected editable line {editable[0]!r}: use -e .[extra,...]"
     extras = {e.strip() for e in (match["extras"] or "").split(",") if e.strip()}
-    declared = set(pyproject["project"]["optional-dependencies"])
+    declared = set(pyproject["project"]["optional-dependencies"]) - OPT_IN_EXTRAS
     assert extras <= declared, f"environment.yml names extras {sorted(extras - declared)} that pyproject lacks"
     assert extras == declared, f"environment.yml leaves out extras {sorted(declared - extras)}"
 
@@ -92,3 +93,13 @@ def test_toc_lists_every_chapter() -> None:
     on_disk = {p.relative_to(ROOT).with_suffix("").as_posix() for p in (ROOT / "book").glob("*") if p.suffix in {".md", ".ipynb"}}
     assert not on_disk - listed, f"add to _toc.yml: {sorted(on_disk - listed)}"
     assert not listed - on_disk, f"_toc.yml lists missing files: {sorted(listed - on_disk)}"
+
+
+def test_opt_in_extras_stay_out_of_the_default_install(pyproject: dict) -> None:
+    """The ndif extra pins nnsight exactly (client and server must match) and the default setup leaves it out."""
+    extras = pyproject["project"]["optional-dependencies"]
+    assert OPT_IN_EXTRAS <= set(extras), f"pyproject.toml lacks the opt-in extras {sorted(OPT_IN_EXTRAS - set(extras))}"
+    pins = [Requirement(r) for r in extras["ndif"]]
+    assert [(r.name, str(r.specifier)[:2]) for r in pins] == [("nnsight", "==")], f"pin nnsight exactly: {pins}"
+    setup_extras = re.search(r'EXTRAS="([^"]+)"', (ROOT / "scripts" / "setup.sh").read_text())[1].split(",")
+    assert not OPT_IN_EXTRAS & set(setup_extras), "scripts/setup.sh installs an opt-in extra by default"

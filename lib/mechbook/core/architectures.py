@@ -17,7 +17,9 @@ architectures, and is handled here:
   stores ``x @ W.T``), for reading a head's value and output maps;
 - the post-attention norm of Gemma 2/3 (``ln1_post``), which makes a head's write to
   the residual stream non-additive;
-- grouped-query attention: which key/value head a query head reads.
+- grouped-query attention: which key/value head a query head reads;
+- where each hook name's activation lives in the plain Hugging Face module tree
+  (:func:`hf_place`), for the nnsight backend, which runs the model without the bridge.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ _GENERIC_ONLY = contextvars.ContextVar("mechbook_generic_only", default=False)
 
 def has_fast_loop(model) -> bool:
     """Whether :func:`run_layers` uses a hand-written loop (and can share a prefix cache) for ``model``."""
-    return model.hf_model.config.model_type in FAST_LOOPS and not _GENERIC_ONLY.get()
+    local = getattr(model, "backend", "local") == "local"  # other backends run their own forward
+    return local and model.hf_model.config.model_type in FAST_LOOPS and not _GENERIC_ONLY.get()
 
 
 @contextlib.contextmanager
@@ -248,9 +251,7 @@ def _generic(model, hidden: Tensor, start: int) -> Tensor:
         object.__setattr__(block, "forward", skip)
     handles = [blocks[start].register_forward_pre_hook(enter, with_kwargs=True),
                model.bridge.hook_dict[act_name("final")].register_forward_hook(leave)]
-    pad = model.tokenizer.pad_token_id
-    fill = next(t for t in (model.tokenizer.bos_token_id, model.tokenizer.eos_token_id, 0, 1) if t is not None and t != pad)
-    placeholder = torch.full(hidden.shape[:2], fill, dtype=torch.long, device=hidden.device)  # no pad: no warning
+    placeholder = torch.full(hidden.shape[:2], placeholder_token(model), dtype=torch.long, device=hidden.device)
     try:
         model.hf_model(input_ids=placeholder, use_cache=False)
     except _Stop:
@@ -261,6 +262,12 @@ def _generic(model, hidden: Tensor, start: int) -> Tensor:
         for block in blocks[:start]:
             object.__delattr__(block, "forward")
     return out["final"]
+
+
+def placeholder_token(model) -> int:
+    """A token id to fill a run whose residual stream is replaced: BOS or EOS, never pad (which warns)."""
+    tok = model.tokenizer
+    return next(t for t in (tok.bos_token_id, tok.eos_token_id, 0, 1) if t is not None and t != tok.pad_token_id)
 
 
 # --- reading a head's maps -----------------------------------------------------------------------
@@ -350,3 +357,78 @@ def ov_circuit(model, layer: int, head: int) -> OVCircuit:
     post = getattr(block, "ln1_post", None)
     return OVCircuit(layer, head, W_V.detach(), None if b_V is None else b_V.detach(), W_O.detach(),
                      _plain(block.ln1), None if post is None else _plain(post))
+
+
+# --- hook names in the plain Hugging Face module tree (the nnsight backend) --------------------------
+
+# model_type -> the decoder-layer list, the final norm, and per activation kind the module (relative to a
+# decoder layer) and whether the activation is its input or output; a third entry splits a fused [q | k | v]
+# output. resid_pre / resid_post are every layer's input / output, "final" the final norm's input.
+_DECODER = dict(layers="model.layers", norm="model.norm", resid_mid=("post_attention_layernorm", "input"),
+                attn_out=("self_attn", "output"), mlp_out=("mlp", "output"), z=("self_attn.o_proj", "input"),
+                q=("self_attn.q_proj", "output"), k=("self_attn.k_proj", "output"), v=("self_attn.v_proj", "output"))
+# Gemma 2/3 normalise each sub-block's write before adding it (the bridge's hook_attn_out / hook_mlp_out follow)
+_GEMMA = {**_DECODER, "resid_mid": ("pre_feedforward_layernorm", "input"),
+          "attn_out": ("post_attention_layernorm", "output"), "mlp_out": ("post_feedforward_layernorm", "output")}
+HF_PLACES = {
+    "gpt2": dict(layers="transformer.h", norm="transformer.ln_f", resid_mid=("ln_2", "input"),
+                 attn_out=("attn", "output"), mlp_out=("mlp", "output"), z=("attn.c_proj", "input"),
+                 q=("attn.c_attn", "output", 0), k=("attn.c_attn", "output", 1), v=("attn.c_attn", "output", 2)),
+    # parallel attention and MLP: no residual stream between them
+    "gptj": dict(layers="transformer.h", norm="transformer.ln_f", attn_out=("attn", "output"),
+                 mlp_out=("mlp", "output"), z=("attn.out_proj", "input"), q=("attn.q_proj", "output"),
+                 k=("attn.k_proj", "output"), v=("attn.v_proj", "output")),
+    "llama": _DECODER,
+    "qwen2": _DECODER,
+    "mistral": _DECODER,
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
+}
+# the order in which a forward pass reaches the places of one layer
+FORWARD_ORDER = ("resid_pre", "q", "k", "v", "z", "attn_out", "resid_mid", "mlp_out", "resid_post")
+
+
+@dataclass(frozen=True)
+class HFPlace:
+    """Where an activation is in a plain Hugging Face model: a module's input or output, maybe a slice of it.
+
+    ``heads``: the last axis is split into that many heads (z, q, k, v, as transformer-lens shapes them);
+    ``part``: which third of a fused [q | k | v] output; ``order``: when the forward pass gets there.
+    """
+
+    path: str
+    io: str
+    heads: int | None = None
+    part: int | None = None
+    order: tuple[int, int] = (0, 0)
+
+
+def hf_layers_path(model) -> str:
+    """The dotted path of the decoder-layer list (``model.layers``, ``transformer.h``)."""
+    return _hf_places(model)["layers"]
+
+
+def hf_place(model, kind: str, layer: int | None) -> HFPlace:
+    """Where hook ``act_name(kind, layer)`` of the bridge is in ``model``'s plain Hugging Face modules."""
+    places = _hf_places(model)
+    if kind == "final":
+        return HFPlace(places["norm"], "input", order=(model.n_layers, 0))
+    block = f"{places['layers']}.{layer}"
+    if kind in ("resid_pre", "resid_post"):
+        return HFPlace(block, "input" if kind == "resid_pre" else "output", order=(layer, FORWARD_ORDER.index(kind)))
+    if kind not in places:
+        have = ["final", "resid_pre", "resid_post", *(k for k in FORWARD_ORDER if k in places)]
+        arch = model.hf_model.config.model_type
+        raise MechbookError(f"the nnsight backend cannot reach {kind!r} activations of {arch} models; it reaches "
+                            f"{', '.join(sorted(set(have)))}. Use backend='local' for it")
+    path, io, *part = places[kind]
+    heads = {"z": model.n_heads, "q": model.n_heads, "k": model.n_kv_heads, "v": model.n_kv_heads}.get(kind)
+    return HFPlace(f"{block}.{path}", io, heads, part[0] if part else None, (layer, FORWARD_ORDER.index(kind)))
+
+
+def _hf_places(model) -> dict:
+    arch = model.hf_model.config.model_type
+    if arch not in HF_PLACES:
+        raise MechbookError(f"the nnsight backend does not know the module layout of {arch!r} models (it knows "
+                            f"{', '.join(HF_PLACES)}); use backend='local', or add the layout to HF_PLACES")
+    return HF_PLACES[arch]

@@ -182,6 +182,8 @@ class LoadedModel:
     d_vocab: int
     prepend_bos: bool
     notes: str = ""
+    backend: str = "local"  # where forward passes run (mechbook.core.backends.use_backend)
+    runner: Any = field(default=None, repr=False)  # the nnsight model of a non-local backend
 
     @property
     def hf_model(self) -> Any:

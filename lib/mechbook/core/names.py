@@ -48,6 +48,22 @@ def act_name(kind: str, layer: int | None = None) -> str:
     return _HOOKS[kind].format(layer=as_index(layer, "layer"))
 
 
+def parse_act_name(name: str) -> tuple[str, int | None]:
+    """The kind and layer of a hook name: ``parse_act_name("blocks.3.attn.hook_z") == ("z", 3)``.
+
+    The inverse of :func:`act_name`, for backends that place activations by kind and layer.
+    """
+    for kind, template in _HOOKS.items():
+        head, _, tail = template.partition("{layer}")
+        if not tail:
+            if name == template:
+                return kind, None
+        elif name.startswith(head) and name.endswith(tail) and name[len(head) : len(name) - len(tail)].isdigit():
+            return kind, int(name[len(head) : len(name) - len(tail)])
+    raise MechbookError(f"{name!r} is not a hook name of mechbook's vocabulary ({', '.join(KINDS)}); "
+                        "build names with act_name")
+
+
 def layer_names(kind: str, n_layers: int) -> list[str]:
     """``act_name(kind, l)`` for every layer ``l`` of a model with ``n_layers`` layers."""
     return [act_name(kind, layer) for layer in range(n_layers)]

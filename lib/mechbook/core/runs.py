@@ -144,6 +144,10 @@ def run_last(
     from mechbook.core.decoding import unembed
     from mechbook.core.names import act_name
 
+    if model.backend != "local":
+        from mechbook.core import backends
+
+        return backends.run_last(model, batch, names=names, fwd_hooks=fwd_hooks, last_only=last_only, tokens=tokens)
     check_hook_names(model, names)
     cache: dict[str, Tensor] = {}
     rows = torch.arange(len(batch), device=batch.input_ids.device)
@@ -207,6 +211,10 @@ def embeddings(model: LoadedModel, batch: TokenBatch) -> Float[Tensor, "batch po
     """The residual stream entering layer 0 (embeddings, positions, scaling as the model does them); no layer runs."""
     from mechbook.core.names import act_name
 
+    if model.backend != "local":
+        from mechbook.core import backends
+
+        return backends.embeddings(model, batch)
     box: dict[str, Tensor] = {}
 
     def grab(act: Tensor, hook: object) -> None:
@@ -255,6 +263,13 @@ def run_from_layer(
         )
     if len(last_pos) and int(last_pos.max()) >= resid.shape[1]:
         raise MechbookError(f"a last position ({int(last_pos.max())}) lies past the {resid.shape[1]} positions of resid")
+    if model.backend != "local":
+        if prefix is not None:
+            raise MechbookError(f"a shared-prefix cache runs on the local backend only, not {model.backend!r}; "
+                                "run without one")
+        from mechbook.core import backends
+
+        return backends.run_from_layer(model, resid, layer, last_pos, fwd_hooks=fwd_hooks, names=names, tokens=tokens)
     cache: dict[str, Tensor] = {}
 
     def saver(name: str) -> HookFn:

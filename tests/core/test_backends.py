@@ -1,0 +1,274 @@
+"""The nnsight backend equals the local bridge within 1e-4 on every core entry point, here and through
+nnsight's remote serialization (``remote="local"``, the stand-in for NDIF); backend errors are one line.
+
+Each family is a tiny config-built model with sharpened attention (tests/conftest.py), loaded once and
+put on three backends sharing its weights: the local bridge, nnsight, and nnsight with ``remote="local"``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("nnsight")
+
+import mechbook  # noqa: E402
+from conftest import build_tiny_model, sharpen  # noqa: E402
+from mechbook.core import backends  # noqa: E402
+from mechbook.core.errors import MechbookError  # noqa: E402
+from mechbook.core.interventions import Edit, edit_hooks  # noqa: E402
+from mechbook.core.names import Component, act_name, layer_names  # noqa: E402
+from mechbook.core.patching import ablate, logit_diff, mean_activations, patch_head_outputs  # noqa: E402
+from mechbook.core.runs import run_from_layer, run_last, tokenize  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TOL = 1e-4
+KINDS = ("resid_pre", "resid_mid", "attn_out", "z", "q", "k", "v", "mlp_out", "resid_post")
+
+
+def _load(directory):
+    local = mechbook.load_model(str(directory))
+    return {"local": local, "nnsight": backends.use_backend(local, "nnsight"),
+            "remote-local": backends.use_backend(local, "nnsight", remote="local")}
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gemma3"])
+def models(request, tmp_path_factory):
+    return _load(sharpen(build_tiny_model(request.param, tmp_path_factory.mktemp(f"backend-{request.param}"))))
+
+
+@pytest.fixture(params=["nnsight", "remote-local"])
+def backend(request):
+    return request.param
+
+
+def _batch(model, seed=0, lengths=(9, 6, 8)):
+    g = torch.Generator().manual_seed(seed)
+    return tokenize(model, [torch.randint(3, 300, (n,), generator=g).tolist() for n in lengths])
+
+
+def _names(model):
+    return [name for kind in KINDS for name in layer_names(kind, model.n_layers)] + [act_name("final")]
+
+
+def _diff(a, b) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float((a - b).abs().max())
+
+
+def test_the_backends_share_weights_and_differ_in_where_they_run(models):
+    local, other = models["local"], models["nnsight"]
+    assert local.backend == "local" and other.backend == "nnsight" and models["remote-local"].runner.remote == "local"
+    plain = other.runner.hf
+    embed = plain.get_input_embeddings().weight
+    assert embed.data_ptr() == local.hf_model.get_input_embeddings().weight.data_ptr()  # no copy of the weights
+    assert not any("_original_component" in name for name, _ in plain.named_modules())  # no bridge wrappers
+
+
+def test_run_last_logits_and_cache(models, backend):
+    local, other = models["local"], models[backend]
+    batch = _batch(local)
+    names = _names(local)
+    want, want_cache = run_last(local, batch, names=names)
+    got, got_cache = run_last(other, batch, names=names)
+    assert _diff(got, want) < TOL
+    assert set(got_cache) == set(names)
+    for name in names:
+        assert _diff(got_cache[name], want_cache[name]) < TOL, name
+    _, last = run_last(other, batch, names=names[:2], last_only=True)
+    rows = torch.arange(len(batch))
+    assert _diff(last[names[0]], want_cache[names[0]][rows, batch.last_pos]) < TOL
+
+
+def test_restricted_logits_match_in_values_and_gaps(models, backend):
+    local, other = models["local"], models[backend]
+    batch, tokens = _batch(local, seed=1), torch.tensor([4, 9, 30])
+    want, _ = run_last(local, batch, tokens=tokens)
+    got, _ = run_last(other, batch, tokens=tokens)
+    assert torch.equal(got.isnan(), want.isnan()) and int(got.isnan().sum()) == got.numel() - 3 * len(batch)
+    assert _diff(got[:, tokens], want[:, tokens]) < TOL
+
+
+def _edits(model, batch, source_cache, mode):
+    """One edit of each component kind (a head, an MLP, the residual stream) in ``mode``."""
+    n, d = len(batch), model.d_model
+    g = torch.Generator().manual_seed(3)
+    head, mlp, resid = Component("head", 1, 2), Component("mlp", 0), Component("resid", 2, position=3)
+    if mode == "patch":
+        return [Edit(c, "patch", source_cache[c.hook_name]) for c in (head, mlp, resid)]
+    if mode == "mean":
+        return [Edit(c, "mean", source_cache[c.hook_name].mean(0)) for c in (head, mlp, resid)]
+    if mode == "zero":
+        return [Edit(c, "zero") for c in (head, mlp, resid)]
+    mask = torch.zeros(n, batch.input_ids.shape[1], dtype=torch.bool)
+    mask[torch.arange(n), batch.last_pos] = True
+    return [Edit(Component("mlp", 1), mode, torch.randn(d, generator=g) * 3, mask=mask),
+            Edit(Component("resid", 2), mode, torch.randn(n, d, generator=g) * 3, mask=mask)]
+
+
+@pytest.mark.parametrize("mode", ["patch", "mean", "zero", "add", "replace"])
+def test_edits_agree(models, backend, mode):
+    local, other = models["local"], models[backend]
+    batch, source = _batch(local), _batch(local, seed=7)
+    names = [act_name("z", 1), act_name("mlp_out", 0), act_name("resid_pre", 2)]
+    _, source_cache = run_last(local, source, names=names)
+    hooks = edit_hooks(_edits(local, batch, source_cache, mode))
+    clean, _ = run_last(local, batch)
+    want, want_cache = run_last(local, batch, fwd_hooks=hooks, names=[act_name("resid_post", 2)])
+    got, got_cache = run_last(other, batch, fwd_hooks=hooks, names=[act_name("resid_post", 2)])
+    assert _diff(want, clean) > 1e-3  # the edits change the output, so agreeing means something
+    assert _diff(got, want) < TOL
+    assert _diff(got_cache[act_name("resid_post", 2)], want_cache[act_name("resid_post", 2)]) < TOL
+
+
+def test_run_from_layer(models, backend):
+    local, other = models["local"], models[backend]
+    batch = _batch(local, seed=2)
+    starts = layer_names("resid_pre", local.n_layers) + [act_name("final")]
+    full, cache = run_last(local, batch, names=starts)
+    hooks = edit_hooks([Edit(Component("mlp", local.n_layers - 1), "zero")])
+    for layer, name in enumerate(starts):
+        later = [act_name("resid_post", local.n_layers - 1)] if layer < local.n_layers else []
+        want, want_cache = run_from_layer(local, cache[name], layer, batch.last_pos, names=later)
+        got, got_cache = run_from_layer(other, cache[name], layer, batch.last_pos, names=later)
+        assert _diff(want, full) < TOL and _diff(got, want) < TOL, layer
+        for n in later:
+            assert _diff(got_cache[n], want_cache[n]) < TOL
+        edited_want, _ = run_from_layer(local, cache[name], layer, batch.last_pos, fwd_hooks=hooks)
+        edited_got, _ = run_from_layer(other, cache[name], layer, batch.last_pos, fwd_hooks=hooks)
+        assert _diff(edited_got, edited_want) < TOL
+        if layer < local.n_layers:
+            assert _diff(edited_want, want) > 1e-3
+
+
+def test_run_from_layer_refuses_names_before_it(models):
+    other = models["nnsight"]
+    batch = _batch(other)
+    _, cache = run_last(other, batch, names=[act_name("resid_pre", 1)])
+    with pytest.raises(MechbookError, match="did not fire"):
+        run_from_layer(other, cache[act_name("resid_pre", 1)], 1, batch.last_pos, names=[act_name("z", 0)])
+
+
+def test_a_core_sweep_runs_unchanged_on_nnsight(models):
+    """Patching and ablation run through run_from_layer / run_last, so they need no backend code of their own."""
+    local, other = models["local"], models["nnsight"]
+    clean, corrupt = _batch(local, seed=4, lengths=(7, 7)), _batch(local, seed=5, lengths=(7, 7))
+    ranked = run_last(local, clean)[0].argsort(-1, descending=True)
+    metric = logit_diff(ranked[:, 0], ranked[:, 3])
+    heads = [Component("head", 0, 1), Component("head", 2, 3)]
+    want = patch_head_outputs(local, corrupt, clean, metric, heads=heads)
+    got = patch_head_outputs(other, corrupt, clean, metric, heads=heads)
+    unpatched = float(metric(run_last(local, clean)[0]).mean())
+    assert (want.metric - unpatched).abs().max() > 1e-3  # the patches move the metric
+    assert (got.metric - want.metric).abs().max() < TOL
+    means = mean_activations(local, corrupt, heads)
+    want_ablated = ablate(local, clean, heads, metric, means=means)
+    assert _diff(want_ablated, metric(run_last(local, clean)[0])) > 1e-3
+    assert _diff(ablate(other, clean, heads, metric, means=means), want_ablated) < TOL
+
+
+def test_attention_patterns_are_refused_by_name(models):
+    with pytest.raises(MechbookError, match="cannot reach 'pattern'.*backend='local'"):
+        run_last(models["nnsight"], _batch(models["local"]), names=[act_name("pattern", 0)])
+
+
+# --- backend errors ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return mechbook.load_model(str(build_tiny_model("gpt2", tmp_path_factory.mktemp("backend-errors"))))
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    text = str(exc.value)
+    assert "\n" not in text
+    return text
+
+
+def test_ndif_without_a_key_fails_before_any_request(tiny, monkeypatch):
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    from nnsight.intervention.backends.remote import RemoteBackend
+
+    monkeypatch.setattr(RemoteBackend, "__call__", lambda *a, **k: pytest.fail("a request was sent"))
+    with pytest.raises(MechbookError) as exc:
+        backends.use_backend(tiny, "ndif")
+    assert "export NDIF_API_KEY=" in _one_line(exc)
+
+
+def test_ndif_runs_hub_models_only(tiny, monkeypatch):
+    monkeypatch.setenv("NDIF_API_KEY", "test-key")
+    with pytest.raises(MechbookError, match="is a local model: use backend='nnsight'") as exc:
+        backends.use_backend(tiny, "ndif")
+    _one_line(exc)
+
+
+def test_ndif_with_a_key_sends_each_trace_remotely_by_hub_id(tiny, monkeypatch):
+    """No network here: nnsight's remote backend is replaced by one that records the request and fails."""
+    import dataclasses
+
+    from nnsight.modeling.mixins.remotable import Remotable
+
+    monkeypatch.setenv("NDIF_API_KEY", "test-key")
+    sent = []
+
+    def fake_backend(self, remote, *args):
+        sent.append((remote, self.repo_id))
+        raise ConnectionError("no network in the tests")
+
+    monkeypatch.setattr(Remotable, "_remote_backend", fake_backend)
+    as_hub = dataclasses.replace(tiny, name="gpt2", source="hub")  # the tiny weights, posing as the hub's GPT-2
+    with pytest.raises(ConnectionError):
+        run_last(backends.use_backend(as_hub, "ndif"), _batch(tiny))
+    assert sent == [(True, "gpt2")]
+
+
+def test_missing_nnsight_names_the_extra(tiny, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nnsight" else real(name, *a))
+    for backend in ("nnsight", "ndif"):
+        with pytest.raises(MechbookError) as exc:
+            backends.use_backend(tiny, backend)
+        assert "pip install -e .[ndif]" in _one_line(exc)
+
+
+@pytest.mark.parametrize("backend, remote, match", [("gpu", False, "unknown backend"),
+                                                    ("nnsight", True, "remote='local'"),
+                                                    ("local", "local", "remote= applies")])
+def test_bad_backend_arguments(tiny, backend, remote, match):
+    with pytest.raises(MechbookError, match=match) as exc:
+        backends.use_backend(tiny, backend, remote=remote)
+    _one_line(exc)
+
+
+def test_a_layout_nnsight_does_not_know_is_refused(tmp_path):
+    bloom = mechbook.load_model(str(build_tiny_model("bloom", tmp_path)))
+    with pytest.raises(MechbookError, match="does not know the module layout of 'bloom'") as exc:
+        run_last(backends.use_backend(bloom, "nnsight"), _batch(bloom))
+    _one_line(exc)
+
+
+# --- a real model -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend_name", ["nnsight", "remote-local"])
+def test_smollm2_parity(backend_name):
+    local = mechbook.load_model("smollm2-135m")
+    other = backends.use_backend(local, "nnsight", remote="local" if backend_name == "remote-local" else False)
+    batch = tokenize(local, ["The capital of France is", "One, two, three,", "Yesterday I walked. Today I"])
+    names = [act_name("z", 9), act_name("mlp_out", 20), act_name("resid_pre", 15), act_name("final")]
+    want, want_cache = run_last(local, batch, names=names)
+    got, got_cache = run_last(other, batch, names=names)
+    assert _diff(got, want) < TOL
+    for name in names:
+        assert _diff(got_cache[name], want_cache[name]) < TOL, name
+    hooks = edit_hooks([Edit(Component("head", 9, 3), "zero"), Edit(Component("mlp", 20), "mean",
+                                                                         want_cache[act_name("mlp_out", 20)].mean(0))])
+    edited_want, _ = run_last(local, batch, fwd_hooks=hooks)
+    assert _diff(edited_want, want) > 1e-3
+    assert _diff(run_last(other, batch, fwd_hooks=hooks)[0], edited_want) < TOL
+    resid = want_cache[act_name("resid_pre", 15)]
+    assert _diff(run_from_layer(other, resid, 15, batch.last_pos)[0], want) < TOL
