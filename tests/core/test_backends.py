@@ -141,6 +141,29 @@ def test_run_from_layer(models, backend):
             assert _diff(edited_want, want) > 1e-3
 
 
+@pytest.mark.parametrize("family", ["gptj", "qwen2", "mistral", "gemma2"])
+def test_the_other_mapped_families(family, tmp_path):
+    """The module layouts of HF_PLACES beyond the three main families: cache, an edit and a run from a layer."""
+    from mechbook.core.architectures import HF_PLACES
+
+    local = mechbook.load_model(str(sharpen(build_tiny_model(family, tmp_path))))
+    other = backends.use_backend(local, "nnsight")
+    places = HF_PLACES[local.hf_model.config.model_type]
+    names = [n for n in _names(local) if n == act_name("final") or n.split(".")[-1].removeprefix("hook_") in places
+             or "resid_p" in n]
+    batch = _batch(local)
+    want, want_cache = run_last(local, batch, names=names)
+    got, got_cache = run_last(other, batch, names=names)
+    assert _diff(got, want) < TOL and len(names) > 6 * local.n_layers
+    for name in names:
+        assert _diff(got_cache[name], want_cache[name]) < TOL, name
+    hooks = edit_hooks([Edit(Component("head", 1, 0), "zero"), Edit(Component("mlp", 2), "zero")])
+    edited, _ = run_last(local, batch, fwd_hooks=hooks)
+    assert _diff(edited, want) > 1e-3 and _diff(run_last(other, batch, fwd_hooks=hooks)[0], edited) < TOL
+    resid = want_cache[act_name("resid_pre", 1)]
+    assert _diff(run_from_layer(other, resid, 1, batch.last_pos)[0], want) < TOL
+
+
 def test_run_from_layer_refuses_names_before_it(models):
     other = models["nnsight"]
     batch = _batch(other)
