@@ -103,3 +103,11 @@ def test_opt_in_extras_stay_out_of_the_default_install(pyproject: dict) -> None:
     assert [(r.name, str(r.specifier)[:2]) for r in pins] == [("nnsight", "==")], f"pin nnsight exactly: {pins}"
     setup_extras = re.search(r'EXTRAS="([^"]+)"', (ROOT / "scripts" / "setup.sh").read_text())[1].split(",")
     assert not OPT_IN_EXTRAS & set(setup_extras), "scripts/setup.sh installs an opt-in extra by default"
+
+
+def test_the_test_command_installs_nnsight_with_torch_pinned() -> None:
+    """scripts/test.sh adds [ndif] so CI runs the backend tests (remote='local' stands in for NDIF), torch held."""
+    text = (ROOT / "scripts" / "test.sh").read_text()
+    install = re.search(r'pip install[^\n]*-c "\$pins"[^\n]*-e "\.\[ndif\]"', text)
+    assert install, "scripts/test.sh does not install the [ndif] extra under the torch pin"
+    assert 'echo "torch==2.13.0" > "$pins"' in text
