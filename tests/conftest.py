@@ -8,6 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+
+@pytest.fixture(autouse=True)
+def _results_root_from_the_test(monkeypatch):
+    """Unit tests choose their results folder themselves: scripts/test.sh sets $MECHBOOK_RESULTS for the
+    chapters nbval re-executes (a temporary copy of results/), which the tests must not inherit."""
+    monkeypatch.delenv("MECHBOOK_RESULTS", raising=False)
+
+
 CORPUS = [
     "The capital of France is Paris. The capital of Poland is Warsaw.",
     "Q: What is the capital of Spain?\nA: Madrid",
