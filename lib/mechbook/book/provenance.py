@@ -174,7 +174,8 @@ def software_text(found: dict[str, Any]) -> str:
 def cpu_text(found: dict[str, Any]) -> str:
     extra = [f"{found['logical_cpus']} logical CPUs"] if found.get("logical_cpus") else []
     if found.get("torch_threads"):
-        extra.append(f"torch uses {found['torch_threads']} threads")
+        n = found["torch_threads"]
+        extra.append(f"torch uses {n} thread{'' if n == 1 else 's'}")
     return found.get("name", "unknown") + (f" ({', '.join(extra)})" if extra else "")
 
 
