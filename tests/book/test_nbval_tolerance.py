@@ -33,6 +33,8 @@ def test_float_noise_is_accepted(committed, fresh):
         ("22.628", "22.640"),
         ("0.012", "0.014"),
         ("12", "13"),  # whole numbers (ranks, counts, indices) are exact
+        ("12", "13.0"),  # a whole number on one side is exact too
+        ("12.0", "13"),
         ("1.0", "nan"),
     ],
 )

@@ -330,9 +330,6 @@ def model_lines(data: pd.DataFrame, *, x: str, y: str, col: str, style: str, tit
     return fig
 
 
-# ------------------------------------------------------------------ what held here
-
-
 # ------------------------------------------------------------------- verdicts
 
 
@@ -377,6 +374,9 @@ def verdicts_table(tables: dict[str, pd.DataFrame | None]) -> pd.DataFrame | Non
             rows.append(_rate_row(r.model, "accuracy lost, top third of FFNs removed", r.task, r.variant, r.drop,
                                   low, high, n1, match.model.iloc[0], float(match["drop"].iloc[0])))
     return pd.DataFrame(rows) if rows else None
+
+
+# ------------------------------------------------------------------ what held here
 
 
 def _by_model(table: pd.DataFrame, value: str, fmt: str, by: str = "task") -> str:

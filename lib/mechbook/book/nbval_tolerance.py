@@ -45,9 +45,8 @@ def numbers_close(committed: str, fresh: str) -> bool:
     """Two printed numbers the same up to float noise (see the module docstring)."""
     if committed == fresh:
         return True
-    whole = not any(c in committed + fresh for c in ".eE")
-    if whole:
-        return False
+    if not any(c in committed for c in ".eE") or not any(c in fresh for c in ".eE"):
+        return False  # a whole number on either side: only the same text matches
     a, b = float(committed), float(fresh)
     if not (math.isfinite(a) and math.isfinite(b)):
         return False
