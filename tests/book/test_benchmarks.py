@@ -78,3 +78,24 @@ def test_generic_only_switches_the_fast_loops_off(tiny_model):
         generic, _ = run_from_layer(tiny_model, cache[act_name("resid_pre", 1)], 1, batch.last_pos)
     assert has_fast_loop(tiny_model) == fast
     assert (generic - full).abs().max() < 1e-5
+
+
+def test_node_pruning_benchmark_arguments_and_its_literal_loop(tiny_gpt2, capsys):
+    from conftest import random_circuit_task
+    from mechbook.core.circuits import prune_nodes
+    from mechbook.papers.seqcont.task_circuits import TaskSet
+
+    node_pruning = _load("node_pruning")
+    args = node_pruning.parse_args([])
+    assert (args.model, args.task, args.sizes, args.threads) == ("gemma3-270m", "numerals", [8, 32, 128], 1)
+    assert node_pruning.parse_args(["--sizes", "4", "16", "--task", "months"]).sizes == [4, 16]
+    with pytest.raises(SystemExit):
+        node_pruning.parse_args(["--sizes", "0"])
+    with pytest.raises(SystemExit):
+        node_pruning.parse_args(["--task", "letters"])
+    # the loop the benchmark times takes the paper's decisions, the ones prune_nodes takes
+    clean, _, means, metric = random_circuit_task(tiny_gpt2, n_prompts=5, length=8, seed=0)
+    task = TaskSet("t", None, None, clean, means, metric, metric.answer_ids)
+    found = prune_nodes(tiny_gpt2, clean, means, metric, threshold=0.3)
+    decisions = node_pruning.literal_loop(tiny_gpt2, task, 0.3)
+    assert decisions == list(zip(found.log.component, found.log.removed)) and any(r for _, r in decisions)

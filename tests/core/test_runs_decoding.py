@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -160,3 +162,45 @@ def test_run_from_layer_tokens_restricts_the_logits(tiny_model):
     part, _ = run_from_layer(tiny_model, cache["blocks.1.hook_resid_pre"], 1, batch.last_pos, tokens=tokens)
     assert torch.allclose(part[:, tokens], full[:, tokens], atol=1e-5)
     assert part.isnan().sum() == part.numel() - 2 * len(tokens)
+
+
+def test_run_layers_stop_gives_the_residual_entering_that_block(tiny_model):
+    from mechbook.core.architectures import generic_only, run_layers
+
+    batch = tokenize(tiny_model, ["1 2 3 4 5", "one two three"])
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(tiny_model.n_layers)] + ["ln_final.hook_in"]
+    _, cache = run_last(tiny_model, batch, names=names)
+    for generic in (False, True):
+        with generic_only() if generic else contextlib.nullcontext(), torch.inference_mode():
+            for start in range(tiny_model.n_layers):
+                for stop in range(start, tiny_model.n_layers + 1):
+                    got = run_layers(tiny_model, cache[names[start]], start, stop=stop)
+                    # right padding: compare the real positions only
+                    for row, n in enumerate(batch.lengths.tolist()):
+                        assert torch.allclose(got[row, :n], cache[names[stop]][row, :n], atol=1e-5), (start, stop)
+            with pytest.raises(MechbookError, match="do not lie"):
+                run_layers(tiny_model, cache[names[1]], 2, stop=1)
+
+
+def test_run_joining_equals_one_run_from_layer_per_group(tiny_model):
+    from mechbook.core.interventions import edit_hooks, zero_ablation
+    from mechbook.core.names import Component
+    from mechbook.core.runs import run_joining
+
+    batch = tokenize(tiny_model, ["1 2 3 4 5", "one two three", "a b c d e f"])
+    n, top = len(batch), tiny_model.n_layers
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(top)]
+    _, cache = run_last(tiny_model, batch, names=names)
+    joins = [0, 1, 1, top - 1]  # groups join at these layers; each zero-ablates head 1 of its own layer
+    edits = [e for g, l in enumerate(joins)
+             for e in zero_ablation([Component("head", l, 1)], rows=slice(g * n, (g + 1) * n))]
+    resid = [cache[names[l]] for l in joins]
+    got = run_joining(tiny_model, list(zip(joins, resid)), batch.last_pos, fwd_hooks=edit_hooks(edits))
+    for g, l in enumerate(joins):
+        own = zero_ablation([Component("head", l, 1)])
+        want, _ = run_from_layer(tiny_model, resid[g], l, batch.last_pos, fwd_hooks=edit_hooks(own))
+        assert torch.allclose(got[g * n : (g + 1) * n], want, atol=1e-5), (g, l)
+    with pytest.raises(MechbookError, match="in order of their layers"):
+        run_joining(tiny_model, [(1, resid[1]), (0, resid[0])], batch.last_pos)
+    with pytest.raises(MechbookError, match="no rows"):
+        run_joining(tiny_model, [], batch.last_pos)

@@ -69,3 +69,41 @@ def test_verdicts_table_reads_counts_and_paper_numbers():
     assert list(table.paper) == [0.37, 0.20, 0.73]
     line = [x for x in across_models.what_held({"verdicts": table}) if x.startswith("- Verdicts")][0]
     assert "m: holds 1, does not hold here 2, cannot tell 0 (of 3)" in line
+
+    # cross-task scores are in percent: an interval is "too wide to tell" from 50 points, not from 0.5
+    cross = pd.DataFrame({
+        "model": ["m", "m", "m", "GPT-2 small (paper)", "GPT-2 small (paper)"],
+        "circuit_task": ["numerals", "numwords", "months", "numerals", "numwords"],
+        "eval_task": ["numwords", "numerals", "numerals", "numwords", "numerals"],
+        "score": [59.3, 70.7, 89.6, 48.4, 87.3], "score_low": [50.1, 61.0, 20.0, np.nan, np.nan],
+        "score_high": [68.2, 80.0, 95.0, np.nan, np.nan], "n_prompts": [8, 8, 8, np.nan, np.nan],
+    })
+    judged = across_models.verdicts_table({"cross_task": cross})
+    assert list(judged.task) == ["numerals circuit", "numwords circuit"]  # months has no paper number
+    assert list(judged.verdict) == [stats.DOES_NOT_HOLD, stats.DOES_NOT_HOLD]
+    assert list(judged.paper) == [48.4, 87.3] and list(judged.n) == [8, 8]
+    wide = cross.assign(score_low=[10.0, 61.0, 20.0, np.nan, np.nan])
+    assert list(across_models.verdicts_table({"cross_task": wide}).verdict) == [stats.CANNOT_TELL,
+                                                                               stats.DOES_NOT_HOLD]
+    inside = cross.assign(score_high=[68.2, 90.0, 95.0, np.nan, np.nan])
+    assert list(across_models.verdicts_table({"cross_task": inside}).verdict) == [stats.DOES_NOT_HOLD,
+                                                                                 stats.HOLDS]
+
+
+def test_bootstrap_ratio_interval_equals_the_resampling_loop_written_out():
+    from mechbook.core.stats import bootstrap_ratio_interval
+
+    rng = np.random.default_rng(5)
+    den = rng.normal(4.0, 1.0, 12)
+    num = 0.8 * den + rng.normal(0, 0.5, 12)
+    low, high = bootstrap_ratio_interval(num, den, n_boot=500, seed=3)
+    draws = np.random.default_rng(3).integers(0, 12, size=(500, 12))
+    ratios = sorted(100 * sum(num[i] for i in row) / sum(den[i] for i in row) for row in draws)
+    assert low == pytest.approx(np.quantile(ratios, 0.025)) and high == pytest.approx(np.quantile(ratios, 0.975))
+    assert low < 100 * num.mean() / den.mean() < high
+    # more prompts, narrower interval
+    wide = bootstrap_ratio_interval(num[:4], den[:4], seed=3)
+    assert wide[1] - wide[0] > high - low
+    assert all(np.isnan(bootstrap_ratio_interval(num[:1], den[:1])))
+    with pytest.raises(ValueError, match="paired"):
+        bootstrap_ratio_interval(num, den[:5])

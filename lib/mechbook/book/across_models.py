@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 
@@ -252,8 +253,8 @@ def cross_task_table(root: str | Path | None = None) -> pd.DataFrame | None:
     table = collect("b4_shared_circuit", "cross_task", root, ["circuit_task", "eval_task", "score"])
     if table is None:
         return None
-    keep = [c for c in ["model", "circuit_task", "eval_task", "score", "random_mean", "random_std", "n_random"]
-            if c in table.columns]
+    keep = [c for c in ["model", "circuit_task", "eval_task", "score", "score_low", "score_high", "n_prompts",
+                        "random_mean", "random_std", "n_random"] if c in table.columns]
     paper = paper_rows("circuit score on")
     paper = pd.DataFrame({
         "model": paper.model,
@@ -334,10 +335,11 @@ def model_lines(data: pd.DataFrame, *, x: str, y: str, col: str, style: str, tit
 
 
 def _rate_row(model: str, claim: str, task: str, condition: str, value: float, low: float, high: float,
-              n: int, paper_model: str, paper: float) -> dict:
+              n: int, paper_model: str, paper: float, *, scale: float = 1.0) -> dict:
+    """One verdict row; ``scale`` is the top of the number's scale (1 for rates, 100 for scores in percent)."""
     return {"model": model, "claim": claim, "task": task, "condition": condition, "ours": value,
             "ci_low": low, "ci_high": high, "n": n, "paper": paper, "paper_model": paper_model,
-            "verdict": stats.verdict(paper, low, high)}
+            "verdict": stats.verdict(paper, low, high, widest=stats.WIDEST * scale)}
 
 
 def verdicts_table(tables: dict[str, pd.DataFrame | None]) -> pd.DataFrame | None:
@@ -348,7 +350,9 @@ def verdicts_table(tables: dict[str, pd.DataFrame | None]) -> pd.DataFrame | Non
     interval half the scale wide or wider). Intervals: Wilson for the transplant
     failure rates (chapter a5, ``n`` prompts per task and domain), Newcombe's hybrid
     score interval for the accuracy lost when the top third of the FFNs is removed
-    (chapter a6, ``n`` items before and after).
+    (chapter a6, ``n`` items before and after), a percentile bootstrap over the task's
+    prompts for the cross-task circuit scores (chapter b4, in percent: "cannot tell"
+    from 50 points wide).
     """
     rows = []
     transplant = tables.get("transplant")
@@ -373,6 +377,16 @@ def verdicts_table(tables: dict[str, pd.DataFrame | None]) -> pd.DataFrame | Non
             low, high = stats.difference_interval(round(r.accuracy_intact * n1), n1, round(r.accuracy_after * n2), n2)
             rows.append(_rate_row(r.model, "accuracy lost, top third of FFNs removed", r.task, r.variant, r.drop,
                                   low, high, n1, match.model.iloc[0], float(match["drop"].iloc[0])))
+    cross = tables.get("cross_task")
+    if cross is not None and {"score_low", "score_high", "n_prompts"} <= set(cross.columns):
+        paper = cross[cross.model.map(is_paper)]
+        for r in cross[~cross.model.map(is_paper)].itertuples():
+            match = paper[(paper.circuit_task == r.circuit_task) & (paper.eval_task == r.eval_task)]
+            if not len(match) or not np.isfinite([r.score_low, r.score_high]).all():
+                continue
+            rows.append(_rate_row(r.model, "circuit score on a task, % of the full model", f"{r.circuit_task} circuit",
+                                  f"on {r.eval_task}", r.score, r.score_low, r.score_high, int(r.n_prompts),
+                                  match.model.iloc[0], float(match.score.iloc[0]), scale=100.0))
     return pd.DataFrame(rows) if rows else None
 
 
@@ -390,7 +404,7 @@ SECTION_LABELS = {
     "icl_accuracy": "in-context accuracy (a2)", "function_layer": "function-application layer (a3/a4)",
     "transplant": "transplanting o (a5)", "ffn_drop": "FFN removal (a6)", "sequence_behaviour": "sequence continuation (b1)",
     "circuit_size": "circuit size (b2)", "circuit_overlap": "circuit overlap (b2)", "cross_task": "cross-task scores (b4)",
-    "subcircuit_effects": "sub-circuit ablation (b6)", "verdicts": "verdicts (a5/a6)",
+    "subcircuit_effects": "sub-circuit ablation (b6)", "verdicts": "verdicts (a5/a6/b4)",
 }
 
 
@@ -475,7 +489,8 @@ def what_held(tables: dict[str, pd.DataFrame | None], first: str | None = None) 
                                                     (stats.HOLDS, stats.DOES_NOT_HOLD, stats.CANNOT_TELL))
                          + f" (of {len(group)})")
         lines.append("- Verdicts on the paper's numbers that have an interval here (transplant failure rates, accuracy "
-                     "lost without the top FFNs; the paper's number inside our 95% interval: holds): "
+                     "lost without the top FFNs, cross-task circuit scores; the paper's number inside our 95% "
+                     "interval: holds): "
                      + "; ".join(parts) + ".")
     missing = [SECTION_LABELS.get(name, name) for name, table in tables.items() if table is None]
     if missing:

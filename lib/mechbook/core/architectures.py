@@ -112,23 +112,28 @@ class SharedPrefix:
 
 
 def run_layers(model, hidden: Float[Tensor, "batch pos d_model"], start: int, *,
-               prefix: SharedPrefix | None = None) -> Float[Tensor, "batch pos d_model"]:
+               prefix: SharedPrefix | None = None, stop: int | None = None) -> Float[Tensor, "batch pos d_model"]:
     """The residual stream entering the final norm, running blocks ``start..`` on ``hidden``.
 
     ``hidden`` is the residual stream entering block ``start`` at every position
     (right padding needs no padding mask). Hooks on blocks from ``start`` on fire as in
-    a full forward; hooks on earlier blocks do not. A ``prefix`` (hand-written loops
+    a full forward; hooks on earlier blocks do not. With ``stop``, only blocks
+    ``start .. stop-1`` run and the result is the residual stream entering block
+    ``stop`` (hooks from ``stop`` on do not fire). A ``prefix`` (hand-written loops
     only) holds keys and values of the first positions: while recording, ``hidden``
     holds every position; afterwards only the positions after the prefix.
     """
-    if start >= model.n_layers:
+    stop = model.n_layers if stop is None else stop
+    if not 0 <= start <= stop <= model.n_layers:
+        raise MechbookError(f"blocks {start}..{stop - 1} do not lie in 0..{model.n_layers - 1} in that order")
+    if start >= stop:
         return hidden
     if has_fast_loop(model):
-        return _FAST[model.hf_model.config.model_type](model, hidden, start, prefix)
+        return _FAST[model.hf_model.config.model_type](model, hidden, start, prefix, stop)
     if prefix is not None:
         raise MechbookError(f"a shared-prefix cache needs a hand-written decoder loop ({', '.join(FAST_LOOPS)}), "
                             f"not {model.hf_model.config.model_type!r}; run without one")
-    return _generic(model, hidden, start)
+    return _generic(model, hidden, start, stop)
 
 
 def _mask_args(model, hidden: Tensor, prefix: SharedPrefix | None) -> tuple[dict, Tensor, Tensor]:
@@ -150,19 +155,19 @@ def _cache_kwargs(prefix: SharedPrefix | None) -> dict:
     return {} if prefix is None else {"layer_past": prefix}
 
 
-def _gpt2_loop(model, hidden, start, prefix):
+def _gpt2_loop(model, hidden, start, prefix, stop):
     """``GPT2Model.forward`` from block ``start``: causal mask, learned positions already in ``hidden``."""
     from transformers.masking_utils import create_causal_mask
 
     args, _, own = _mask_args(model, hidden, prefix)
     mask = create_causal_mask(**args)
-    for block in model.hf_model.transformer.h[start:]:
+    for block in model.hf_model.transformer.h[start:stop]:
         hidden = _first(block(hidden, None, mask, None, encoder_attention_mask=None, use_cache=False,
                               position_ids=own, **_cache_kwargs(prefix)))
     return hidden
 
 
-def _rotary_loop(model, hidden, start, prefix):
+def _rotary_loop(model, hidden, start, prefix, stop):
     """``LlamaModel.forward`` / ``Gemma3TextModel.forward`` from block ``start``.
 
     The causal mask (sliding-window mask for Gemma 3's local layers) and the rotary
@@ -177,7 +182,7 @@ def _rotary_loop(model, hidden, start, prefix):
     inner = model.hf_model.model
     args, _, own = _mask_args(model, hidden, prefix)
     types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * model.n_layers)
-    needed = set(types[start:])
+    needed = set(types[start:stop])
     make_mask = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
     masks = {t: make_mask[t](**args) for t in needed}
     if cfg.model_type == "gemma3_text":
@@ -185,7 +190,7 @@ def _rotary_loop(model, hidden, start, prefix):
     else:
         shared = inner.rotary_emb(hidden, position_ids=own)
         rope = {t: shared for t in needed}
-    for i in range(start, model.n_layers):
+    for i in range(start, stop):
         hidden = _first(inner.layers[i](hidden, attention_mask=masks[types[i]], position_embeddings=rope[types[i]],
                                         position_ids=own, use_cache=False, **_cache_kwargs(prefix)))
     return hidden
@@ -221,7 +226,7 @@ def _block_returns_tuple(model) -> bool:
     return seen["tuple"]
 
 
-def _generic(model, hidden: Tensor, start: int) -> Tensor:
+def _generic(model, hidden: Tensor, start: int, stop: int | None = None) -> Tensor:
     """Blocks ``start..`` through the model's own forward: earlier blocks skipped, block ``start``'s input replaced.
 
     The forward runs on placeholder token ids of the right shape, so the model builds
@@ -249,8 +254,14 @@ def _generic(model, hidden: Tensor, start: int) -> Tensor:
 
     for block in blocks[:start]:  # set on the wrapper itself: the bridge forwards plain setattr to the HF module
         object.__setattr__(block, "forward", skip)
-    handles = [blocks[start].register_forward_pre_hook(enter, with_kwargs=True),
-               model.bridge.hook_dict[act_name("final")].register_forward_hook(leave)]
+    def leave_early(module, args, kwargs):
+        out["final"] = args[0] if args else kwargs["hidden_states"]
+        raise _Stop
+
+    end = (model.bridge.hook_dict[act_name("final")].register_forward_hook(leave)
+           if stop is None or stop >= len(blocks) else blocks[stop].register_forward_pre_hook(leave_early,
+                                                                                             with_kwargs=True))
+    handles = [blocks[start].register_forward_pre_hook(enter, with_kwargs=True), end]
     placeholder = torch.full(hidden.shape[:2], placeholder_token(model), dtype=torch.long, device=hidden.device)
     try:
         model.hf_model(input_ids=placeholder, use_cache=False)

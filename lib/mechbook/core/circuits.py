@@ -43,6 +43,7 @@ from mechbook.core.runs import (
     TokenBatch,
     embeddings,
     run_from_layer,
+    run_joining,
     run_last,
     run_variants,
 )
@@ -202,6 +203,38 @@ def score_circuit(
     return 100.0 * float(metric(run_circuit(model, batch, circuit, means)).mean()) / full_metric
 
 
+def circuit_metrics(
+    model: LoadedModel,
+    batch: TokenBatch,
+    circuits: Sequence[Circuit],
+    means: Mapping[str, Tensor],
+    metric: Metric,
+    *,
+    max_rows: int = 256,
+    tokens: Int[Tensor, "k"] | None = None,
+) -> Float[Tensor, "n_circuits batch"]:
+    """The metric of every prompt with everything outside each circuit mean-ablated, many circuits per pass.
+
+    Each copy of the batch gets its own circuit's complement mean-ablated at every
+    position. ``tokens`` restricts the unembedding to the ids the metric reads.
+    """
+    if not circuits:
+        raise MechbookError("no circuits to score; pass a list of Circuit")
+    complements = [c.complement(model) for c in circuits]
+    check_means(model, batch, means, all_heads(model) + all_mlps(model))
+    n = len(batch)
+
+    def hooks_for(first: int, count: int):
+        edits = []
+        for v, comps in enumerate(complements[first : first + count]):
+            edits += mean_ablation(comps, means, rows=slice(v * n, (v + 1) * n))
+        return edit_hooks(edits)
+
+    values = run_variants(model, batch, len(circuits), hooks_for, metric, resid=embeddings(model, batch),
+                          max_rows=max_rows, tokens=tokens)
+    return values.float().cpu()
+
+
 def score_circuits(
     model: LoadedModel,
     batch: TokenBatch,
@@ -215,26 +248,12 @@ def score_circuits(
 ) -> Float[Tensor, "n_circuits"]:
     """Scores (% of the full model) of several circuits on one batch, many circuits per forward pass.
 
-    Same numbers as :func:`score_circuit` one by one: each copy of the batch gets its
-    own circuit's complement mean-ablated at every position. ``tokens`` restricts the
-    unembedding to the ids the metric reads.
+    Same numbers as :func:`score_circuit` one by one (:func:`circuit_metrics`, averaged
+    over prompts, over the full model's mean metric).
     """
-    if not circuits:
-        raise MechbookError("no circuits to score; pass a list of Circuit")
-    complements = [c.complement(model) for c in circuits]
-    check_means(model, batch, means, all_heads(model) + all_mlps(model))
+    values = circuit_metrics(model, batch, circuits, means, metric, max_rows=max_rows, tokens=tokens)
     full = full_model_metric(model, batch, metric) if full_metric is None else full_metric
-    n = len(batch)
-
-    def hooks_for(first: int, count: int):
-        edits = []
-        for v, comps in enumerate(complements[first : first + count]):
-            edits += mean_ablation(comps, means, rows=slice(v * n, (v + 1) * n))
-        return edit_hooks(edits)
-
-    values = run_variants(model, batch, len(circuits), hooks_for, metric, resid=embeddings(model, batch),
-                          max_rows=max_rows, tokens=tokens)
-    return 100.0 * values.float().mean(1).cpu() / full
+    return 100.0 * values.mean(1) / full
 
 
 def random_circuits(model: LoadedModel, size_like: Circuit, n: int, seed: int = 0) -> list[Circuit]:
@@ -276,11 +295,16 @@ def cross_task_scores(
 
 
 class _CircuitRunner:
-    """Scores ``circuit minus c`` for several candidates ``c`` at once, starting at the earliest candidate's layer.
+    """Scores ``circuit minus c`` for several candidates ``c`` at once, each from its own layer.
 
     Keeps the residual stream entering every layer under the *current* circuit;
     removing a component at layer L invalidates only the layers after L, which are
-    recomputed (from L, not from the start) when a later candidate needs them.
+    recomputed (from L, not from the start) when a later candidate needs them. On the
+    local backend each candidate's rows join the batched run at the candidate's own
+    layer (:func:`~mechbook.core.runs.run_joining`), so no block runs for a row that
+    nothing has changed yet; other backends run every candidate of a window from the
+    window's earliest layer. A score already computed for the same circuit and
+    candidate (a later pass meeting an unchanged circuit) is reused, not recomputed.
     """
 
     def __init__(self, model: LoadedModel, batch: TokenBatch, means: Mapping[str, Tensor], metric: Metric,
@@ -292,6 +316,9 @@ class _CircuitRunner:
         ablated = circuit.complement(model)
         logits, cache = run_last(model, batch, names=names, fwd_hooks=edit_hooks(mean_ablation(ablated, means)))
         self.forwards = 1
+        self.reused = 0
+        self.joining = model.backend == "local"
+        self.known: dict[tuple[frozenset, str], float] = {}
         value = float(metric(logits).mean())
         # starting from the full model, this run is the full model: no separate denominator run
         self.full = _check_full(value) if not ablated else full_model_metric(model, batch, metric)
@@ -317,6 +344,33 @@ class _CircuitRunner:
         self.valid_upto = self.model.n_layers - 1
 
     def scores_without(self, circuit: Circuit, candidates: Sequence[Component]) -> list[float]:
+        key = frozenset(circuit.labels())
+        todo = [c for c in dict.fromkeys(candidates) if (key, c.label) not in self.known]
+        self.reused += len(candidates) - len(todo)
+        if todo:
+            values = self._joined(circuit, todo) if self.joining else self._from_start(circuit, todo)
+            self.known.update({(key, c.label): v for c, v in zip(todo, values)})
+        return [self.known[(key, c.label)] for c in candidates]
+
+    def _joined(self, circuit: Circuit, candidates: Sequence[Component]) -> list[float]:
+        if max(c.layer for c in candidates) > self.valid_upto:
+            self._refresh(circuit)
+        order = sorted(range(len(candidates)), key=lambda i: candidates[i].layer)
+        start = candidates[order[0]].layer
+        n = self.n
+        edits = mean_ablation(circuit.complement(self.model), self.means, first_layer=start)
+        for v, i in enumerate(order):
+            edits += mean_ablation([candidates[i]], self.means, rows=slice(v * n, (v + 1) * n))
+        logits = run_joining(self.model, [(candidates[i].layer, self.resid[candidates[i].layer]) for i in order],
+                             self.batch.last_pos, fwd_hooks=edit_hooks(edits), tokens=self.tokens)
+        self.forwards += 1
+        values = (100.0 * self.metric(logits.reshape(len(order), n, -1)).mean(1) / self.full).tolist()
+        out = [0.0] * len(candidates)
+        for v, i in enumerate(order):
+            out[i] = values[v]
+        return out
+
+    def _from_start(self, circuit: Circuit, candidates: Sequence[Component]) -> list[float]:
         start = min(c.layer for c in candidates)
         if start > self.valid_upto:
             self._refresh(circuit)
@@ -436,7 +490,8 @@ def prune_nodes(
     progress.close()
     log = pd.DataFrame(rows, columns=["round", "pass", "step", "component", "kind", "layer", "head",
                                       "score_without", "removed", "circuit_size"])
-    log.attrs.update({"threshold": threshold, "full_metric": full, "forward_passes": runner.forwards})
+    log.attrs.update({"threshold": threshold, "full_metric": full, "forward_passes": runner.forwards,
+                      "scores_reused": runner.reused})
     return Circuit(circuit.heads, circuit.mlps, score=runner.score, log=log)
 
 

@@ -293,6 +293,48 @@ def run_from_layer(
     return logits, cache
 
 
+def run_joining(
+    model: LoadedModel,
+    joins: Sequence[tuple[int, Float[Tensor, "n pos d_model"]]],
+    last_pos: Int[Tensor, "n"],
+    *,
+    fwd_hooks: Sequence[tuple[str, HookFn]] = (),
+    tokens: Int[Tensor, "k"] | None = None,
+) -> Float[Tensor, "rows d_vocab"]:
+    """One forward pass in which groups of rows join at their own layers; last-position logits of every row.
+
+    ``joins[k] = (layer, resid)``: ``n`` rows whose residual stream entering ``layer``
+    is ``resid``, in order of ``layer``. Group ``k`` holds rows ``k*n .. (k+1)*n-1`` from
+    the moment it joins, and its rows run only the blocks from its own layer on, so
+    the result equals one :func:`run_from_layer` per group, stacked, with no block run
+    for rows that do not need it. The local backend's decoder loops only.
+    """
+    from mechbook.core.architectures import run_layers
+    from mechbook.core.decoding import unembed
+
+    if model.backend != "local":
+        raise MechbookError(f"run_joining runs on the local backend only, not {model.backend!r}")
+    if not joins:
+        raise MechbookError("no rows to run; pass at least one (layer, resid)")
+    layers = [model.check_layer(layer, allow_end=True) for layer, _ in joins]
+    if layers != sorted(layers):
+        raise MechbookError(f"groups must join in order of their layers; got layers {layers}")
+    shape = joins[0][1].shape
+    if any(resid.shape != shape for _, resid in joins) or len(shape) != 3 or len(last_pos) != shape[0]:
+        raise MechbookError(f"every group's resid must be [n, pos, {model.d_model}] like the first, with one last "
+                            f"position per row; got {[tuple(r.shape) for _, r in joins]} and {len(last_pos)} positions")
+    bounds = sorted(set(layers)) + [model.n_layers]
+    hidden = None
+    with torch.inference_mode(), temporary_hooks(model, fwd_hooks):
+        for here, upto in zip(bounds, bounds[1:]):
+            new = [resid for layer, resid in joins if layer == here]
+            hidden = torch.cat(([] if hidden is None else [hidden]) + new)
+            hidden = run_layers(model, hidden, here, stop=upto)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        logits = unembed(model, hidden[rows, last_pos.to(hidden.device).repeat(len(joins))], tokens=tokens)
+    return logits
+
+
 # --- the variant runner ------------------------------------------------------------------------------
 
 HooksFor = Callable[[int, int], Sequence[tuple[str, HookFn]]]

@@ -51,3 +51,31 @@ def verdict(paper: float, low: float, high: float, *, widest: float = WIDEST) ->
     if not all(np.isfinite([paper, low, high])) or high - low >= widest:
         return CANNOT_TELL
     return HOLDS if low <= paper <= high else DOES_NOT_HOLD
+
+
+def bootstrap_ratio_interval(numerator: np.ndarray, denominator: np.ndarray, *, n_boot: int = 2000, seed: int = 0,
+                             level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``100 x mean(numerator) / mean(denominator)`` over prompts.
+
+    A circuit's score is such a ratio: per prompt, the metric with everything outside
+    the circuit mean-ablated (numerator) and the full model's metric (denominator).
+    Prompts are resampled with replacement, the same prompts for both means (they are
+    paired); ``n_boot`` resamples from ``seed``. ``(nan, nan)`` for fewer than 2 prompts.
+    """
+    num, den = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
+    if num.shape != den.shape or num.ndim != 1:
+        raise ValueError(f"numerator and denominator must be 1-d and paired, got {num.shape} and {den.shape}")
+    if not 0 < level < 1 or n_boot < 1:
+        raise ValueError(f"level must lie in (0, 1) and n_boot be at least 1, got {level} and {n_boot}")
+    if len(num) < 2:
+        return (np.nan, np.nan)
+    picks = np.random.default_rng(seed).integers(0, len(num), size=(n_boot, len(num)))
+    ratios = 100.0 * num[picks].mean(1) / den[picks].mean(1)
+    low, high = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return (float(low), float(high))
+
+
+def jaccard(a, b) -> float:
+    """|a & b| / |a | b| of two sets (1.0 when both are empty: nothing to disagree on)."""
+    a, b = set(a), set(b)
+    return 1.0 if not a | b else len(a & b) / len(a | b)

@@ -127,10 +127,16 @@ def test_cross_task_table(tiny_gpt2):
     tasks = {"a": _taskset(tiny_gpt2, "a", 0), "b": _taskset(tiny_gpt2, "b", 1)}
     circuits = {"a": Circuit.full(tiny_gpt2), "b": Circuit([(0, 0), (1, 1)], [0])}
     table = cross_task_table(tiny_gpt2, circuits, tasks, n_random=4, seed=0)
-    assert list(table.columns[:6]) == ["circuit_task", "eval_task", "score", "random_mean", "random_std", "n_random"]
-    assert len(table) == 4
+    assert list(table.columns[:8]) == ["circuit_task", "eval_task", "score", "score_low", "score_high", "random_mean",
+                                       "random_std", "n_random"]
+    assert len(table) == 4 and (table.n_prompts == 5).all()
     full = table[table.circuit_task == "a"]
     assert full.score.tolist() == pytest.approx([100.0, 100.0], abs=1e-3)
+    # the full circuit equals the full model on every prompt, so every resample scores 100
+    assert full.score_low.tolist() == pytest.approx([100.0, 100.0], abs=1e-3)
+    assert full.score_high.tolist() == pytest.approx([100.0, 100.0], abs=1e-3)
+    part = table[table.circuit_task == "b"]
+    assert (part.score_low < part.score).all() and (part.score < part.score_high).all()
     # random circuits of the full model's size are the full model
     assert full.random_mean.tolist() == pytest.approx([100.0, 100.0], abs=1e-3)
     assert (table[table.circuit_task == "b"].random_std > 0).all()

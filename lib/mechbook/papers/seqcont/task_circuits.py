@@ -32,6 +32,7 @@ from torch import Tensor
 from mechbook.book import results
 from mechbook.core.circuits import (
     Circuit,
+    circuit_metrics,
     full_model_metric,
     prune_nodes,
     random_circuits,
@@ -41,7 +42,8 @@ from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
 from mechbook.core.names import all_heads, all_mlps
 from mechbook.core.patching import Metric, mean_activations
-from mechbook.core.runs import TokenBatch
+from mechbook.core.runs import TokenBatch, run_last
+from mechbook.core.stats import bootstrap_ratio_interval
 from mechbook.papers.seqcont import components, reported, sequences
 
 NODE_CHAPTER = "b2_node_pruning"
@@ -345,25 +347,32 @@ def cross_task_table(
 ) -> pd.DataFrame:
     """Each circuit scored on each task, beside random circuits of its size (Paper B's cross-task table plus a control).
 
-    One row per (circuit_task, eval_task): score, random_mean, random_std (over
-    ``n_random`` random circuits with as many heads and MLPs, the same ones on every
-    task), n_random, and the paper's GPT-2 small score where it gives one.
+    One row per (circuit_task, eval_task): score with its 95% bootstrap interval over
+    the task's prompts (score_low, score_high; :func:`mechbook.core.stats.bootstrap_ratio_interval`),
+    random_mean, random_std (over ``n_random`` random circuits with as many heads and
+    MLPs, the same ones on every task), n_random, n_prompts, and the paper's GPT-2
+    small score where it gives one.
     """
     if not circuits or not tasks:
         raise MechbookError("need at least one circuit and one task to score it on")
     controls = {name: random_circuits(model, c, n_random, seed=seed) for name, c in circuits.items()}
     rows = []
     for eval_task, task in tasks.items():
-        full = full_model_metric(model, task.batch, task.metric)
+        full_logits, _ = run_last(model, task.batch)
+        full = task.metric(full_logits).float().cpu()
+        if not float(full.mean()) > 0:
+            full_model_metric(model, task.batch, task.metric)  # raises its one-line error
         names = list(circuits)
         batch_circuits = [circuits[nm] for nm in names] + [r for nm in names for r in controls[nm]]
-        scores = score_circuits(model, task.batch, batch_circuits, task.means, task.metric, full_metric=full,
-                                tokens=task.tokens).tolist()
+        per_prompt = circuit_metrics(model, task.batch, batch_circuits, task.means, task.metric, tokens=task.tokens)
+        scores = (100.0 * per_prompt.mean(1) / full.mean()).tolist()
         own, rand = scores[: len(names)], np.array(scores[len(names) :]).reshape(len(names), n_random)
         for i, name in enumerate(names):
-            rows.append({"circuit_task": name, "eval_task": eval_task, "score": own[i],
-                         "random_mean": float(rand[i].mean()),
+            low, high = bootstrap_ratio_interval(per_prompt[i].numpy(), full.numpy(), seed=seed)
+            rows.append({"circuit_task": name, "eval_task": eval_task, "score": own[i], "score_low": low,
+                         "score_high": high, "random_mean": float(rand[i].mean()),
                          "random_std": float(rand[i].std(ddof=1)) if n_random > 1 else float("nan"),
-                         "n_random": n_random, "n_heads": len(circuits[name].heads), "n_mlps": len(circuits[name].mlps),
+                         "n_random": n_random, "n_prompts": len(task), "n_heads": len(circuits[name].heads),
+                         "n_mlps": len(circuits[name].mlps),
                          "paper_gpt2_small": reported.CROSS_TASK.get((name, eval_task), float("nan"))})
     return pd.DataFrame(rows)
