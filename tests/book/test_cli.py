@@ -502,3 +502,22 @@ def test_models_says_which_backends_run_each_model(capsys: pytest.CaptureFixture
     assert "local, nnsight, ndif" in rows["EleutherAI/gpt-j-6B"]
     assert "bigscience/bloom-560m" in rows and "nnsight" not in rows["bigscience/bloom-560m"]  # no module layout
     assert rows["meta-llama/Llama-3.1-405B"].split()[1:4] == ["ndif", "no", "ndif"]
+
+
+def test_ndif_still_needs_the_model_here_and_says_so(repo: Path, capsys: pytest.CaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("nnsight")
+    from mechbook.core import backends
+
+    monkeypatch.setenv("NDIF_API_KEY", "test-key")
+    monkeypatch.setattr(backends, "ndif_unreachable", lambda timeout=2.0: None)  # as if NDIF answered
+    monkeypatch.setattr(cli, "in_hub_cache", lambda hub_id: None)
+    monkeypatch.setattr(cli, "hub_unreachable", lambda: "no network in the tests")
+    _takes_backend(repo / "book" / "a1_first.ipynb")
+    code = cli.main(["--root", str(repo), "run", "--model", "EleutherAI/gpt-j-6B", "--chapters", "a1",
+                     "--out", str(repo / "runs"), "--backend", "ndif"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "EleutherAI/gpt-j-6B is not in the local Hugging Face cache" in err
+    assert "--backend ndif runs the layers on NDIF but still loads the model here" in err
+    assert not (repo / "runs").exists()

@@ -582,7 +582,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     chapters = select_chapters(book_dir, args.chapters)
     _check_parameters(chapters)
     check_backend(args.backend, args.model)
-    check_model_name(args.model)
+    try:
+        check_model_name(args.model)
+    except MechbookError as exc:
+        if args.backend != "ndif":
+            raise
+        raise MechbookError(f"{exc} (--backend ndif runs the layers on NDIF but still loads the model here: "
+                            "mechbook builds it from its local weights and decodes with them)") from None
     if args.model not in REGISTRY:  # a local folder: the chapters run in book/, where a relative path means another
         args.model = str(Path(args.model).expanduser().resolve())
     parameters = chapter_parameters(chapters, args.model, args.parameter or [], args.backend)
