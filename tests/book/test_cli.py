@@ -521,3 +521,24 @@ def test_ndif_still_needs_the_model_here_and_says_so(repo: Path, capsys: pytest.
     assert "EleutherAI/gpt-j-6B is not in the local Hugging Face cache" in err
     assert "--backend ndif runs the layers on NDIF but still loads the model here" in err
     assert not (repo / "runs").exists()
+
+
+def test_a_chapter_that_fails_midway_publishes_nothing_and_resume_reruns_it(
+    repo: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """As when NDIF drops the connection halfway: the staged tables are never published."""
+    _chapter(repo / "book" / "a1_first.ipynb", body=(
+        "import pandas as pd\nfrom mechbook.book import results\nfrom mechbook import MechbookError\n"
+        "out = results.ChapterResults('a1_first', model_name)\nout.save('half', pd.DataFrame({'x': [1]}))\n"
+        "raise MechbookError('NDIF could not run the request: connection dropped')"))
+    args = ["--root", str(repo), "run", "--model", DEFAULT_MODEL, "--chapters", "a1", "--out", str(repo / "runs"),
+            "--no-book-update", "--resume"]
+    assert cli.main(args) == 1
+    assert "NDIF could not run the request: connection dropped" in capsys.readouterr().out
+    model_dir = repo / "results" / DEFAULT_MODEL
+    assert not (model_dir / "a1_first").exists()
+    assert not results.is_complete(DEFAULT_MODEL, "a1_first", repo / "results")
+    _a1_writing_results(repo)
+    assert cli.main(args) == 0  # not skipped: it had no complete results
+    assert "a1       ok" in capsys.readouterr().out
+    assert sorted(p.name for p in model_dir.iterdir() if not p.name.startswith(".")) == ["a1_first"]
