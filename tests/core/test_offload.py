@@ -1,4 +1,4 @@
-"""A model larger than memory on one machine: ``load_model(..., device_map="auto", max_memory=..., offload_folder=...)``.
+"""A model larger than memory on one machine: ``load_model(..., device_map="auto", max_memory=..., offload_folder=)``.
 
 A tiny config-built model is loaded twice: in memory, and with accelerate keeping part of its layers on
 disk (``max_memory`` below the model's size). Patching and node pruning give the same numbers on both.
@@ -37,7 +37,8 @@ def test_part_of_the_layers_stays_on_disk(pair):
     placed = offloaded.hf_model.hf_device_map
     assert {"cpu", "disk"} <= set(placed.values()), placed
     on_disk = [name for name, where in placed.items() if where == "disk"]
-    params = [(f"{name}.{n}", p) for name in on_disk for n, p in offloaded.hf_model.get_submodule(name).named_parameters()]
+    params = [(f"{name}.{n}", p) for name in on_disk
+              for n, p in offloaded.hf_model.get_submodule(name).named_parameters()]
     in_memory = [n for n, p in params if p.device.type != "meta"]
     split_qkv = [n for n in in_memory if any(f"attn.{x}." in n for x in "qkv")]
     assert in_memory == (split_qkv if offloaded.family == "gpt2" else []), in_memory

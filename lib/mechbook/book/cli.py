@@ -312,7 +312,8 @@ def chapter_parameters(chapters: Sequence[Chapter], model: str, given: Sequence[
                 f"no chosen chapter takes parameter {name!r}; they take: {', '.join(takes) or 'only model_name'}"
             )
     if backend != "local":
-        without = [c.key for c in chapters if "backend" not in defaults[c.key] and not c.key.startswith(CROSS_MODEL_PREFIX)]
+        without = [c.key for c in chapters
+                   if "backend" not in defaults[c.key] and not c.key.startswith(CROSS_MODEL_PREFIX)]
         if without:
             raise MechbookError(f"chapter {without[0]} takes no backend parameter, so it cannot run on --backend "
                                 f"{backend}; add backend = \"local\" to its parameters cell, or leave it out")

@@ -14,6 +14,10 @@ the backend, so every sweep, ablation and circuit of the core runs on it unchang
 Hook functions keep transformer-lens's shape (``fn(activation, hook) -> activation | None``,
 ``hook.name`` the hook name) and see activations in transformer-lens's shapes
 (``hook_z`` as ``[batch, pos, head, d_head]``). Attention patterns are not reachable.
+
+Before a run on NDIF, :func:`check_ndif` finds what would stop it (nnsight, the key, a model NDIF
+does not serve, no answer); during it, :func:`remote_failure` turns the server's refusals into one
+line naming the fix, and a request over :data:`MAX_REQUEST_BYTES` is split or refused.
 """
 
 from __future__ import annotations
