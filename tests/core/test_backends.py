@@ -87,6 +87,14 @@ def test_restricted_logits_match_in_values_and_gaps(models, backend):
     got, _ = run_last(other, batch, tokens=tokens)
     assert torch.equal(got.isnan(), want.isnan()) and int(got.isnan().sum()) == got.numel() - 3 * len(batch)
     assert _diff(got[:, tokens], want[:, tokens]) < TOL
+    resid = run_last(local, batch, names=[act_name("resid_pre", 1)])[1][act_name("resid_pre", 1)]
+    want, _ = run_from_layer(local, resid, 1, batch.last_pos, tokens=tokens)
+    got, _ = run_from_layer(other, resid, 1, batch.last_pos, tokens=tokens)
+    assert torch.equal(got.isnan(), want.isnan()) and _diff(got[:, tokens], want[:, tokens]) < TOL
+    # only the asked-for columns come back from the trace: a smaller request
+    plan = backends._plan(local, (), (), 0)
+    assert backends.request_bytes(local, batch.input_ids, plan, tokens=tokens) < backends.request_bytes(
+        local, batch.input_ids, plan)
 
 
 def _edits(model, batch, source_cache, mode):

@@ -297,13 +297,15 @@ def _visit(envoy, io: str, entries: list, cache: dict, rows: Tensor, last_pos: T
 
 
 def _trace(model, ids: Tensor, plan: list, last_pos: Tensor, *, start: int = 0, resid: Tensor | None = None,
-           last_only: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+           last_only: bool = False, tokens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """One nnsight trace: the plan's hooks and last-position logits; from ``start`` given ``resid`` entering it.
 
     Layers before ``start`` are skipped (each returns ``resid``) and layer ``start``
     (or the final norm) takes ``resid`` as its input. The logits are computed in the
     trace, at each row's last position only: the language-model head's input is
-    replaced by the final norm's output there.
+    replaced by the final norm's output there. With ``tokens`` only those columns come
+    back (the others NaN, as the local backend's restricted unembedding returns them): a far
+    smaller download.
     """
     import nnsight
 
@@ -328,17 +330,23 @@ def _trace(model, ids: Tensor, plan: list, last_pos: Tensor, *, start: int = 0, 
                 given = resid if i == 0 and resid is not None else None
                 _visit(lm.get(path), io, entries, cache, rows, last_pos, last_only, given)
             head.input = norm.output[rows, last_pos][:, None]
-            logits = nnsight.save(lm.output.logits[:, 0].detach())
+            logits = lm.output.logits[:, 0].detach()
+            logits = nnsight.save(logits if tokens is None else logits[:, tokens])
             cache = nnsight.save(cache)
     except Exception as exc:
         failure = remote_failure(exc)
         if failure is None:
             raise
         raise failure from None
+    if tokens is not None:
+        full = torch.full((len(logits), model.d_vocab), float("nan"), dtype=logits.dtype, device=logits.device)
+        full[:, tokens] = logits
+        logits = full
     return logits, cache
 
 
-def request_bytes(model, ids: Tensor, plan: list, *, resid: Tensor | None = None, last_only: bool = False) -> int:
+def request_bytes(model, ids: Tensor, plan: list, *, resid: Tensor | None = None, last_only: bool = False,
+                  tokens: Tensor | None = None) -> int:
     """An estimate of one request's tensors: token ids and ``resid`` sent, logits and cached activations back.
 
     Each cached activation is counted at the residual width (or all heads' width, if larger), in float32.
@@ -347,7 +355,8 @@ def request_bytes(model, ids: Tensor, plan: list, *, resid: Tensor | None = None
     cached = sum(keep for _, _, entries in plan for *_, keep in entries)
     batch, positions = ids.shape
     sent = ids.numel() * 8 + (resid.numel() * resid.element_size() if resid is not None else 0)
-    back = batch * model.d_vocab * 4 + cached * batch * (1 if last_only else positions) * width * 4
+    columns = model.d_vocab if tokens is None else len(tokens)
+    back = batch * columns * 4 + cached * batch * (1 if last_only else positions) * width * 4
     return sent + back
 
 
@@ -367,16 +376,6 @@ def _head_path(hf: torch.nn.Module) -> str:
     return next(name for name, module in hf.named_modules() if module is head)
 
 
-def _restrict(logits: Tensor, tokens: Tensor | None) -> Tensor:
-    """Only the ``tokens`` columns, the others NaN, as the local backend's restricted unembedding returns them."""
-    if tokens is None:
-        return logits
-    tokens = torch.as_tensor(tokens, dtype=torch.long, device=logits.device)
-    out = torch.full_like(logits, float("nan"))
-    out[..., tokens] = logits[..., tokens]
-    return out
-
-
 # --- the entry points runs.py hands over ---------------------------------------------------------------
 
 
@@ -384,17 +383,18 @@ def run_last(model, batch, *, names: Sequence[str] = (), fwd_hooks: Sequence = (
              tokens: Int[Tensor, "k"] | None = None) -> tuple[Float[Tensor, "batch d_vocab"], dict[str, Tensor]]:
     """:func:`mechbook.core.runs.run_last` on an nnsight backend."""
     plan = _plan(model, fwd_hooks, names, 0)
-    size = request_bytes(model, batch.input_ids, plan, last_only=last_only)
+    tokens = None if tokens is None else torch.as_tensor(tokens, dtype=torch.long, device=batch.input_ids.device)
+    size = request_bytes(model, batch.input_ids, plan, last_only=last_only, tokens=tokens)
     if model.runner.remote and size > MAX_REQUEST_BYTES and not fwd_hooks and len(batch) > 1:
         half = len(batch) // 2  # no edits: the rows are independent, so two smaller requests give the same
         parts = [run_last(model, batch.select(rows), names=names, last_only=last_only, tokens=tokens)
                  for rows in (slice(0, half), slice(half, None))]
         return torch.cat([parts[0][0], parts[1][0]]), {name: _cat_rows(parts[0][1][name], parts[1][1][name], last_only)
                                                         for name in parts[0][1]}
-    _check_size(model, batch.input_ids, plan, last_only=last_only)
+    _check_size(model, batch.input_ids, plan, last_only=last_only, tokens=tokens)
     with torch.inference_mode():
-        logits, cache = _trace(model, batch.input_ids, plan, batch.last_pos, last_only=last_only)
-    return _restrict(logits, tokens), cache
+        logits, cache = _trace(model, batch.input_ids, plan, batch.last_pos, last_only=last_only, tokens=tokens)
+    return logits, cache
 
 
 def _cat_rows(a: Tensor, b: Tensor, last_only: bool) -> Tensor:
@@ -420,10 +420,11 @@ def run_from_layer(model, resid: Float[Tensor, "batch pos d_model"], layer: int,
     from mechbook.core.architectures import placeholder_token
 
     ids = torch.full(resid.shape[:2], placeholder_token(model), dtype=torch.long, device=resid.device)
-    _check_size(model, ids, plan, resid=resid)
+    tokens = None if tokens is None else torch.as_tensor(tokens, dtype=torch.long, device=resid.device)
+    _check_size(model, ids, plan, resid=resid, tokens=tokens)
     with torch.inference_mode():
-        logits, cache = _trace(model, ids, plan, last_pos.to(resid.device), start=layer, resid=resid)
-    return _restrict(logits, tokens), cache
+        logits, cache = _trace(model, ids, plan, last_pos.to(resid.device), start=layer, resid=resid, tokens=tokens)
+    return logits, cache
 
 
 def embeddings(model, batch) -> Float[Tensor, "batch pos d_model"]:
