@@ -40,8 +40,9 @@ NDIF_KEY_ENV = "NDIF_API_KEY"
 INSTALL_HINT = "pip install -e .[ndif]"
 TRACE_COUNT_ENV = "MECHBOOK_COUNT_TRACES"  # a file: each trace appends a line "<batch> <positions>"
 NDIF_HOST = "https://api.ndif.us"  # nnsight's default (nnsight.schema.config); NDIF_HOST overrides it, as in nnsight
-# Models NDIF serves that the papers use or that are their larger kin: the list of issue 13 (from ndif.us/models;
-# nnsight's own docs use openai-community/gpt2). NDIF's live list: python -c "import nnsight; print(nnsight.status())".
+# Models NDIF serves that the papers use or that are their larger kin: the list of issue 13, taken from
+# https://ndif.us/models and not checked against NDIF from here (it cannot be reached); nnsight's own docs
+# name GPT-2 openai-community/gpt2. NDIF's live list: python -c "import nnsight; print(nnsight.status())".
 # Name -> the hub id NDIF knows it by; hub ids compare case-insensitively.
 NDIF_MODELS = {
     "gpt2": "openai-community/gpt2",
