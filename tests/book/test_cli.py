@@ -386,3 +386,159 @@ def test_refresh_of_an_across_models_chapter_checks_the_results(repo: Path, caps
     (saved / "_complete.json").write_text(json.dumps({"model": "smollm2-135m", "chapter": "b1_third", "format": 0}))
     assert cli.main(["--root", str(repo), "refresh", "--chapters", "c1"]) == 2
     assert f"(format 0, now {results.FORMAT})" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- backends and --resume
+
+
+def _takes_backend(path: Path, body: str = "print(model_name, backend)") -> Path:
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[1].source += '\nbackend = "local"'
+    nb.cells[2].source = body
+    nbformat.write(nb, path)
+    return path
+
+
+def test_backend_reaches_every_chapter_that_takes_it(repo: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("nnsight")
+    _takes_backend(repo / "book" / "a1_first.ipynb")
+    _takes_backend(repo / "book" / "b1_third.ipynb", body="print(backend.upper())")
+    out = repo / "runs"
+    code = cli.main(["--root", str(repo), "run", "--model", DEFAULT_MODEL, "--chapters", "a1", "b1", "--out", str(out),
+                     "--backend", "nnsight"])
+    assert code == 0, capsys.readouterr().out
+    assert _cells_output(out / DEFAULT_MODEL / "a1_first.ipynb") == f"{DEFAULT_MODEL} nnsight\n"
+    assert _cells_output(out / DEFAULT_MODEL / "b1_third.ipynb") == "NNSIGHT\n"
+
+
+def test_a_chapter_without_a_backend_parameter_is_refused_off_local(repo: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("nnsight")
+    _takes_backend(repo / "book" / "a1_first.ipynb")
+    code = cli.main(["--root", str(repo), "run", "--model", DEFAULT_MODEL, "--chapters", "a1", "a2",
+                     "--out", str(repo / "runs"), "--backend", "nnsight"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "chapter a2 takes no backend parameter" in err
+    assert not (repo / "runs" / DEFAULT_MODEL).exists() or not any((repo / "runs" / DEFAULT_MODEL).iterdir())
+
+
+def test_backend_is_set_with_its_option_not_a_parameter(repo: Path, capsys: pytest.CaptureFixture) -> None:
+    _takes_backend(repo / "book" / "a1_first.ipynb")
+    code = cli.main(["--root", str(repo), "run", "--model", DEFAULT_MODEL, "--chapters", "a1", "-p", "backend=ndif"])
+    assert code == 2 and capsys.readouterr().err.endswith("set the backend with --backend, not -p backend=...\n")
+
+
+def _no_nnsight(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nnsight" else real(name, *a))
+
+
+@pytest.mark.parametrize(
+    ("backend", "model", "setup", "message"),
+    [
+        ("ndif", "gpt2", "no key", "needs an NDIF API key and NDIF_API_KEY is not set; export NDIF_API_KEY=<your key>"),
+        ("ndif", "gpt2", "no nnsight", "needs nnsight, which is not installed; run: pip install -e .[ndif]"),
+        ("nnsight", DEFAULT_MODEL, "no nnsight", "needs nnsight, which is not installed; run: pip install -e .[ndif]"),
+        ("ndif", DEFAULT_MODEL, "key", f"NDIF does not serve '{DEFAULT_MODEL}'; it serves gpt2, EleutherAI/gpt-j-6B"),
+        ("ndif", "EleutherAI/gpt-j-6b", "key, closed port",
+         "NDIF cannot be reached (http://127.0.0.1:9/status cannot be reached (URLError)); check the network, or use "
+         "--backend nnsight to run the chapters here"),
+    ],
+)
+def test_a_backend_that_cannot_run_now_stops_the_run_before_any_chapter(
+    repo: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, backend: str, model: str, setup: str,
+    message: str,
+) -> None:
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    if "key" in setup and setup != "no key":
+        monkeypatch.setenv("NDIF_API_KEY", "test-key")
+    if setup == "no nnsight":
+        _no_nnsight(monkeypatch)
+    elif "nnsight" not in setup:
+        pytest.importorskip("nnsight")
+    monkeypatch.setenv("NDIF_HOST", "http://127.0.0.1:9")  # nothing listens on the discard port: refused at once
+    for chapter in ("a1_first", "b1_third"):
+        _takes_backend(repo / "book" / f"{chapter}.ipynb")
+    out = repo / "runs"
+    code = cli.main(["--root", str(repo), "run", "--model", model, "--chapters", "a1", "b1", "--out", str(out),
+                     "--backend", backend])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("mechbook: error: "), err
+    assert message in err
+    assert not out.exists() and not (repo / "results").exists()  # nothing written
+
+
+def test_resume_skips_the_chapters_with_complete_results(repo: Path, capsys: pytest.CaptureFixture) -> None:
+    out = repo / "runs"
+    _a1_writing_results(repo)
+    args = ["--root", str(repo), "run", "--model", DEFAULT_MODEL, "--chapters", "a1", "b1", "--out", str(out),
+            "--no-book-update"]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    _chapter(repo / "book" / "a1_first.ipynb", body="raise RuntimeError('a1 ran again')")
+    _chapter(repo / "book" / "b1_third.ipynb", body="print('b1 ran again')")
+    assert cli.main([*args, "--resume"]) == 0
+    rows = [row.split(maxsplit=1) for row in capsys.readouterr().out.strip().splitlines()[2:]]
+    assert [(key, rest.split()[0]) for key, rest in rows] == [("a1", "skipped:"), ("b1", "ok")]
+    assert _cells_output(out / DEFAULT_MODEL / "b1_third.ipynb") == "b1 ran again\n"
+    # results changed since they were written count as missing: the chapter runs again
+    marker = repo / "results" / DEFAULT_MODEL / "a1_first" / results.MARKER
+    (marker.parent / "extra.csv").write_text("x\n1\n")
+    info = json.loads(marker.read_text())
+    info["files"]["extra.csv"] = {"bytes": 1, "sha256": "0"}
+    marker.write_text(json.dumps(info))
+    assert cli.main([*args, "--resume"]) == 1
+    assert "a1 ran again" in capsys.readouterr().out
+
+
+def test_models_says_which_backends_run_each_model(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:5] == ["model", "source", "loads", "now", "backends"]
+    rows = {line.split()[0]: line for line in lines[2:] if line.strip() and not line.startswith(("Any", "backends"))}
+    assert "local, nnsight " in rows[DEFAULT_MODEL] and "ndif" not in rows[DEFAULT_MODEL]
+    assert "local, nnsight, ndif" in rows["EleutherAI/gpt-j-6B"]
+    assert "bigscience/bloom-560m" in rows and "nnsight" not in rows["bigscience/bloom-560m"]  # no module layout
+    assert rows["meta-llama/Llama-3.1-405B"].split()[1:4] == ["ndif", "no", "ndif"]
+
+
+def test_ndif_still_needs_the_model_here_and_says_so(repo: Path, capsys: pytest.CaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("nnsight")
+    from mechbook.core import backends
+
+    monkeypatch.setenv("NDIF_API_KEY", "test-key")
+    monkeypatch.setattr(backends, "ndif_unreachable", lambda timeout=2.0: None)  # as if NDIF answered
+    monkeypatch.setattr(cli, "in_hub_cache", lambda hub_id: None)
+    monkeypatch.setattr(cli, "hub_unreachable", lambda: "no network in the tests")
+    _takes_backend(repo / "book" / "a1_first.ipynb")
+    code = cli.main(["--root", str(repo), "run", "--model", "EleutherAI/gpt-j-6B", "--chapters", "a1",
+                     "--out", str(repo / "runs"), "--backend", "ndif"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "EleutherAI/gpt-j-6B is not in the local Hugging Face cache" in err
+    assert "--backend ndif runs the layers on NDIF but still loads the model here" in err
+    assert not (repo / "runs").exists()
+
+
+def test_a_chapter_that_fails_midway_publishes_nothing_and_resume_reruns_it(
+    repo: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """As when NDIF drops the connection halfway: the staged tables are never published."""
+    _chapter(repo / "book" / "a1_first.ipynb", body=(
+        "import pandas as pd\nfrom mechbook.book import results\nfrom mechbook import MechbookError\n"
+        "out = results.ChapterResults('a1_first', model_name)\nout.save('half', pd.DataFrame({'x': [1]}))\n"
+        "raise MechbookError('NDIF could not run the request: connection dropped')"))
+    args = ["--root", str(repo), "run", "--model", DEFAULT_MODEL, "--chapters", "a1", "--out", str(repo / "runs"),
+            "--no-book-update", "--resume"]
+    assert cli.main(args) == 1
+    assert "NDIF could not run the request: connection dropped" in capsys.readouterr().out
+    model_dir = repo / "results" / DEFAULT_MODEL
+    assert not (model_dir / "a1_first").exists()
+    assert not results.is_complete(DEFAULT_MODEL, "a1_first", repo / "results")
+    _a1_writing_results(repo)
+    assert cli.main(args) == 0  # not skipped: it had no complete results
+    assert "a1       ok" in capsys.readouterr().out
+    assert sorted(p.name for p in model_dir.iterdir() if not p.name.startswith(".")) == ["a1_first"]

@@ -87,6 +87,14 @@ def test_restricted_logits_match_in_values_and_gaps(models, backend):
     got, _ = run_last(other, batch, tokens=tokens)
     assert torch.equal(got.isnan(), want.isnan()) and int(got.isnan().sum()) == got.numel() - 3 * len(batch)
     assert _diff(got[:, tokens], want[:, tokens]) < TOL
+    resid = run_last(local, batch, names=[act_name("resid_pre", 1)])[1][act_name("resid_pre", 1)]
+    want, _ = run_from_layer(local, resid, 1, batch.last_pos, tokens=tokens)
+    got, _ = run_from_layer(other, resid, 1, batch.last_pos, tokens=tokens)
+    assert torch.equal(got.isnan(), want.isnan()) and _diff(got[:, tokens], want[:, tokens]) < TOL
+    # only the asked-for columns come back from the trace: a smaller request
+    plan = backends._plan(local, (), (), 0)
+    assert backends.request_bytes(local, batch.input_ids, plan, tokens=tokens) < backends.request_bytes(
+        local, batch.input_ids, plan)
 
 
 def _edits(model, batch, source_cache, mode):
@@ -243,7 +251,7 @@ def test_ndif_with_a_key_sends_each_trace_remotely_by_hub_id(tiny, monkeypatch):
     as_hub = dataclasses.replace(tiny, name="gpt2", source="hub")  # the tiny weights, posing as the hub's GPT-2
     with pytest.raises(ConnectionError):
         run_last(backends.use_backend(as_hub, "ndif"), _batch(tiny))
-    assert sent == [(True, "gpt2")]
+    assert sent == [(True, "openai-community/gpt2")]  # the hub id NDIF serves GPT-2 under
 
 
 def test_missing_nnsight_names_the_extra(tiny, monkeypatch):
@@ -295,3 +303,63 @@ def test_smollm2_parity(backend_name):
     assert _diff(run_last(other, batch, fwd_hooks=hooks)[0], edited_want) < TOL
     resid = want_cache[act_name("resid_pre", 15)]
     assert _diff(run_from_layer(other, resid, 15, batch.last_pos)[0], want) < TOL
+
+
+def _posing_as(tiny, name):
+    import dataclasses
+
+    return dataclasses.replace(tiny, name=name, source="hub")  # the tiny weights, posing as a hub model
+
+
+def test_ndif_refuses_a_model_it_does_not_serve(tiny, monkeypatch):
+    monkeypatch.setenv("NDIF_API_KEY", "test-key")
+    with pytest.raises(MechbookError, match="NDIF does not serve 'bigscience/bloom-560m'; it serves gpt2") as exc:
+        backends.use_backend(_posing_as(tiny, "bigscience/bloom-560m"), "ndif")
+    _one_line(exc)
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Failed to send request: client nnsight version 0.8.1 is not supported, the server runs 0.9.0",
+     "NDIF refused this nnsight version (nnsight 0.8.1, pinned in pyproject.toml)"),
+    ("Failed to send request: 503 Service Unavailable", "NDIF could not run the request: Failed to send request: 503"),
+])
+def test_ndif_errors_are_one_line_naming_the_fix(tiny, monkeypatch, reply, expected):
+    """The server's refusals arrive as nnsight's RemoteError (faked here: no network)."""
+    from nnsight.intervention.backends.remote import RemoteError
+    from nnsight.modeling.mixins.remotable import Remotable
+
+    def refusing_backend(self, remote, *args):
+        raise RemoteError(reply)
+
+    monkeypatch.setenv("NDIF_API_KEY", "test-key")
+    monkeypatch.setattr(Remotable, "_remote_backend", refusing_backend)
+    with pytest.raises(MechbookError) as exc:
+        run_last(backends.use_backend(_posing_as(tiny, "gpt2"), "ndif"), _batch(tiny))
+    text = _one_line(exc)
+    assert text.startswith(expected)
+    if "version" in reply:
+        assert "update the nnsight pin in pyproject.toml" in text and text.endswith("pip install -e .[ndif]")
+
+
+def test_a_request_over_the_cap_is_split_without_edits_and_refused_with_them(tiny, monkeypatch):
+    """remote='local' goes through the remote path's size check; a 3-prompt batch is over a 1-prompt cap."""
+    local, remote = tiny, backends.use_backend(tiny, "nnsight", remote="local")
+    batch = _batch(tiny)
+    names = [act_name("resid_post", 0), act_name("z", 1)]
+    plan = backends._plan(local, (), names, 0)
+    one = backends.request_bytes(local, batch.select(slice(0, 1)).input_ids, plan, last_only=True)
+    assert backends.request_bytes(local, batch.input_ids, plan, last_only=True) > one
+    monkeypatch.setattr(backends, "MAX_REQUEST_BYTES", one)
+    want_logits, want = run_last(local, batch, names=names, last_only=True)
+    logits, cache = run_last(remote, batch, names=names, last_only=True)
+    assert remote.runner.traces == 3  # split in halves until each request fits: [0] [1 2] -> [1] [2]
+    assert _diff(logits, want_logits) < TOL and all(_diff(cache[n], want[n]) < TOL for n in names)
+    zero = [(act_name("z", 0), lambda z, hook: z * 0)]
+    with pytest.raises(MechbookError, match="over mechbook's cap of .* run fewer prompts at once") as exc:
+        run_last(remote, batch, fwd_hooks=zero)
+    _one_line(exc)
+    resid = torch.zeros(len(batch), batch.input_ids.shape[1], tiny.d_model)
+    with pytest.raises(MechbookError, match="one request to NDIF would carry about"):
+        run_from_layer(remote, resid, 1, batch.last_pos)
+    # the in-process nnsight backend sends nothing anywhere: no cap
+    run_last(backends.use_backend(tiny, "nnsight"), batch, fwd_hooks=zero)

@@ -2,6 +2,7 @@
 
     python -m mechbook models
     python -m mechbook run --model smollm2-135m [--chapters a1 b2] [--out runs] [-p n_prompts=16]
+    python -m mechbook run --model EleutherAI/gpt-j-6B --backend ndif --chapters a1 a4 a5 [--resume]
     python -m mechbook build
     python -m mechbook refresh [--chapters a1]
     python -m mechbook format [--check] [--chapters a1]
@@ -18,7 +19,8 @@ unknown model or chapter, a hub model that is neither in the local Hugging Face 
 nor downloadable now, a ``--root`` that is not the project, an ``--out`` or results
 folder that cannot be written, a parameter a chapter does not take or whose value does
 not fit its default's type or its range (:data:`PARAMETER_RANGES`), results that are
-old or damaged.
+old or damaged; for ``--backend nnsight`` nnsight not installed; for ``--backend ndif`` also
+no ``NDIF_API_KEY``, a model NDIF does not serve, or NDIF not reachable.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.metadata
+import importlib.util
 import math
 import os
 import re
@@ -38,7 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from mechbook.book.results import RESULTS_ENV, check_results, default_root, safe_name
+from mechbook.book.results import RESULTS_ENV, check_results, default_root, is_complete, safe_name
+from mechbook.core import backends
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import (
     DEFAULT_MODEL,
@@ -54,6 +58,7 @@ KERNEL_NAME = "python3"
 # Chapters run in book order: by letter, then number, so c-chapters run after the ones they read.
 CHAPTER_PATTERN = re.compile(r"^(?P<paper>[abc])(?P<number>\d+)(?:_|$)")
 CROSS_MODEL_PREFIX = "c"
+SKIPPED = "skipped: complete (--resume)"
 TEMP_DIR_NAME = ".mechbook-tmp"  # hidden: neither jupyter-book nor pytest looks inside
 BUILD_ARGS = ["build", ".", "-W", "-n", "--keep-going"]  # warnings (and broken references) are errors
 
@@ -247,6 +252,8 @@ def parse_parameter(text: str) -> tuple[str, Any]:
         raise MechbookError(f"parameter {text!r} is not NAME=VALUE; write e.g. -p n_prompts=16")
     if name == "model_name":
         raise MechbookError("set the model with --model, not -p model_name=...")
+    if name == "backend":
+        raise MechbookError("set the backend with --backend, not -p backend=...")
     try:
         value = ast.literal_eval(raw.strip())
     except (ValueError, SyntaxError):
@@ -286,8 +293,10 @@ def coerce_parameter(name: str, value: Any, default: Any, where: str) -> Any:
     return value
 
 
-def chapter_parameters(chapters: Sequence[Chapter], model: str, given: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Chapter key -> papermill parameters: the model, and each ``-p`` value the chapter's parameters cell takes."""
+def chapter_parameters(chapters: Sequence[Chapter], model: str, given: Sequence[str],
+                       backend: str = "local") -> dict[str, dict[str, Any]]:
+    """Chapter key -> papermill parameters: the model, the backend (to every chapter that takes one, which every
+    chapter that loads a model does), and each ``-p`` value the chapter's parameters cell takes."""
     import nbformat
 
     pairs = [parse_parameter(text) for text in given]
@@ -298,12 +307,18 @@ def chapter_parameters(chapters: Sequence[Chapter], model: str, given: Sequence[
         defaults[key] |= {name: None for name in _expression_parameters(nb)}
     for name, _ in pairs:
         if not any(name in d for d in defaults.values()):
-            takes = sorted({p for d in defaults.values() for p in d} - {"model_name"})
+            takes = sorted({p for d in defaults.values() for p in d} - {"model_name", "backend"})
             raise MechbookError(
                 f"no chosen chapter takes parameter {name!r}; they take: {', '.join(takes) or 'only model_name'}"
             )
+    if backend != "local":
+        without = [c.key for c in chapters
+                   if "backend" not in defaults[c.key] and not c.key.startswith(CROSS_MODEL_PREFIX)]
+        if without:
+            raise MechbookError(f"chapter {without[0]} takes no backend parameter, so it cannot run on --backend "
+                                f"{backend}; add backend = \"local\" to its parameters cell, or leave it out")
     chosen = {
-        c.key: {"model_name": model} | {
+        c.key: {"model_name": model} | ({"backend": backend} if "backend" in defaults[c.key] else {}) | {
             name: coerce_parameter(name, value, defaults[c.key][name], f"chapter {c.key}")
             for name, value in pairs if name in defaults[c.key]
         }
@@ -528,13 +543,30 @@ def model_status(name: str) -> tuple[str, bool, str]:
     return "hub", False, "not in the local Hugging Face cache: needs hub access, or a downloaded folder as --model DIR"
 
 
+def runs_on(name: str) -> str:
+    """The backends a model can run on: local; nnsight if its module layout is known; ndif if NDIF serves it."""
+    from mechbook.core.architectures import HF_PLACES
+
+    spec = REGISTRY.get(name)
+    where = [] if spec is None else ["local"]
+    if spec is not None and {spec.family, f"{spec.family}_text"} & set(HF_PLACES):
+        where.append("nnsight")
+    return ", ".join(where + (["ndif"] if backends.ndif_hub_id(name) else []))
+
+
 def models_table() -> str:
     rows = []
     for name in known_models():
         source, loadable, note = model_status(name)
-        rows.append((name, source, "yes" if loadable else "no", note))
-    table = format_table(rows, ("model", "source", "loads now", "note"))
-    return f"{table}\n\nAny local Hugging Face model directory also works: --model /path/to/dir (source: local)."
+        rows.append((name, source, "yes" if loadable else "no", runs_on(name), note))
+    for name in backends.NDIF_MODELS:
+        if name not in REGISTRY:
+            rows.append((name, "ndif", "no", runs_on(name), "served by NDIF; not in mechbook's registry yet, so no "
+                         "chapter loads it"))
+    table = format_table(rows, ("model", "source", "loads now", "backends", "note"))
+    return (f"{table}\n\nAny local Hugging Face model directory also works: --model /path/to/dir (source: local; "
+            "backends: local, nnsight).\nbackends: where --backend can run it; ndif: served by NDIF (as of issue 13; "
+            "the live list: python -c \"import nnsight; print(nnsight.status())\").")
 
 
 # --------------------------------------------------------------------------- commands
@@ -550,23 +582,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     book_dir = root / "book"
     chapters = select_chapters(book_dir, args.chapters)
     _check_parameters(chapters)
-    check_model_name(args.model)
+    check_backend(args.backend, args.model)
+    try:
+        check_model_name(args.model)
+    except MechbookError as exc:
+        if args.backend != "ndif":
+            raise
+        raise MechbookError(f"{exc} (--backend ndif runs the layers on NDIF but still loads the model here: "
+                            "mechbook builds it from its local weights and decodes with them)") from None
     if args.model not in REGISTRY:  # a local folder: the chapters run in book/, where a relative path means another
         args.model = str(Path(args.model).expanduser().resolve())
-    parameters = chapter_parameters(chapters, args.model, args.parameter or [])
+    parameters = chapter_parameters(chapters, args.model, args.parameter or [], args.backend)
     check_results_for(chapters, args.model, default_root(root))
     _check_results_writable(root)
     out_root = args.out if args.out.is_absolute() else Path.cwd() / args.out
     writable_folder(out_root, "--out")
     out_dir = writable_folder(out_root / safe_name(args.model), "--out")  # same folder name as results/<model>/
-    results = run_chapters(
-        chapters,
+    done = [c for c in chapters if args.resume and is_complete(args.model, c.stem, default_root(root))]
+    results = [ChapterResult(c.key, SKIPPED, 0.0, str(default_root(root) / safe_name(args.model) / c.stem))
+               for c in done]
+    results += run_chapters(
+        [c for c in chapters if c not in done],
         book_dir=book_dir,
         out_dir=out_dir,
         parameters=parameters,
         strip=False,
         stop_on_failure=args.stop_on_failure,
     )
+    results.sort(key=lambda r: [c.key for c in chapters].index(r.chapter))
     expected = len(chapters)
     # New results of this model: re-execute the book's across-models chapters in place, so that
     # `mechbook build` shows the model beside the others (they load no model: seconds).
@@ -578,7 +621,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                                 stop_on_failure=False)
         expected += len(across)
     print(summary_table(results))
-    return 0 if all(r.status == "ok" for r in results) and len(results) == expected else 1
+    return 0 if all(r.status in ("ok", SKIPPED) for r in results) and len(results) == expected else 1
+
+
+def check_backend(backend: str, model: str) -> None:
+    """Fail fast, before any chapter starts, on a backend that cannot run now (see :mod:`mechbook.core.backends`)."""
+    if backend == "nnsight" and importlib.util.find_spec("nnsight") is None:
+        raise MechbookError(f"--backend nnsight needs nnsight, which is not installed; run: {backends.INSTALL_HINT}")
+    if backend == "ndif":
+        backends.check_ndif(model)
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
@@ -662,7 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    models = commands.add_parser("models", help="list known models and whether each can load now")
+    models = commands.add_parser("models", help="list known models, whether each can load now, and the backends "
+                                 "that can run it (NDIF's models among them)")
     models.set_defaults(func=cmd_models)
 
     run = commands.add_parser(
@@ -678,6 +730,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chapters", nargs="+", metavar="CHAPTER", help="e.g. a1 b2 (default: all)")
     run.add_argument("--out", type=Path, default=Path("runs"), help="output folder (default: runs/)")
     run.add_argument("--stop-on-failure", action="store_true", help="stop at the first failing chapter")
+    run.add_argument(
+        "--backend", choices=backends.BACKENDS, default="local",
+        help="where forward passes run: local (transformer-lens, the default), nnsight (here, through nnsight) or "
+        "ndif (on NDIF; needs NDIF_API_KEY). See the book's page 'Running on bigger models'",
+    )
+    run.add_argument(
+        "--resume", action="store_true",
+        help="skip chapters whose results for this model are complete already (after a dropped connection: the "
+        "run starts at the first chapter with missing results)",
+    )
     run.add_argument(
         "-p", "--parameter", action="append", metavar="NAME=VALUE",
         help="set a parameter of the chapters whose parameters cell has it, e.g. -p n_prompts=16 (repeatable)",

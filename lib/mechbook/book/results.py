@@ -337,6 +337,21 @@ def complete_runs(root: str | Path | None = None, chapter: str | None = None) ->
     return found
 
 
+def is_complete(model_name: str, chapter: str, root: str | Path | None = None) -> bool:
+    """Whether ``chapter`` has complete, intact results of ``model_name`` (``run --resume`` skips it then).
+
+    Results that are old or damaged count as missing: the chapter runs again and rewrites them.
+    """
+    folder = (Path(root) if root else default_root()) / safe_name(model_name) / chapter
+    if not (folder / MARKER).is_file():
+        return False
+    try:
+        _check_chapter(folder, _read_marker(folder / MARKER, model_name))
+    except MechbookError:
+        return False
+    return True
+
+
 def chapter_file(chapter: str, filename: str, model_name: str, root: str | Path | None = None) -> Path:
     """One file of a model's complete results of a chapter, checked against its marker.
 

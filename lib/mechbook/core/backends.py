@@ -14,6 +14,10 @@ the backend, so every sweep, ablation and circuit of the core runs on it unchang
 Hook functions keep transformer-lens's shape (``fn(activation, hook) -> activation | None``,
 ``hook.name`` the hook name) and see activations in transformer-lens's shapes
 (``hook_z`` as ``[batch, pos, head, d_head]``). Attention patterns are not reachable.
+
+Before a run on NDIF, :func:`check_ndif` finds what would stop it (nnsight, the key, a model NDIF
+does not serve, no answer); during it, :func:`remote_failure` turns the server's refusals into one
+line naming the fix, and a request over :data:`MAX_REQUEST_BYTES` is split or refused.
 """
 
 from __future__ import annotations
@@ -34,6 +38,107 @@ from mechbook.core.errors import MechbookError
 BACKENDS = ("local", "nnsight", "ndif")
 NDIF_KEY_ENV = "NDIF_API_KEY"
 INSTALL_HINT = "pip install -e .[ndif]"
+TRACE_COUNT_ENV = "MECHBOOK_COUNT_TRACES"  # a file: each trace appends a line "<batch> <positions>"
+NDIF_HOST = "https://api.ndif.us"  # nnsight's default (nnsight.schema.config); NDIF_HOST overrides it, as in nnsight
+# Models NDIF serves that the papers use or that are their larger kin: the list of issue 13, taken from
+# https://ndif.us/models and not checked against NDIF from here (it cannot be reached); nnsight's own docs
+# name GPT-2 openai-community/gpt2. NDIF's live list: python -c "import nnsight; print(nnsight.status())".
+# Name -> the hub id NDIF knows it by; hub ids compare case-insensitively.
+NDIF_MODELS = {
+    "gpt2": "openai-community/gpt2",
+    "EleutherAI/gpt-j-6B": "EleutherAI/gpt-j-6b",
+    "meta-llama/Llama-2-7b-hf": "meta-llama/Llama-2-7b-hf",
+    "meta-llama/Llama-3.1-8B": "meta-llama/Llama-3.1-8B",
+    "meta-llama/Llama-3.1-70B": "meta-llama/Llama-3.1-70B",
+    "meta-llama/Llama-3.1-405B": "meta-llama/Llama-3.1-405B",
+}
+# mechbook's cap on one remote request: the tensors sent (token ids, a residual stream to start from) plus the
+# tensors sent back (logits, cached activations). NDIF publishes no limit that we could check; this keeps a
+# request well under what one HTTP upload and one download comfortably carry. A larger run without edits is
+# split into smaller batches; one with edits (whose values may span the batch) is refused.
+MAX_REQUEST_BYTES = 256 * 2**20
+PIN_HINT = ("update the nnsight pin in pyproject.toml ([project.optional-dependencies] ndif) to the server's "
+            f"version (python -c \"import nnsight; print(nnsight.compare())\"), then: {INSTALL_HINT}")
+
+
+def ndif_hub_id(name: str) -> str | None:
+    """The hub id under which NDIF serves model ``name`` (a registry name or hub id), or None if it does not."""
+    wanted = name.lower()
+    for known, hub_id in NDIF_MODELS.items():
+        if wanted in (known.lower(), hub_id.lower()):
+            return hub_id
+    return None
+
+
+def ndif_unreachable(timeout: float = 2.0) -> str | None:
+    """Why NDIF cannot be reached now (no answer, a name that does not resolve), or None; in about ``timeout`` s."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    url = f"{os.environ.get('NDIF_HOST', NDIF_HOST).rstrip('/')}/status"
+    answer: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(url, timeout=timeout).close()
+            answer.append(None)
+        except urllib.error.HTTPError:  # any HTTP answer: reachable
+            answer.append(None)
+        except Exception as exc:  # DNS, refused connection, proxy, timeout
+            answer.append(f"{url} cannot be reached ({type(exc).__name__})")
+
+    thread = threading.Thread(target=probe, daemon=True)  # name lookups ignore the timeout: the thread does not
+    thread.start()
+    thread.join(timeout + 0.5)
+    return answer[0] if answer else f"{url} did not answer within {timeout:g} s"
+
+
+def check_ndif(name: str, *, timeout: float = 2.0) -> str:
+    """Everything a run on NDIF needs before it starts, else a one-line MechbookError naming the fix; the hub id.
+
+    In order: nnsight installed, ``NDIF_API_KEY`` set, the model served by NDIF, NDIF reachable.
+    """
+    if importlib.util.find_spec("nnsight") is None:
+        raise MechbookError(f"--backend ndif needs nnsight, which is not installed; run: {INSTALL_HINT}")
+    if not os.environ.get(NDIF_KEY_ENV):
+        raise MechbookError(f"--backend ndif needs an NDIF API key and {NDIF_KEY_ENV} is not set; "
+                            f"export {NDIF_KEY_ENV}=<your key> (get one at https://login.ndif.us), "
+                            "or use --backend nnsight to run here")
+    hub_id = ndif_hub_id(name)
+    if hub_id is None:
+        raise MechbookError(f"NDIF does not serve {name!r}; it serves {', '.join(NDIF_MODELS)} "
+                            "(see: python -m mechbook models), or use --backend nnsight to run it here")
+    why = ndif_unreachable(timeout)
+    if why is not None:
+        raise MechbookError(f"NDIF cannot be reached ({why}); check the network, or use --backend nnsight to run "
+                            "the chapters here")
+    return hub_id
+
+
+def remote_failure(exc: BaseException) -> MechbookError | None:
+    """nnsight's error from a remote request as one line naming the fix, or None if ``exc`` is not one.
+
+    NDIF refuses a client whose nnsight version differs from the server's (it reads the version nnsight
+    sends with every request); the refusal names the version.
+    """
+    if type(exc).__name__ != "RemoteError":
+        return None
+    text = " ".join(str(exc).split())
+    if "version" in text.lower():
+        return MechbookError(f"NDIF refused this nnsight version (nnsight {_nnsight_version()}, pinned in "
+                             f"pyproject.toml): {text}; {PIN_HINT}")
+    return MechbookError(f"NDIF could not run the request: {text}; if it keeps failing, rerun with --resume "
+                         "later, or use --backend nnsight to run here")
+
+
+def _nnsight_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("nnsight")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def use_backend(model, backend: str = "nnsight", *, remote: bool | str = False):
@@ -48,7 +153,7 @@ def use_backend(model, backend: str = "nnsight", *, remote: bool | str = False):
     if backend == "local":
         if remote:
             raise MechbookError("remote= applies to the nnsight backend; the local backend runs here")
-        return dataclasses.replace(model, backend="local", runner=None)
+        return model if model.backend == "local" else dataclasses.replace(model, backend="local", runner=None)
     if importlib.util.find_spec("nnsight") is None:
         raise MechbookError(f"backend={backend!r} needs nnsight, which is not installed; run: {INSTALL_HINT}")
     if backend == "ndif":
@@ -58,6 +163,9 @@ def use_backend(model, backend: str = "nnsight", *, remote: bool | str = False):
         if model.source != "hub":
             raise MechbookError(f"NDIF runs models of the Hugging Face hub (e.g. gpt2, EleutherAI/gpt-j-6B); "
                                 f"{model.name} is a {model.source} model: use backend='nnsight' to run it here")
+        if ndif_hub_id(model.name) is None:
+            raise MechbookError(f"NDIF does not serve {model.name!r}; it serves {', '.join(NDIF_MODELS)}; "
+                                "use backend='nnsight' to run it here")
         remote = True
     elif remote not in (False, "local"):
         raise MechbookError(f"remote={remote!r}: the nnsight backend takes remote='local' (a dry run of the "
@@ -110,11 +218,15 @@ class NnsightRunner:
         self.hf = plain_hf_model(model)
         self.lm = TransformersModel(self.hf, tokenizer=model.tokenizer, task="text-generation")
         if remote is True:  # NDIF finds its copy of the model by hub id
-            from mechbook.core.loading import REGISTRY
-
-            self.lm.repo_id = REGISTRY[model.name].hub_id
+            self.lm.repo_id = ndif_hub_id(model.name)
+        self.traces = 0  # traces run so far: what a chapter costs in requests on NDIF
 
     def trace(self, ids: Tensor):
+        self.traces += 1
+        count_file = os.environ.get(TRACE_COUNT_ENV)
+        if count_file:
+            with open(count_file, "a") as out:
+                out.write(f"{ids.shape[0]} {ids.shape[1]}\n")
         return self.lm.trace(ids, remote=self.remote, use_cache=False)
 
 
@@ -186,13 +298,15 @@ def _visit(envoy, io: str, entries: list, cache: dict, rows: Tensor, last_pos: T
 
 
 def _trace(model, ids: Tensor, plan: list, last_pos: Tensor, *, start: int = 0, resid: Tensor | None = None,
-           last_only: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+           last_only: bool = False, tokens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """One nnsight trace: the plan's hooks and last-position logits; from ``start`` given ``resid`` entering it.
 
     Layers before ``start`` are skipped (each returns ``resid``) and layer ``start``
     (or the final norm) takes ``resid`` as its input. The logits are computed in the
     trace, at each row's last position only: the language-model head's input is
-    replaced by the final norm's output there.
+    replaced by the final norm's output there. With ``tokens`` only those columns come
+    back (the others NaN, as the local backend's restricted unembedding returns them): a far
+    smaller download.
     """
     import nnsight
 
@@ -208,33 +322,59 @@ def _trace(model, ids: Tensor, plan: list, last_pos: Tensor, *, start: int = 0, 
         key = (entry.path, entry.io)
         there = [entries for path, io, entries in plan if (path, io) == key]
         plan = [(*key, there[0] if there else [])] + [step for step in plan if step[:2] != key]
-    with model.runner.trace(ids):
-        cache = {}
-        for layer in range(start):
-            layers[layer].skip(resid)
-        for i, (path, io, entries) in enumerate(plan):
-            given = resid if i == 0 and resid is not None else None
-            _visit(lm.get(path), io, entries, cache, rows, last_pos, last_only, given)
-        head.input = norm.output[rows, last_pos][:, None]
-        logits = nnsight.save(lm.output.logits[:, 0].detach())
-        cache = nnsight.save(cache)
+    try:
+        with model.runner.trace(ids):
+            cache = {}
+            for layer in range(start):
+                layers[layer].skip(resid)
+            for i, (path, io, entries) in enumerate(plan):
+                given = resid if i == 0 and resid is not None else None
+                _visit(lm.get(path), io, entries, cache, rows, last_pos, last_only, given)
+            head.input = norm.output[rows, last_pos][:, None]
+            logits = lm.output.logits[:, 0].detach()
+            logits = nnsight.save(logits if tokens is None else logits[:, tokens])
+            cache = nnsight.save(cache)
+    except Exception as exc:
+        failure = remote_failure(exc)
+        if failure is None:
+            raise
+        raise failure from None
+    if tokens is not None:
+        full = torch.full((len(logits), model.d_vocab), float("nan"), dtype=logits.dtype, device=logits.device)
+        full[:, tokens] = logits
+        logits = full
     return logits, cache
+
+
+def request_bytes(model, ids: Tensor, plan: list, *, resid: Tensor | None = None, last_only: bool = False,
+                  tokens: Tensor | None = None) -> int:
+    """An estimate of one request's tensors: token ids and ``resid`` sent, logits and cached activations back.
+
+    Each cached activation is counted at the residual width (or all heads' width, if larger), in float32.
+    """
+    width = max(model.d_model, model.n_heads * model.d_head)
+    cached = sum(keep for _, _, entries in plan for *_, keep in entries)
+    batch, positions = ids.shape
+    sent = ids.numel() * 8 + (resid.numel() * resid.element_size() if resid is not None else 0)
+    columns = model.d_vocab if tokens is None else len(tokens)
+    back = batch * columns * 4 + cached * batch * (1 if last_only else positions) * width * 4
+    return sent + back
+
+
+def _check_size(model, ids: Tensor, plan: list, **kwargs) -> None:
+    """Refuse a remote request over :data:`MAX_REQUEST_BYTES` in one line."""
+    size = request_bytes(model, ids, plan, **kwargs)
+    if model.runner.remote and size > MAX_REQUEST_BYTES:
+        raise MechbookError(f"one request to NDIF would carry about {size / 2**20:.0f} MiB ({ids.shape[0]} prompts of "
+                            f"{ids.shape[1]} tokens), over mechbook's cap of {MAX_REQUEST_BYTES / 2**20:.0f} MiB "
+                            "(backends.MAX_REQUEST_BYTES); run fewer prompts at once (a smaller batch_size or "
+                            "-p n_prompts=...)")
 
 
 def _head_path(hf: torch.nn.Module) -> str:
     """The output embedding's module path (``lm_head`` in every supported family)."""
     head = hf.get_output_embeddings()
     return next(name for name, module in hf.named_modules() if module is head)
-
-
-def _restrict(logits: Tensor, tokens: Tensor | None) -> Tensor:
-    """Only the ``tokens`` columns, the others NaN, as the local backend's restricted unembedding returns them."""
-    if tokens is None:
-        return logits
-    tokens = torch.as_tensor(tokens, dtype=torch.long, device=logits.device)
-    out = torch.full_like(logits, float("nan"))
-    out[..., tokens] = logits[..., tokens]
-    return out
 
 
 # --- the entry points runs.py hands over ---------------------------------------------------------------
@@ -244,9 +384,26 @@ def run_last(model, batch, *, names: Sequence[str] = (), fwd_hooks: Sequence = (
              tokens: Int[Tensor, "k"] | None = None) -> tuple[Float[Tensor, "batch d_vocab"], dict[str, Tensor]]:
     """:func:`mechbook.core.runs.run_last` on an nnsight backend."""
     plan = _plan(model, fwd_hooks, names, 0)
+    tokens = None if tokens is None else torch.as_tensor(tokens, dtype=torch.long, device=batch.input_ids.device)
+    size = request_bytes(model, batch.input_ids, plan, last_only=last_only, tokens=tokens)
+    if model.runner.remote and size > MAX_REQUEST_BYTES and not fwd_hooks and len(batch) > 1:
+        half = len(batch) // 2  # no edits: the rows are independent, so two smaller requests give the same
+        parts = [run_last(model, batch.select(rows), names=names, last_only=last_only, tokens=tokens)
+                 for rows in (slice(0, half), slice(half, None))]
+        return torch.cat([parts[0][0], parts[1][0]]), {name: _cat_rows(parts[0][1][name], parts[1][1][name], last_only)
+                                                        for name in parts[0][1]}
+    _check_size(model, batch.input_ids, plan, last_only=last_only, tokens=tokens)
     with torch.inference_mode():
-        logits, cache = _trace(model, batch.input_ids, plan, batch.last_pos, last_only=last_only)
-    return _restrict(logits, tokens), cache
+        logits, cache = _trace(model, batch.input_ids, plan, batch.last_pos, last_only=last_only, tokens=tokens)
+    return logits, cache
+
+
+def _cat_rows(a: Tensor, b: Tensor, last_only: bool) -> Tensor:
+    """Two halves of a batch's cached activation, the shorter padded to the longer's positions."""
+    if not last_only and a.shape[1] != b.shape[1]:
+        width = max(a.shape[1], b.shape[1])
+        a, b = (torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1])) for t in (a, b))
+    return torch.cat([a, b])
 
 
 def run_from_layer(model, resid: Float[Tensor, "batch pos d_model"], layer: int, last_pos: Int[Tensor, "batch"], *,
@@ -264,9 +421,11 @@ def run_from_layer(model, resid: Float[Tensor, "batch pos d_model"], layer: int,
     from mechbook.core.architectures import placeholder_token
 
     ids = torch.full(resid.shape[:2], placeholder_token(model), dtype=torch.long, device=resid.device)
+    tokens = None if tokens is None else torch.as_tensor(tokens, dtype=torch.long, device=resid.device)
+    _check_size(model, ids, plan, resid=resid, tokens=tokens)
     with torch.inference_mode():
-        logits, cache = _trace(model, ids, plan, last_pos.to(resid.device), start=layer, resid=resid)
-    return _restrict(logits, tokens), cache
+        logits, cache = _trace(model, ids, plan, last_pos.to(resid.device), start=layer, resid=resid, tokens=tokens)
+    return logits, cache
 
 
 def embeddings(model, batch) -> Float[Tensor, "batch pos d_model"]:

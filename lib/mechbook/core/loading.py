@@ -477,13 +477,15 @@ def _cached_tokenizer(folder: Path, settings: dict[str, Any]) -> Any:
     return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), name_or_path=str(folder), **settings)
 
 
-def _load_weights(folder: Path, *, dtype: torch.dtype, device: str | None, device_map: Any) -> Any:
+def _load_weights(folder: Path, *, dtype: torch.dtype, device: str | None, device_map: Any,
+                  offload: dict | None = None) -> Any:
     """The model in ``folder``; refused if some of its tensors are not in the checkpoint (they would be random)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "output_loading_info": True}
     if device_map is not None:
         kwargs["device_map"] = device_map
+        kwargs |= {key: value for key, value in (offload or {}).items() if value is not None}
     model, info = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     absent = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
     if absent:
@@ -500,7 +502,8 @@ def _load_weights(folder: Path, *, dtype: torch.dtype, device: str | None, devic
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tekken.json")
 
 
-def _load_folder(folder: Path, *, dtype: torch.dtype, device: str | None, device_map: Any) -> tuple[Any, Any]:
+def _load_folder(folder: Path, *, dtype: torch.dtype, device: str | None, device_map: Any,
+                 offload: dict | None = None) -> tuple[Any, Any]:
     """Model and tokenizer from a Hugging Face model folder, tokenizer from its JSON (or vocabulary) files."""
     from transformers import AutoTokenizer
 
@@ -509,7 +512,7 @@ def _load_folder(folder: Path, *, dtype: torch.dtype, device: str | None, device
         raise MechbookError(f"{folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
                             "there too: tokenizer.save_pretrained(folder)")
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    model = _load_weights(folder, dtype=dtype, device=device, device_map=device_map)
+    model = _load_weights(folder, dtype=dtype, device=device, device_map=device_map, offload=offload)
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         raise MechbookError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model embeds only {rows}; "
@@ -633,11 +636,16 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: str | None = None,
     device_map: Any = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load a model by registry name, hub id or local Hugging Face directory.
 
     ``dtype``, ``device`` and ``device_map`` pass through to transformers for users
     with GPUs; the packaged models are always fp32 (they come from 4-bit weights).
+    ``max_memory`` and ``offload_folder`` (with ``device_map="auto"``) pass through to
+    accelerate: layers that do not fit in ``max_memory`` stay on disk in ``offload_folder``
+    and are read in for each forward pass, so a model larger than memory runs on one machine.
     Tokenizers are read from their JSON files and weights from safetensors (or
     transformers' weights-only reader): nothing read from disk can run code.
     """
@@ -651,6 +659,8 @@ def load_model(
         raise MechbookError("pass either device or device_map, not both")
     if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
         _check_device(device_map, "device_map")
+    if (max_memory is not None or offload_folder is not None) and device_map is None:
+        raise MechbookError("max_memory and offload_folder apply to device_map='auto'; pass device_map='auto' too")
 
     spec = REGISTRY.get(name)
     if spec is None and not _is_local_dir(name):
@@ -675,7 +685,8 @@ def load_model(
         path, family, source = Path(name).expanduser().resolve(), None, "local"
     try:
         with _quiet():
-            hf_model, tokenizer = _load_folder(path, dtype=dtype, device=device, device_map=device_map)
+            hf_model, tokenizer = _load_folder(path, dtype=dtype, device=device, device_map=device_map,
+                                               offload={"max_memory": max_memory, "offload_folder": offload_folder})
     except MechbookError:
         raise
     except (OSError, ValueError, KeyError, SafetensorError) as exc:  # a missing or cut file, an unknown architecture
