@@ -184,12 +184,18 @@ class Allowed:
     high: float | None = None
     whole: bool = False
     what: str = "a number"
+    each: bool = False  # a non-empty list, every item of which must be such a number
 
     def describe(self) -> str:
         bounds = [f">= {self.low:g}" if self.low is not None else "", f"<= {self.high:g}" if self.high is not None else ""]
-        return f"{self.what} ({' and '.join(b for b in bounds if b) or 'finite'})"
+        return f"{self.what} ({' and '.join(b for b in bounds if b) or 'finite'}{', each' if self.each else ''})"
 
     def admits(self, value: Any) -> bool:
+        if self.each:
+            return isinstance(value, (list, tuple)) and len(value) > 0 and all(self._number(v) for v in value)
+        return self._number(value)
+
+    def _number(self, value: Any) -> bool:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.whole and not isinstance(value, int)):
             return False
         return math.isfinite(value) and (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
@@ -216,6 +222,8 @@ PARAMETER_RANGES = {
     "saturation_threshold": Allowed(0, 1, what="a share of the final probability"),
     "ratio": Allowed(0, what="a ratio of probabilities"),
     "add_scale": Allowed(what="a weight"),
+    "sizes": Allowed(2, whole=True, each=True, what="a list of prompt counts"),
+    "seeds": Allowed(0, whole=True, each=True, what="a list of seeds"),
 }
 
 

