@@ -26,6 +26,15 @@ CORPUS = [
 ]
 
 
+@pytest.fixture
+def restore_environ():
+    """Undo what a test (or the CLI it calls) sets in os.environ: TQDM_DISABLE, JUPYTER_PATH, MECHBOOK_RESULTS..."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _tokenizer(bos: bool):
     """A small byte-level BPE tokenizer trained in memory, GPT-2 style."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

@@ -7,7 +7,6 @@ printed digits, and every forward pass must have gone through nnsight (each trac
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -26,11 +25,8 @@ CHAPTERS = {"a1": "a1_logit_lens_capitals", "b1": "b1_sequence_data"}
 
 
 @pytest.fixture(autouse=True)
-def restore_environ():
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+def _environ_restored(restore_environ):
+    """The CLI sets kernel variables in os.environ; conftest's restore_environ undoes that after each test."""
 
 
 @pytest.mark.parametrize("key", sorted(CHAPTERS))

@@ -7,7 +7,6 @@ repository, whose ``parameters`` cell only sets ``model_name``.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,12 +48,8 @@ def repo(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def restore_environ():
-    """The CLI sets kernel variables (TQDM_DISABLE, JUPYTER_PATH...) in os.environ; undo that."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+def _environ_restored(restore_environ):
+    """The CLI sets kernel variables in os.environ; conftest's restore_environ undoes that after each test."""
 
 
 def _cells_output(path: Path) -> str:
