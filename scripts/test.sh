@@ -43,6 +43,8 @@ trap 'rm -rf "$results_copy"' EXIT
 cp -a results/. "$results_copy/"
 export MECHBOOK_RESULTS="$results_copy"
 
+# nbval's default cell timeout is 2000 s; chapter b7's main cell (27 node prunings) takes
+# about 35 minutes on 2 cores, so cells get 90 minutes (CI's whole budget) before nbval gives up.
 # One run, one summary line. --nbval only collects .ipynb files, and there are none in tests/.
 python -m pytest tests book --nbval --nbval-current-env -p mechbook.book.nbval_tolerance \
-    --nbval-sanitize-with tests/nbval_sanitize.cfg "$@"
+    --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=5400 "$@"

@@ -540,6 +540,11 @@ def test_a_parameter_out_of_range(repo, capsys, given, message):
     ("a2", "n_prompts='all'", "parameter n_prompts = 'all' is out of range"),
     ("b1", "ratio=-1.0", "parameter ratio = -1.0 is out of range"),
     ("b6", "n_members=0", "parameter n_members = 0 is out of range"),
+    ("b7", "sizes=[1, 8]", "parameter sizes = [1, 8] is out of range: it must be a list of prompt counts (>= 2, "
+                           "each)"),
+    ("b7", "sizes=[]", "parameter sizes = [] is out of range"),
+    ("b7", "seeds=[0, -1]", "parameter seeds = [0, -1] is out of range: it must be a list of seeds (>= 0, each)"),
+    ("b7", "seeds=3", "parameter seeds = 3 is not a list like its default"),
 ])
 def test_the_book_chapters_refuse_out_of_range_values(chapter, given, message):
     chapters = cli.select_chapters(REPO / "book", [chapter])
