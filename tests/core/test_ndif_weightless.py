@@ -1,14 +1,14 @@
 """``load_model(name, backend="ndif")``: no weights here, and the same numbers as the local backend with weights.
 
-NDIF cannot be reached from here, so the server is stood in for: the model is built from a folder holding only a
-tiny model's config and tokenizer (as the hub's config and tokenizer files would be), on the meta device; each
-trace is serialized as for NDIF, deserialized with mechbook's modules hidden against a second nnsight model that
-holds the tiny model's weights (the "server"), and run there. Nothing of the weightless model ever computes here.
+NDIF cannot be reached from here, so the server is stood in for (tests/ndif_stand_in.py): the model is built from a
+folder holding only a tiny model's config and tokenizer (as the hub's config and tokenizer files would be), on the
+meta device; each trace is serialized as for NDIF, deserialized with mechbook's modules hidden against a second
+nnsight model that holds the tiny model's weights (the "server"), and run there. Nothing of the weightless model
+ever computes here: its tensors have no data.
 """
 
 from __future__ import annotations
 
-import linecache
 import shutil
 
 import pytest
@@ -18,6 +18,7 @@ pytest.importorskip("nnsight")
 
 import mechbook  # noqa: E402
 from conftest import build_tiny_model, sharpen  # noqa: E402
+from ndif_stand_in import serve_from  # noqa: E402
 from mechbook.core import architectures, backends, decoding, loading  # noqa: E402
 from mechbook.core.errors import MechbookError  # noqa: E402
 from mechbook.core.names import Component, act_name, layer_names  # noqa: E402
@@ -27,44 +28,6 @@ from mechbook.core.runs import run_from_layer, run_last, tokenize  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 RTOL, ATOL = 1e-4, 1e-5
 POSING_AS = {"gpt2": "gpt2", "llama": "meta-llama/Llama-3.1-8B"}  # a registry name, and one NDIF serves only
-
-
-def _server_stand_in(weights_dir, tokenizer):
-    """A backend for nnsight's remote path whose 'server' is an nnsight model holding the weights in ``weights_dir``.
-
-    As nnsight's own ``remote="local"`` (LocalSimulationBackend), but the deserialized trace runs against the
-    server's model, not the client's, and only the saved values come back, as from NDIF.
-    """
-    from nnsight.intervention.backends.local import LocalSimulationBackend
-    from nnsight.modeling.transformers import TransformersModel
-    from nnsight.ndif import pull_env
-    from nnsight.schema.request import RequestModel
-    from nnsight.tracing.tracer import _saves, save
-    from nnsight.tracing.util import push
-    from transformers import AutoModelForCausalLM
-
-    server = TransformersModel(AutoModelForCausalLM.from_pretrained(weights_dir).eval(), tokenizer=tokenizer,
-                               task="text-generation")
-
-    class ServerStandIn(LocalSimulationBackend):
-        def __call__(self, tracer) -> None:
-            pull_env()
-            blob = RequestModel.serialize(tracer)
-            filename = tracer.info.frame.f_code.co_filename
-            kept = linecache.cache.get(filename)
-            hidden = self._hide_local_modules()  # the server has no mechbook
-            try:
-                restored = RequestModel.deserialize(blob, server._remoteable_persistent_objects())
-            finally:
-                self._restore(hidden)
-                linecache.cache.pop(filename, None) if kept is None else linecache.cache.__setitem__(filename, kept)
-            restored.execute(restored.info.code)
-            result = {k: v for k, v in restored.info.frame.f_locals.items() if id(v) in _saves()}
-            for value in result.values():
-                save(value)
-            push(tracer.info.frame, result)
-
-    return ServerStandIn(server)
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -80,8 +43,7 @@ def pair(request, tmp_path_factory):
         patch.setenv("NDIF_API_KEY", "test-key")
         patch.setattr(loading, "config_folder", lambda hub_id: config_only)
         weightless = mechbook.load_model(POSING_AS[request.param], backend="ndif")
-    stand_in = _server_stand_in(full, local.tokenizer)
-    weightless.runner.lm._remote_backend = lambda remote, *args: stand_in  # remote=True: to the stand-in
+    serve_from(weightless, full)  # its remote traces (remote=True) go to a stand-in server with the weights
     return local, weightless, config_only
 
 
