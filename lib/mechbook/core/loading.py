@@ -673,9 +673,9 @@ def load_model(
     if backend not in backends.BACKENDS:
         raise MechbookError(f"unknown backend {backend!r}; use one of {', '.join(backends.BACKENDS)}")
     if backend == "ndif":
-        given = [key for key, value in (("dtype", _check_dtype(dtype) != torch.float32), ("device", device),
-                                        ("device_map", device_map),
-                                        ("max_memory", max_memory), ("offload_folder", offload_folder)) if value]
+        placement = {"dtype": _check_dtype(dtype) != torch.float32, "device": device, "device_map": device_map,
+                     "max_memory": max_memory, "offload_folder": offload_folder}
+        given = [key for key, value in placement.items() if value is not None and value is not False]
         if given:
             raise MechbookError(f"{given[0]}= does not apply to backend='ndif': NDIF holds the weights and chooses their "
                                 "dtype and devices; leave it unset, or use backend='nnsight' to run here")
@@ -750,8 +750,9 @@ def config_folder(hub_id: str) -> Path:
     why = hub_unreachable()
     if why is not None:
         raise MechbookError(f"--backend ndif needs the config and tokenizer of {hub_id!r} (no weights), which are not "
-                            f"in the local Hugging Face cache, and the hub cannot be used ({why}); on a machine with "
-                            f"access run: huggingface-cli download {hub_id} {' '.join(CONFIG_FILES[:4])}")
+                            f"in the local Hugging Face cache, and the hub cannot be used ({why}); connect to the hub, "
+                            f"or put them in the cache: huggingface-cli download {hub_id} --include "
+                            + " ".join(f"'{pattern}'" for pattern in CONFIG_FILES))
     try:
         with _quiet():
             return Path(snapshot_download(hub_id, allow_patterns=CONFIG_FILES))
