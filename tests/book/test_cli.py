@@ -499,23 +499,50 @@ def test_models_says_which_backends_run_each_model(capsys: pytest.CaptureFixture
     assert rows["meta-llama/Llama-3.1-405B"].split()[1:4] == ["ndif", "no", "ndif"]
 
 
-def test_ndif_still_needs_the_model_here_and_says_so(repo: Path, capsys: pytest.CaptureFixture,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def _ndif_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("nnsight")
     from mechbook.core import backends
 
     monkeypatch.setenv("NDIF_API_KEY", "test-key")
     monkeypatch.setattr(backends, "ndif_unreachable", lambda timeout=2.0: None)  # as if NDIF answered
-    monkeypatch.setattr(cli, "in_hub_cache", lambda hub_id: None)
-    monkeypatch.setattr(cli, "hub_unreachable", lambda: "no network in the tests")
+
+
+def test_ndif_needs_only_the_config_and_tokenizer_here_and_says_so(repo: Path, capsys: pytest.CaptureFixture,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from mechbook.core import loading
+
+    _ndif_answers(monkeypatch)
+    monkeypatch.setattr(loading, "hub_unreachable", lambda: "no network in the tests")
     _takes_backend(repo / "book" / "a1_first.ipynb")
-    code = cli.main(["--root", str(repo), "run", "--model", "EleutherAI/gpt-j-6B", "--chapters", "a1",
+    code = cli.main(["--root", str(repo), "run", "--model", "meta-llama/Llama-3.1-405B", "--chapters", "a1",
                      "--out", str(repo / "runs"), "--backend", "ndif"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert "EleutherAI/gpt-j-6B is not in the local Hugging Face cache" in err
-    assert "--backend ndif runs the layers on NDIF but still loads the model here" in err
+    assert "--backend ndif needs the config and tokenizer of 'meta-llama/Llama-3.1-405B' (no weights)" in err
     assert not (repo / "runs").exists()
+
+
+def test_ndif_runs_without_loading_weights_here(repo: Path, capsys: pytest.CaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model NDIF serves but the registry does not know runs; nothing looks for or loads its weights here."""
+    from mechbook.core import loading
+
+    _ndif_answers(monkeypatch)
+    config_only = repo / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_text("{}")
+    asked = []
+    monkeypatch.setattr(loading, "config_folder", lambda hub_id: asked.append(hub_id) or config_only)
+    for name in ("check_model_name", "in_hub_cache", "model_status"):
+        monkeypatch.setattr(cli, name, lambda *a, **k: pytest.fail("the CLI looked for the weights"))
+    monkeypatch.setattr(loading, "_load_with_weights", lambda *a, **k: pytest.fail("weights were loaded"))
+    _takes_backend(repo / "book" / "a1_first.ipynb")
+    code = cli.main(["--root", str(repo), "run", "--model", "meta-llama/Llama-3.1-8B", "--chapters", "a1",
+                     "--out", str(repo / "runs"), "--backend", "ndif", "--no-book-update"])
+    assert code == 0, capsys.readouterr()
+    assert asked == ["meta-llama/Llama-3.1-8B"]
+    out = repo / "runs" / results.safe_name("meta-llama/Llama-3.1-8B") / "a1_first.ipynb"
+    assert _cells_output(out) == "meta-llama/Llama-3.1-8B ndif\n"  # the name as given, not made a path
 
 
 def test_a_chapter_that_fails_midway_publishes_nothing_and_resume_reruns_it(

@@ -135,3 +135,27 @@ def test_site_copy_holds_the_results_but_not_runs_in_progress(tmp_path):
     assert site_results.copy_results(root, out) == 1
     assert (out / "results" / "m" / "a1_x" / "table.csv").read_text() == "x\n1\n"
     assert not any(".staging" in str(p) for p in out.rglob("*"))
+
+
+def test_the_backend_is_recorded_and_shown_only_off_local(tmp_path, local_model, monkeypatch):
+    """load_model / use_backend note the backend; the box shows it off local (committed local boxes stay as they are)."""
+    from mechbook.core import backends
+
+    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    saved = results.ChapterResults("a1_test", str(local_model), root=tmp_path / "results")
+    saved.save("table", pd.DataFrame({"x": [1]}))
+    saved.finish()
+    box = provenance.box(saved)
+    assert json.loads((saved.final / results.MARKER).read_text())["provenance"]["backend"] == "local"
+    assert [k for k, _ in box.rows] == ["model", "code", "software", "CPU", "run"]
+    monkeypatch.setattr(backends, "_in_use", "ndif")
+    monkeypatch.setattr(loading, "weights_origin", lambda name: pytest.fail("the weights here were looked up"))
+    saved = results.ChapterResults("a1_test", "meta-llama/Llama-3.1-8B", root=tmp_path / "results")
+    saved.save("table", pd.DataFrame({"x": [1]}))
+    saved.finish()
+    found = json.loads((saved.final / results.MARKER).read_text())["provenance"]
+    assert found["backend"] == "ndif" and found["model"]["source"] == "ndif"
+    assert found["model"]["hub_id"] == "meta-llama/Llama-3.1-8B"
+    rows = dict(provenance.box(saved).rows)
+    assert rows["backend"].startswith("NDIF") and "NDIF's copy of meta-llama/Llama-3.1-8B (no weights here" in rows["model"]

@@ -20,7 +20,9 @@ nor downloadable now, a ``--root`` that is not the project, an ``--out`` or resu
 folder that cannot be written, a parameter a chapter does not take or whose value does
 not fit its default's type or its range (:data:`PARAMETER_RANGES`), results that are
 old or damaged; for ``--backend nnsight`` nnsight not installed; for ``--backend ndif`` also
-no ``NDIF_API_KEY``, a model NDIF does not serve, or NDIF not reachable.
+no ``NDIF_API_KEY``, a model NDIF does not serve, NDIF not reachable, or the model's config and
+tokenizer neither in the local Hugging Face cache nor downloadable (``--backend ndif`` needs no
+weights here: the chapters load the model with ``load_model(name, backend="ndif")``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from mechbook.core.loading import (
     hub_unreachable,
     in_hub_cache,
     known_models,
+    ndif_files,
 )
 
 KERNEL_NAME = "python3"
@@ -569,8 +572,8 @@ def models_table() -> str:
         rows.append((name, source, "yes" if loadable else "no", runs_on(name), note))
     for name in backends.NDIF_MODELS:
         if name not in REGISTRY:
-            rows.append((name, "ndif", "no", runs_on(name), "served by NDIF; not in mechbook's registry yet, so no "
-                         "chapter loads it"))
+            rows.append((name, "ndif", "no", runs_on(name), "served by NDIF: runs with --backend ndif (only its "
+                         "config and tokenizer come here)"))
     table = format_table(rows, ("model", "source", "loads now", "backends", "note"))
     return (f"{table}\n\nAny local Hugging Face model directory also works: --model /path/to/dir (source: local; "
             "backends: local, nnsight).\nbackends: where --backend can run it; ndif: served by NDIF (as of issue 13; "
@@ -591,15 +594,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     chapters = select_chapters(book_dir, args.chapters)
     _check_parameters(chapters)
     check_backend(args.backend, args.model)
-    try:
+    if args.backend == "ndif":  # no weights here: only the config and tokenizer, fetched now if not in the cache
+        ndif_files(args.model)
+    else:
         check_model_name(args.model)
-    except MechbookError as exc:
-        if args.backend != "ndif":
-            raise
-        raise MechbookError(f"{exc} (--backend ndif runs the layers on NDIF but still loads the model here: "
-                            "mechbook builds it from its local weights and decodes with them)") from None
-    if args.model not in REGISTRY:  # a local folder: the chapters run in book/, where a relative path means another
-        args.model = str(Path(args.model).expanduser().resolve())
+    if args.model not in REGISTRY and args.backend != "ndif":  # a local folder: the chapters run in book/, where a
+        args.model = str(Path(args.model).expanduser().resolve())  # relative path means another
     parameters = chapter_parameters(chapters, args.model, args.parameter or [], args.backend)
     check_results_for(chapters, args.model, default_root(root))
     _check_results_writable(root)

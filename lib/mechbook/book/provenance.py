@@ -44,14 +44,20 @@ def started() -> tuple[float, float]:
 
 
 def record(model_name: str | None) -> dict[str, Any]:
-    """The provenance of this run, now: model and weights, commit, versions, CPU, date and wall time so far."""
-    from mechbook.core.loading import weights_origin
+    """The provenance of this run, now: model and weights, backend, commit, versions, CPU, date and wall time so far.
+
+    The backend is the one this process last put a model on (:func:`mechbook.core.backends.backend_in_use`);
+    on ``ndif`` the weights are NDIF's, so the model is recorded by the hub id NDIF serves it under.
+    """
+    from mechbook.core.backends import backend_in_use
+    from mechbook.core.loading import ndif_origin, weights_origin
 
     wall_start, mono_start = started()
     now = time.time()
-    info: dict[str, Any] = {}
+    info: dict[str, Any] = {"backend": backend_in_use() or "local"}
     if model_name is not None:
-        info["model"] = {"name": model_name, **weights_origin(model_name)}
+        origin = ndif_origin(model_name) if info["backend"] == "ndif" else weights_origin(model_name)
+        info["model"] = {"name": model_name, **origin}
     info["mechbook"] = {"version": mechbook.__version__, **git_state()}
     info["versions"] = {"python": platform.python_version(), **versions()}
     info["cpu"] = cpu()
@@ -155,6 +161,9 @@ def weights_text(model: dict[str, Any] | None) -> str:
                 f"({model.get('sha256_from')}), dequantized to fp32")
     if source == "hub":
         return f"{model['name']}: Hugging Face hub {model.get('hub_id')}, revision {model.get('revision') or 'unknown'}"
+    if source == "ndif":
+        return (f"{model['name']}: NDIF's copy of {model.get('hub_id')} (no weights here; config and tokenizer from "
+                f"revision {model.get('revision') or 'unknown'})")
     files = ", ".join(f"{n} sha256 {h}" for n, h in (model.get("files") or {}).items()) or "no weight files"
     return f"{model['name']}: local folder {model.get('folder')} ({files})"
 
@@ -225,8 +234,14 @@ _TH = "text-align:left;vertical-align:top;padding:0.15em 1em 0.15em 0;border:non
 _TD = "text-align:left;vertical-align:top;padding:0.15em 0;border:none;background:none;word-break:break-word"
 
 
+BACKEND_TEXT = {"nnsight": "nnsight, on this machine", "ndif": "NDIF, through nnsight (forward passes and decoding)"}
+
+
 def _rows(info: dict[str, Any], *, until: str) -> list[tuple[str, str]]:
-    return [("model", weights_text(info.get("model"))), ("code", commit_text(info.get("mechbook", {}))),
+    """The box's rows; a ``backend`` row only off the default local backend (the committed chapters' boxes stay)."""
+    backend = info.get("backend") or "local"
+    where = [("backend", BACKEND_TEXT.get(backend, backend))] if backend != "local" else []
+    return [("model", weights_text(info.get("model"))), *where, ("code", commit_text(info.get("mechbook", {}))),
             ("software", software_text(info.get("versions", {}))), ("CPU", cpu_text(info.get("cpu", {}))),
             ("run", run_text(info, until=until))]
 

@@ -307,6 +307,7 @@ def attention_write(model, layer: int, z: Float[Tensor, "batch pos head d_head"]
     The output projection of the concatenated heads, then the post-attention norm
     where the architecture has one (Gemma 2/3), so a head's share is not additive there.
     """
+    model.need_weights("attention_write (an attention output map applied outside a forward pass: path patching)")
     block = model.bridge.blocks[layer]
     out = _plain(block.attn.o)(z.flatten(-2))
     post = getattr(block, "ln1_post", None)
@@ -320,6 +321,7 @@ def project(model, layer: int, kind: str, resid: Float[Tensor, "batch pos d_mode
     fires); equals ``attn.hook_q`` (``hook_k``, ``hook_v``) for the same input. Keys and
     values have ``n_kv_heads`` heads.
     """
+    model.need_weights("project (a head's q/k/v map applied outside a forward pass: path patching)")
     block = model.bridge.blocks[layer]
     out = _plain(getattr(block.attn, kind))(_plain(block.ln1)(resid))
     return out.reshape(*out.shape[:-1], -1, model.d_head)
@@ -358,6 +360,7 @@ def ov_circuit(model, layer: int, head: int) -> OVCircuit:
 
     Grouped-query attention: query head ``h`` reads value head :func:`kv_head`.
     """
+    model.need_weights("ov_circuit (a head's value and output weights)")
     block = model.bridge.blocks[layer]
     d = model.d_head
     kv = kv_head(model, head)

@@ -7,6 +7,10 @@
   through nnsight's remote serialization in this process, with no network: the stand-in
   for NDIF that the tests use.
 - ``ndif``: the same traces sent to NDIF (``remote=True``); the key is ``NDIF_API_KEY``.
+  ``load_model(name, backend="ndif")`` reads only the config and tokenizer and builds the
+  model on the meta device (``weights_here`` False): decoding (:func:`unembed`) then runs
+  in a trace on NDIF too, and what needs weight matrices here (a head's OV circuit, path
+  patching's projections, the final norm alone) is refused in one line.
 
 A model is put on a backend once, with :func:`use_backend`; :func:`mechbook.core.runs.run_last`,
 ``run_from_layer`` and ``embeddings``, the only places a forward pass runs, hand it to
@@ -141,25 +145,50 @@ def _nnsight_version() -> str:
         return "unknown"
 
 
+_in_use: str | None = None  # the backend the last load_model / use_backend put a model on (a run's provenance)
+
+
+def backend_in_use() -> str | None:
+    """The backend of the model this process last loaded or moved (None before any): recorded with its results."""
+    return _in_use
+
+
+def _note(model):
+    global _in_use
+    _in_use = model.backend
+    return model
+
+
+def check_ndif_client(backend: str = "ndif") -> None:
+    """nnsight installed and, for ``ndif``, ``NDIF_API_KEY`` set; else a one-line MechbookError naming the fix."""
+    if importlib.util.find_spec("nnsight") is None:
+        raise MechbookError(f"backend={backend!r} needs nnsight, which is not installed; run: {INSTALL_HINT}")
+    if backend == "ndif" and not os.environ.get(NDIF_KEY_ENV):
+        raise MechbookError(f"backend='ndif' needs an NDIF API key and {NDIF_KEY_ENV} is not set; "
+                            f"export {NDIF_KEY_ENV}=<your key> (or use backend='nnsight' to run here)")
+
+
 def use_backend(model, backend: str = "nnsight", *, remote: bool | str = False):
     """``model`` with its forward passes run on ``backend`` (same weights, same tokenizer).
 
     ``remote="local"`` (nnsight only) runs every trace through nnsight's remote
     serialization in-process. ``backend="ndif"`` needs ``NDIF_API_KEY`` and sends each
-    trace to NDIF.
+    trace to NDIF. A model loaded without weights (``load_model(name, backend="ndif")``)
+    runs on NDIF only.
     """
     if backend not in BACKENDS:
         raise MechbookError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if not model.weights_here and backend != "ndif":
+        raise MechbookError(f"{model.name} was loaded for NDIF without its weights, so it cannot run on backend "
+                            f"{backend!r}; load it with mechbook.load_model({model.name!r}, backend={backend!r})")
     if backend == "local":
         if remote:
             raise MechbookError("remote= applies to the nnsight backend; the local backend runs here")
-        return model if model.backend == "local" else dataclasses.replace(model, backend="local", runner=None)
-    if importlib.util.find_spec("nnsight") is None:
-        raise MechbookError(f"backend={backend!r} needs nnsight, which is not installed; run: {INSTALL_HINT}")
+        return _note(model if model.backend == "local" else dataclasses.replace(model, backend="local", runner=None))
+    if backend == "ndif" and model.backend == "ndif":
+        return _note(model)
+    check_ndif_client(backend)
     if backend == "ndif":
-        if not os.environ.get(NDIF_KEY_ENV):
-            raise MechbookError(f"backend='ndif' needs an NDIF API key and {NDIF_KEY_ENV} is not set; "
-                                f"export {NDIF_KEY_ENV}=<your key> (or use backend='nnsight' to run here)")
         if model.source != "hub":
             raise MechbookError(f"NDIF runs models of the Hugging Face hub (e.g. gpt2, EleutherAI/gpt-j-6B); "
                                 f"{model.name} is a {model.source} model: use backend='nnsight' to run it here")
@@ -170,7 +199,7 @@ def use_backend(model, backend: str = "nnsight", *, remote: bool | str = False):
     elif remote not in (False, "local"):
         raise MechbookError(f"remote={remote!r}: the nnsight backend takes remote='local' (a dry run of the "
                             "remote path here); use backend='ndif' to run on NDIF")
-    return dataclasses.replace(model, backend=backend, runner=NnsightRunner(model, remote))
+    return _note(dataclasses.replace(model, backend=backend, runner=NnsightRunner(model, remote)))
 
 
 def plain_hf_model(model) -> torch.nn.Module:
@@ -215,8 +244,9 @@ class NnsightRunner:
             from nnsight.ndif import register
 
             register("mechbook")
-        self.hf = plain_hf_model(model)
-        self.lm = TransformersModel(self.hf, tokenizer=model.tokenizer, task="text-generation")
+        self.hf = plain_hf_model(model) if model.weights_here else model.hf_model  # else on the meta device
+        meta = {} if model.weights_here else {"device": "meta"}  # else the pipeline would move the model to CPU
+        self.lm = TransformersModel(self.hf, tokenizer=model.tokenizer, task="text-generation", **meta)
         if remote is True:  # NDIF finds its copy of the model by hub id
             self.lm.repo_id = ndif_hub_id(model.name)
         self.traces = 0  # traces run so far: what a chapter costs in requests on NDIF
@@ -441,3 +471,20 @@ def _layer_of(name: str) -> int | None:
     from mechbook.core.names import parse_act_name
 
     return parse_act_name(name)[1]
+
+
+def unembed(model, resid: Float[Tensor, "... d_model"], *,
+            tokens: Int[Tensor, "k"] | None = None) -> Float[Tensor, "... d_vocab"]:
+    """:func:`mechbook.core.decoding.unembed` where the weights are not here: final norm, unembedding and softcap
+    run in a trace on the server, each vector as a one-position row entering the final norm.
+
+    The rows go in as few requests as fit under :data:`MAX_REQUEST_BYTES`.
+    """
+    flat = resid.reshape(-1, model.d_model)
+    tokens = None if tokens is None else torch.as_tensor(tokens, dtype=torch.long, device=flat.device)
+    one = request_bytes(model, torch.zeros(1, 1, dtype=torch.long), [], resid=flat[:1, None], tokens=tokens)
+    rows = max(1, MAX_REQUEST_BYTES // one)
+    zero = torch.zeros(len(flat), dtype=torch.long, device=flat.device)
+    parts = [run_from_layer(model, flat[i : i + rows, None], model.n_layers, zero[i : i + rows], tokens=tokens)[0]
+             for i in range(0, len(flat), rows)]
+    return torch.cat(parts).reshape(*resid.shape[:-1], -1)

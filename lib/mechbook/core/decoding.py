@@ -23,6 +23,7 @@ from mechbook.core.names import layer_names
 
 def final_norm(model: LoadedModel, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
     """The model's final normalization (``ln_final``), applied to any residual vector."""
+    model.need_weights("final_norm (the final norm alone, outside a forward pass)")
     with torch.inference_mode():
         return model.bridge.ln_final(resid)
 
@@ -44,8 +45,15 @@ def unembed(model: LoadedModel, resid: Float[Tensor, "... d_model"], *, normaliz
     """Logits of residual vectors: final norm (unless ``normalize=False``), unembedding, softcap.
 
     With ``tokens`` only those vocabulary columns are computed; the others come back NaN,
-    so that anything reading them fails loudly (see :func:`check_finite`).
+    so that anything reading them fails loudly (see :func:`check_finite`). A model whose
+    weights are not here (``backend="ndif"``) decodes in a forward pass on its server.
     """
+    if not model.weights_here:
+        if not normalize:
+            model.need_weights("unembed(normalize=False) (the unembedding without the final norm)")
+        from mechbook.core import backends
+
+        return backends.unembed(model, resid, tokens=tokens)
     with torch.inference_mode():
         x = final_norm(model, resid) if normalize else resid
         if tokens is None:
@@ -66,8 +74,12 @@ def token_logits(
 
     Equal to ``unembed(model, resid).gather(-1, ids)`` without the whole vocabulary.
     """
-    linear = _unembedding(model)
     ids = torch.as_tensor(token_ids, dtype=torch.long).to(resid.device)
+    if not model.weights_here:  # the ids' columns only, decoded on the server
+        wanted = ids.unique()
+        logits = unembed(model, resid, tokens=wanted)
+        return logits.gather(-1, ids.expand(resid.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    linear = _unembedding(model)
     with torch.inference_mode():
         x = final_norm(model, resid)
         logits = (x * linear.weight[ids]).sum(-1)

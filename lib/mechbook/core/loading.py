@@ -184,14 +184,23 @@ class LoadedModel:
     notes: str = ""
     backend: str = "local"  # where forward passes run (mechbook.core.backends.use_backend)
     runner: Any = field(default=None, repr=False)  # the nnsight model of a non-local backend
+    weights_here: bool = True  # False: loaded for NDIF from its config alone (no bridge, a meta-device model)
+    hf: Any = field(default=None, repr=False)  # that meta-device Hugging Face model, when there is no bridge
 
     @property
     def hf_model(self) -> Any:
-        return self.bridge.original_model
+        return self.bridge.original_model if self.bridge is not None else self.hf
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        return next(self.hf_model.parameters()).device if self.weights_here else torch.device("cpu")
+
+    def need_weights(self, what: str) -> None:
+        """A one-line refusal of ``what`` (an operation on weight matrices) when the weights are not here."""
+        if not self.weights_here:
+            raise MechbookError(f"{what} needs {self.name}'s weight matrices here, but it was loaded for NDIF without "
+                                "them (backend='ndif'); run this with --backend nnsight (or local) on a machine that "
+                                "holds the weights")
 
     @property
     def final_logit_softcap(self) -> float | None:
@@ -633,6 +642,7 @@ def _is_local_dir(name: str) -> bool:
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
+    backend: str = "local",
     dtype: torch.dtype | str = torch.float32,
     device: str | None = None,
     device_map: Any = None,
@@ -648,11 +658,37 @@ def load_model(
     and are read in for each forward pass, so a model larger than memory runs on one machine.
     Tokenizers are read from their JSON files and weights from safetensors (or
     transformers' weights-only reader): nothing read from disk can run code.
+
+    ``backend`` (:mod:`mechbook.core.backends`): ``"local"`` (the bridge), ``"nnsight"``
+    (the same weights, run by nnsight) or ``"ndif"``: only the config and tokenizer are read
+    (from the local Hugging Face cache, else downloaded), the model is built on the meta
+    device without weights, and every forward pass and decoding runs on NDIF.
     """
+    from mechbook.core import backends
+
     if isinstance(name, os.PathLike):
         name = os.fspath(name)
     if not isinstance(name, str) or not name:
         raise MechbookError(f"model name {name!r} is not a name; pass e.g. {DEFAULT_MODEL!r} (see mechbook.known_models())")
+    if backend not in backends.BACKENDS:
+        raise MechbookError(f"unknown backend {backend!r}; use one of {', '.join(backends.BACKENDS)}")
+    if backend == "ndif":
+        placement = {"dtype": _check_dtype(dtype) != torch.float32, "device": device, "device_map": device_map,
+                     "max_memory": max_memory, "offload_folder": offload_folder}
+        given = [key for key, value in placement.items() if value is not None and value is not False]
+        if given:
+            raise MechbookError(f"{given[0]}= does not apply to backend='ndif': NDIF holds the weights and chooses their "
+                                "dtype and devices; leave it unset, or use backend='nnsight' to run here")
+        backends.check_ndif_client()
+        return backends.use_backend(_load_weightless(name), "ndif")
+    model = _load_with_weights(name, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+                               offload_folder=offload_folder)
+    return backends.use_backend(model, backend)
+
+
+def _load_with_weights(name: str, *, dtype: Any, device: Any, device_map: Any, max_memory: dict | None,
+                       offload_folder: Any) -> LoadedModel:
+    """:func:`load_model` with the weights here: a bridge around the Hugging Face model."""
     dtype = _check_dtype(dtype)
     device = _check_device(device)
     if device is not None and device_map is not None:
@@ -696,6 +732,74 @@ def load_model(
     with _quiet():
         bridge = _boot_bridge(hf_model, tokenizer, model_dir=str(path), device=device)
     return _describe(name, bridge, tokenizer, family=family, source=source, notes="")
+
+
+# What a model served by NDIF needs here: its config and tokenizer, no weights.
+CONFIG_FILES = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "vocab.*",
+                "merges.txt", "*.model", "*.tiktoken"]
+
+
+def config_folder(hub_id: str) -> Path:
+    """A hub model's config and tokenizer files: from the local Hugging Face cache, else downloaded (only those)."""
+    from huggingface_hub import snapshot_download
+
+    with contextlib.suppress(Exception):  # absent or incomplete in the cache
+        folder = Path(snapshot_download(hub_id, local_files_only=True, allow_patterns=CONFIG_FILES))
+        if (folder / "config.json").is_file():
+            return folder
+    why = hub_unreachable()
+    if why is not None:
+        raise MechbookError(f"--backend ndif needs the config and tokenizer of {hub_id!r} (no weights), which are not "
+                            f"in the local Hugging Face cache, and the hub cannot be used ({why}); connect to the hub, "
+                            f"or put them in the cache: huggingface-cli download {hub_id} --include "
+                            + " ".join(f"'{pattern}'" for pattern in CONFIG_FILES))
+    try:
+        with _quiet():
+            return Path(snapshot_download(hub_id, allow_patterns=CONFIG_FILES))
+    except Exception as exc:  # gated, not found, or the connection dropped: huggingface_hub's error types
+        raise MechbookError(f"could not download the config and tokenizer of {hub_id!r} from the hub "
+                            f"({type(exc).__name__}: {' '.join(str(exc).split())}); a gated model needs "
+                            "`huggingface-cli login` with an account that accepted its licence") from exc
+
+
+def ndif_files(name: str) -> Path:
+    """The folder of config and tokenizer files of a model NDIF serves (:func:`config_folder`)."""
+    from mechbook.core.backends import NDIF_MODELS, ndif_hub_id
+
+    if ndif_hub_id(name) is None:
+        raise MechbookError(f"NDIF does not serve {name!r}; it serves {', '.join(NDIF_MODELS)} (see: python -m mechbook "
+                            "models), or use --backend nnsight to run it here")
+    spec = REGISTRY.get(name)
+    return config_folder(spec.hub_id if spec is not None and spec.hub_id else ndif_hub_id(name))
+
+
+def _load_weightless(name: str) -> LoadedModel:
+    """A model NDIF serves, built here from its config alone: a meta-device Hugging Face model, no bridge."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    spec = REGISTRY.get(name)
+    folder = ndif_files(name)
+    if not any((folder / file).is_file() for file in TOKENIZER_FILES):
+        raise MechbookError(f"{folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); the hub repository of {name} "
+                            "has none that mechbook reads")
+    try:
+        with _quiet():
+            config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            with torch.device("meta"):
+                hf_model = AutoModelForCausalLM.from_config(config).eval()
+    except (OSError, ValueError, KeyError) as exc:  # a cut file, an architecture this transformers does not know
+        raise MechbookError(f"could not build {name} from its config in {folder} ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())})") from exc
+    n_heads = int(config.num_attention_heads)
+    d_model = int(config.hidden_size)
+    return LoadedModel(
+        name=name, bridge=None, hf=hf_model, tokenizer=tokenizer, family=spec.family if spec else config.model_type,
+        source="hub", n_layers=int(config.num_hidden_layers), n_heads=n_heads,
+        n_kv_heads=int(getattr(config, "num_key_value_heads", None) or n_heads), d_model=d_model,
+        d_head=int(getattr(config, "head_dim", None) or d_model // n_heads),
+        d_vocab=int(hf_model.get_output_embeddings().weight.shape[0]), prepend_bos=_tokenizer_adds_bos(tokenizer),
+        notes="weights on NDIF; only the config and tokenizer are here", weights_here=False)
 
 
 def _boot_bridge(hf_model: Any, tokenizer: Any, *, model_dir: str, device: str | None) -> Any:
@@ -811,3 +915,17 @@ def weights_origin(name: str) -> dict[str, Any]:
     folder = Path(name).expanduser().resolve()
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     return {"source": "local", "folder": str(folder), "files": {p.name: file_sha256(p) for p in weights}}
+
+
+def ndif_origin(name: str) -> dict[str, Any]:
+    """Where a run on NDIF got its weights: NDIF's copy under its hub id; the config's revision if it is cached here."""
+    from huggingface_hub import snapshot_download
+
+    from mechbook.core.backends import ndif_hub_id
+
+    spec = REGISTRY.get(name)
+    revision = None
+    with contextlib.suppress(Exception):
+        files_id = spec.hub_id if spec is not None and spec.hub_id else ndif_hub_id(name) or name
+        revision = Path(snapshot_download(files_id, local_files_only=True, allow_patterns=CONFIG_FILES)).name
+    return {"source": "ndif", "hub_id": ndif_hub_id(name) or name, "revision": revision}
