@@ -762,6 +762,14 @@ def config_folder(hub_id: str) -> Path:
                             "`huggingface-cli login` with an account that accepted its licence") from exc
 
 
+def _config_repo(name: str) -> str | None:
+    """The hub repository a model's config and tokenizer come from: the registry's hub id, else NDIF's."""
+    from mechbook.core.backends import ndif_hub_id
+
+    spec = REGISTRY.get(name)
+    return spec.hub_id if spec is not None and spec.hub_id else ndif_hub_id(name)
+
+
 def ndif_files(name: str) -> Path:
     """The folder of config and tokenizer files of a model NDIF serves (:func:`config_folder`)."""
     from mechbook.core.backends import NDIF_MODELS, ndif_hub_id
@@ -769,8 +777,7 @@ def ndif_files(name: str) -> Path:
     if ndif_hub_id(name) is None:
         raise MechbookError(f"NDIF does not serve {name!r}; it serves {', '.join(NDIF_MODELS)} (see: python -m mechbook "
                             "models), or use --backend nnsight to run it here")
-    spec = REGISTRY.get(name)
-    return config_folder(spec.hub_id if spec is not None and spec.hub_id else ndif_hub_id(name))
+    return config_folder(_config_repo(name))
 
 
 def _load_weightless(name: str) -> LoadedModel:
@@ -923,9 +930,8 @@ def ndif_origin(name: str) -> dict[str, Any]:
 
     from mechbook.core.backends import ndif_hub_id
 
-    spec = REGISTRY.get(name)
     revision = None
     with contextlib.suppress(Exception):
-        files_id = spec.hub_id if spec is not None and spec.hub_id else ndif_hub_id(name) or name
+        files_id = _config_repo(name) or name
         revision = Path(snapshot_download(files_id, local_files_only=True, allow_patterns=CONFIG_FILES)).name
     return {"source": "ndif", "hub_id": ndif_hub_id(name) or name, "revision": revision}
