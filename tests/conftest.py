@@ -157,6 +157,37 @@ def random_circuit_task(model, n_prompts: int = 6, length: int = 9, seed: int = 
     return clean, corrupted, means, metric
 
 
+def random_batch(model, seed: int = 0, lengths=(9, 6, 8)):
+    """Prompts of random token ids (3 to 299) of the given lengths, tokenized for ``model``."""
+    from mechbook.core.runs import tokenize
+
+    g = torch.Generator().manual_seed(seed)
+    return tokenize(model, [torch.randint(3, 300, (n,), generator=g).tolist() for n in lengths])
+
+
+def head_patching_case(local, other):
+    """Heads 0.1 and 2.3 patched from random corrupted prompts into clean ones, on ``local`` and on ``other``.
+
+    The metric is the logit difference of the clean prompts' first and fourth most
+    likely tokens. Returns a namespace: clean, corrupt, heads, metric, ``want`` (on
+    ``local``), ``got`` (on ``other``) and ``unpatched`` (the clean prompts' mean metric).
+    """
+    from types import SimpleNamespace
+
+    from mechbook.core.names import Component
+    from mechbook.core.patching import logit_diff, patch_head_outputs
+    from mechbook.core.runs import run_last
+
+    clean, corrupt = random_batch(local, seed=4, lengths=(7, 7)), random_batch(local, seed=5, lengths=(7, 7))
+    ranked = run_last(local, clean)[0].argsort(-1, descending=True)
+    metric = logit_diff(ranked[:, 0], ranked[:, 3])
+    heads = [Component("head", 0, 1), Component("head", 2, 3)]
+    return SimpleNamespace(clean=clean, corrupt=corrupt, heads=heads, metric=metric,
+                           want=patch_head_outputs(local, corrupt, clean, metric, heads=heads),
+                           got=patch_head_outputs(other, corrupt, clean, metric, heads=heads),
+                           unpatched=float(metric(run_last(local, clean)[0]).mean()))
+
+
 @pytest.fixture(scope="session", params=["gpt2", "llama", "gemma3"])
 def tiny_dir(request, tmp_path_factory) -> Path:
     return build_tiny_model(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"))

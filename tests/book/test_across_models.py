@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 
 from mechbook.book import results  # noqa: E402
 from mechbook.book import across_models as compare
+from mechbook.core import stats  # noqa: E402
 from mechbook.core.errors import MechbookError  # noqa: E402
 
 
@@ -84,6 +85,29 @@ def test_circuit_size_and_overlap(root: Path) -> None:
     assert heads.jaccard == pytest.approx(2 / 5)
     paper = overlap[overlap.model.map(compare.is_paper)].set_index("kind").shared
     assert paper.to_dict() == {"heads": 8, "mlps": 10}
+    # results saved before b2 had score intervals: the columns are there, empty, and shown as the score alone
+    assert size.score_low.isna().all() and size.score_high.isna().all()
+    shown = compare.with_interval(size.score, size.score_low, size.score_high, ".1f")
+    assert shown[:2] == ["85.0", "90.0"] and pd.isna(shown[-1])  # the paper gives no score
+
+
+def test_circuit_scores_and_sequence_accuracy_carry_their_intervals(root: Path) -> None:
+    summary = pd.DataFrame({"task": ["numerals"], "n_heads": [4], "n_mlps": [2], "size": [6], "score": [85.0],
+                            "score_low": [80.5], "score_high": [88.25], "threshold": [0.2], "n_prompts": [16]})
+    _save(root, "org/big-model", "b2_node_pruning", summary=summary,
+          circuits={"numerals": {"heads": [[0, 1]], "mlps": [0], "score": 85.0}})
+    size = compare.circuit_size_table(root).set_index(["model", "task"])
+    assert list(size.columns[:5]) == ["n_heads", "n_mlps", "score", "score_low", "score_high"]
+    row = size.loc[("org/big-model", "numerals")]
+    assert compare.with_interval([row.score], [row.score_low], [row.score_high], ".1f") == ["85.0 (80.5–88.2)"]
+    _save(root, "small-model", "b1_sequence_data", behaviour=pd.DataFrame({
+        "task": ["numerals", "numerals", "months"], "template": ["t1", "t2", "t1"], "n": [30, 10, 20],
+        "top1_accuracy": [1.0, 0.5, 0.0]}))
+    b1 = compare.sequence_behaviour_table(root).set_index("task")
+    assert b1.loc["numerals", "top1_accuracy"] == pytest.approx(35 / 40) and b1.loc["numerals", "n"] == 40
+    for task, (k, n) in {"numerals": (35, 40), "months": (0, 20)}.items():
+        assert (b1.loc[task, "ci_low"], b1.loc[task, "ci_high"]) == pytest.approx(stats.wilson_interval(k, n))
+    assert b1.loc["months", "ci_low"] == pytest.approx(0.0, abs=1e-12) and b1.loc["months", "ci_high"] > 0.1
 
 
 def test_ffn_drop_reads_the_step_nearest_a_third(root: Path) -> None:

@@ -30,7 +30,12 @@ def test_chapter_times_arguments(capsys):
     assert "MECHBOOK_RESULTS" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         chapter_times.parse_args(["--prompts", "0"])
-    assert chapter_times.BUDGETS_SECONDS == {"a": 600, "b": 900}
+    assert chapter_times.BUDGETS_SECONDS == {"a": 600, "b": 1200}
+    assert chapter_times.parse_args(["--in-place", "--chapters", "b2"]).in_place
+    for wrong in (["--in-place", "--model", "smollm2-135m"], ["--in-place", "--keep", "x"]):
+        with pytest.raises(SystemExit):
+            chapter_times.parse_args(wrong)
+    assert "--in-place refreshes" in capsys.readouterr().err
 
 
 def test_chapter_times_runs_chapters_into_a_temporary_results_folder(monkeypatch, tmp_path, capsys):
@@ -55,6 +60,29 @@ def test_chapter_times_runs_chapters_into_a_temporary_results_folder(monkeypatch
     assert seen["results_env"] == str(tmp_path / "kept" / "results")
     assert all(p["model_name"] == "gemma3-270m" for p in seen["parameters"].values())
     assert "OVER by" in out  # 700 s for a1 alone exceeds Paper A's 600 s
+
+
+def test_chapter_times_in_place_and_the_budgets(monkeypatch, capsys):
+    """--in-place runs as refresh does (book/, no parameters, stripped); b7 is outside Paper B's budget."""
+    from mechbook.book import cli
+    from mechbook.book import results
+
+    chapter_times = _load("chapter_times")
+    monkeypatch.setenv(results.RESULTS_ENV, "before")  # the run without --in-place sets it
+    seen = {}
+
+    def fake_run(chapters, *, book_dir, out_dir, parameters, strip, stop_on_failure):
+        seen.update(out_dir=out_dir, parameters=parameters, strip=strip)
+        return [cli.ChapterResult(c.key, "ok", 2000.0 if c.key == "b7" else 100.0, "") for c in chapters]
+
+    monkeypatch.setattr(cli, "run_chapters", fake_run)
+    assert chapter_times.time_chapters("gemma3-270m", ["b1", "b2", "b7"], None, in_place=True) == 0
+    out = capsys.readouterr().out
+    assert seen == {"out_dir": None, "parameters": None, "strip": True}
+    assert "Paper B: 2 chapter(s), 200 s" in out and "-> within" in out
+    assert chapter_times.time_chapters("smollm2-135m", ["b2", "b7"], None) == 0
+    out = capsys.readouterr().out
+    assert "every chapter run here: 2 chapter(s), 2100 s" in out and "OVER by 300 s" in out
 
 
 def test_patching_speed_imports_and_parses():

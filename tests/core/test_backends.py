@@ -13,12 +13,12 @@ import torch
 pytest.importorskip("nnsight")
 
 import mechbook  # noqa: E402
-from conftest import build_tiny_model, sharpen  # noqa: E402
+from conftest import build_tiny_model, head_patching_case, random_batch, sharpen  # noqa: E402
 from mechbook.core import backends  # noqa: E402
 from mechbook.core.errors import MechbookError  # noqa: E402
 from mechbook.core.interventions import Edit, edit_hooks  # noqa: E402
 from mechbook.core.names import Component, act_name, layer_names  # noqa: E402
-from mechbook.core.patching import ablate, logit_diff, mean_activations, patch_head_outputs  # noqa: E402
+from mechbook.core.patching import ablate, mean_activations  # noqa: E402
 from mechbook.core.runs import run_from_layer, run_last, tokenize  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,11 +42,6 @@ def backend(request):
     return request.param
 
 
-def _batch(model, seed=0, lengths=(9, 6, 8)):
-    g = torch.Generator().manual_seed(seed)
-    return tokenize(model, [torch.randint(3, 300, (n,), generator=g).tolist() for n in lengths])
-
-
 def _names(model):
     return [name for kind in KINDS for name in layer_names(kind, model.n_layers)] + [act_name("final")]
 
@@ -67,7 +62,7 @@ def test_the_backends_share_weights_and_differ_in_where_they_run(models):
 
 def test_run_last_logits_and_cache(models, backend):
     local, other = models["local"], models[backend]
-    batch = _batch(local)
+    batch = random_batch(local)
     names = _names(local)
     want, want_cache = run_last(local, batch, names=names)
     got, got_cache = run_last(other, batch, names=names)
@@ -82,7 +77,7 @@ def test_run_last_logits_and_cache(models, backend):
 
 def test_restricted_logits_match_in_values_and_gaps(models, backend):
     local, other = models["local"], models[backend]
-    batch, tokens = _batch(local, seed=1), torch.tensor([4, 9, 30])
+    batch, tokens = random_batch(local, seed=1), torch.tensor([4, 9, 30])
     want, _ = run_last(local, batch, tokens=tokens)
     got, _ = run_last(other, batch, tokens=tokens)
     assert torch.equal(got.isnan(), want.isnan()) and int(got.isnan().sum()) == got.numel() - 3 * len(batch)
@@ -117,7 +112,7 @@ def _edits(model, batch, source_cache, mode):
 @pytest.mark.parametrize("mode", ["patch", "mean", "zero", "add", "replace"])
 def test_edits_agree(models, backend, mode):
     local, other = models["local"], models[backend]
-    batch, source = _batch(local), _batch(local, seed=7)
+    batch, source = random_batch(local), random_batch(local, seed=7)
     names = [act_name("z", 1), act_name("mlp_out", 0), act_name("resid_pre", 2)]
     _, source_cache = run_last(local, source, names=names)
     hooks = edit_hooks(_edits(local, batch, source_cache, mode))
@@ -131,7 +126,7 @@ def test_edits_agree(models, backend, mode):
 
 def test_run_from_layer(models, backend):
     local, other = models["local"], models[backend]
-    batch = _batch(local, seed=2)
+    batch = random_batch(local, seed=2)
     starts = layer_names("resid_pre", local.n_layers) + [act_name("final")]
     full, cache = run_last(local, batch, names=starts)
     hooks = edit_hooks([Edit(Component("mlp", local.n_layers - 1), "zero")])
@@ -159,7 +154,7 @@ def test_the_other_mapped_families(family, tmp_path):
     places = HF_PLACES[local.hf_model.config.model_type]
     names = [n for n in _names(local) if n == act_name("final") or n.split(".")[-1].removeprefix("hook_") in places
              or "resid_p" in n]
-    batch = _batch(local)
+    batch = random_batch(local)
     want, want_cache = run_last(local, batch, names=names)
     got, got_cache = run_last(other, batch, names=names)
     assert _diff(got, want) < TOL and len(names) > 6 * local.n_layers
@@ -174,7 +169,7 @@ def test_the_other_mapped_families(family, tmp_path):
 
 def test_run_from_layer_refuses_names_before_it(models):
     other = models["nnsight"]
-    batch = _batch(other)
+    batch = random_batch(other)
     _, cache = run_last(other, batch, names=[act_name("resid_pre", 1)])
     with pytest.raises(MechbookError, match="did not fire"):
         run_from_layer(other, cache[act_name("resid_pre", 1)], 1, batch.last_pos, names=[act_name("z", 0)])
@@ -183,15 +178,10 @@ def test_run_from_layer_refuses_names_before_it(models):
 def test_a_core_sweep_runs_unchanged_on_nnsight(models):
     """Patching and ablation run through run_from_layer / run_last, so they need no backend code of their own."""
     local, other = models["local"], models["nnsight"]
-    clean, corrupt = _batch(local, seed=4, lengths=(7, 7)), _batch(local, seed=5, lengths=(7, 7))
-    ranked = run_last(local, clean)[0].argsort(-1, descending=True)
-    metric = logit_diff(ranked[:, 0], ranked[:, 3])
-    heads = [Component("head", 0, 1), Component("head", 2, 3)]
-    want = patch_head_outputs(local, corrupt, clean, metric, heads=heads)
-    got = patch_head_outputs(other, corrupt, clean, metric, heads=heads)
-    unpatched = float(metric(run_last(local, clean)[0]).mean())
-    assert (want.metric - unpatched).abs().max() > 1e-3  # the patches move the metric
-    assert (got.metric - want.metric).abs().max() < TOL
+    case = head_patching_case(local, other)
+    clean, corrupt, heads, metric = case.clean, case.corrupt, case.heads, case.metric
+    assert (case.want.metric - case.unpatched).abs().max() > 1e-3  # the patches move the metric
+    assert (case.got.metric - case.want.metric).abs().max() < TOL
     means = mean_activations(local, corrupt, heads)
     want_ablated = ablate(local, clean, heads, metric, means=means)
     assert _diff(want_ablated, metric(run_last(local, clean)[0])) > 1e-3
@@ -200,7 +190,7 @@ def test_a_core_sweep_runs_unchanged_on_nnsight(models):
 
 def test_attention_patterns_are_refused_by_name(models):
     with pytest.raises(MechbookError, match="cannot reach 'pattern'.*backend='local'"):
-        run_last(models["nnsight"], _batch(models["local"]), names=[act_name("pattern", 0)])
+        run_last(models["nnsight"], random_batch(models["local"]), names=[act_name("pattern", 0)])
 
 
 # --- backend errors ---------------------------------------------------------------------------------
@@ -250,7 +240,7 @@ def test_ndif_with_a_key_sends_each_trace_remotely_by_hub_id(tiny, monkeypatch):
     monkeypatch.setattr(Remotable, "_remote_backend", fake_backend)
     as_hub = dataclasses.replace(tiny, name="gpt2", source="hub")  # the tiny weights, posing as the hub's GPT-2
     with pytest.raises(ConnectionError):
-        run_last(backends.use_backend(as_hub, "ndif"), _batch(tiny))
+        run_last(backends.use_backend(as_hub, "ndif"), random_batch(tiny))
     assert sent == [(True, "openai-community/gpt2")]  # the hub id NDIF serves GPT-2 under
 
 
@@ -277,7 +267,7 @@ def test_bad_backend_arguments(tiny, backend, remote, match):
 def test_a_layout_nnsight_does_not_know_is_refused(tmp_path):
     bloom = mechbook.load_model(str(build_tiny_model("bloom", tmp_path)))
     with pytest.raises(MechbookError, match="does not know the module layout of 'bloom'") as exc:
-        run_last(backends.use_backend(bloom, "nnsight"), _batch(bloom))
+        run_last(backends.use_backend(bloom, "nnsight"), random_batch(bloom))
     _one_line(exc)
 
 
@@ -334,7 +324,7 @@ def test_ndif_errors_are_one_line_naming_the_fix(tiny, monkeypatch, reply, expec
     monkeypatch.setenv("NDIF_API_KEY", "test-key")
     monkeypatch.setattr(Remotable, "_remote_backend", refusing_backend)
     with pytest.raises(MechbookError) as exc:
-        run_last(backends.use_backend(_posing_as(tiny, "gpt2"), "ndif"), _batch(tiny))
+        run_last(backends.use_backend(_posing_as(tiny, "gpt2"), "ndif"), random_batch(tiny))
     text = _one_line(exc)
     assert text.startswith(expected)
     if "version" in reply:
@@ -344,7 +334,7 @@ def test_ndif_errors_are_one_line_naming_the_fix(tiny, monkeypatch, reply, expec
 def test_a_request_over_the_cap_is_split_without_edits_and_refused_with_them(tiny, monkeypatch):
     """remote='local' goes through the remote path's size check; a 3-prompt batch is over a 1-prompt cap."""
     local, remote = tiny, backends.use_backend(tiny, "nnsight", remote="local")
-    batch = _batch(tiny)
+    batch = random_batch(tiny)
     names = [act_name("resid_post", 0), act_name("z", 1)]
     plan = backends._plan(local, (), names, 0)
     one = backends.request_bytes(local, batch.select(slice(0, 1)).input_ids, plan, last_only=True)

@@ -17,13 +17,12 @@ import torch
 pytest.importorskip("nnsight")
 
 import mechbook  # noqa: E402
-from conftest import build_tiny_model, sharpen  # noqa: E402
+from conftest import build_tiny_model, head_patching_case, random_batch, sharpen  # noqa: E402
 from ndif_stand_in import serve_from  # noqa: E402
 from mechbook.core import architectures, backends, decoding, loading  # noqa: E402
 from mechbook.core.errors import MechbookError  # noqa: E402
-from mechbook.core.names import Component, act_name, layer_names  # noqa: E402
-from mechbook.core.patching import logit_diff, patch_head_outputs  # noqa: E402
-from mechbook.core.runs import run_from_layer, run_last, tokenize  # noqa: E402
+from mechbook.core.names import act_name, layer_names  # noqa: E402
+from mechbook.core.runs import run_from_layer, run_last  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RTOL, ATOL = 1e-4, 1e-5
@@ -52,11 +51,6 @@ def _close(got, want) -> None:
     torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=RTOL, atol=ATOL)
 
 
-def _batch(model, seed=0, lengths=(9, 6, 8)):
-    g = torch.Generator().manual_seed(seed)
-    return tokenize(model, [torch.randint(3, 300, (n,), generator=g).tolist() for n in lengths])
-
-
 def test_no_weights_here_only_a_meta_model_and_the_same_facts(pair):
     local, weightless, _ = pair
     assert not weightless.weights_here and weightless.bridge is None and weightless.backend == "ndif"
@@ -68,7 +62,7 @@ def test_no_weights_here_only_a_meta_model_and_the_same_facts(pair):
 
 def test_decoding_runs_on_the_server_and_matches_local(pair):
     local, weightless, _ = pair
-    batch = _batch(local)
+    batch = random_batch(local)
     names = layer_names("resid_post", local.n_layers)
     _, cache = run_last(local, batch, names=names, last_only=True)
     resid = decoding.stack_layers(cache, names)  # [batch, layer, d_model]
@@ -91,7 +85,7 @@ def test_decoding_runs_on_the_server_and_matches_local(pair):
 
 def test_runs_and_patching_match_local(pair):
     local, weightless, _ = pair
-    batch = _batch(local, seed=2)
+    batch = random_batch(local, seed=2)
     names = [act_name("z", 1), act_name("resid_pre", 2), act_name("final")]
     want, want_cache = run_last(local, batch, names=names)
     got, got_cache = run_last(weightless, batch, names=names)
@@ -100,14 +94,10 @@ def test_runs_and_patching_match_local(pair):
         _close(got_cache[name], want_cache[name])
     resid = want_cache[act_name("resid_pre", 2)]
     _close(run_from_layer(weightless, resid, 2, batch.last_pos)[0], run_from_layer(local, resid, 2, batch.last_pos)[0])
-    clean, corrupt = _batch(local, seed=4, lengths=(7, 7)), _batch(local, seed=5, lengths=(7, 7))
-    ranked = run_last(local, clean)[0].argsort(-1, descending=True)
-    metric = logit_diff(ranked[:, 0], ranked[:, 3])
-    heads = [Component("head", 0, 1), Component("head", 2, 3)]
-    want = patch_head_outputs(local, corrupt, clean, metric, heads=heads)
-    got = patch_head_outputs(weightless, corrupt, clean, metric, heads=heads)
-    assert (want.metric - float(metric(run_last(local, clean)[0]).mean())).abs().max() > 1e-3  # patches matter
-    torch.testing.assert_close(torch.tensor(got.metric.values), torch.tensor(want.metric.values), rtol=RTOL, atol=ATOL)
+    case = head_patching_case(local, weightless)
+    assert (case.want.metric - case.unpatched).abs().max() > 1e-3  # patches matter
+    torch.testing.assert_close(torch.tensor(case.got.metric.values), torch.tensor(case.want.metric.values),
+                               rtol=RTOL, atol=ATOL)
 
 
 def test_decoding_many_vectors_is_split_under_the_request_cap(pair, monkeypatch):

@@ -190,7 +190,18 @@ def sequence_behaviour_table(root: str | Path | None = None) -> pd.DataFrame | N
     weighted = table[measures].multiply(table.n, axis=0).assign(model=table.model, task=table.task, n=table.n)
     pooled = weighted.groupby(["model", "task"], sort=False).sum()
     pooled[measures] = pooled[measures].divide(pooled.n, axis=0)
-    return pooled.reset_index()
+    pooled = pooled.reset_index()
+    # 95% Wilson interval of the top-1 accuracy over the task's prompts
+    bounds = [stats.wilson_interval(round(r.top1_accuracy * r.n), int(r.n)) for r in pooled.itertuples()]
+    pooled["ci_low"], pooled["ci_high"] = [b[0] for b in bounds], [b[1] for b in bounds]
+    return pooled
+
+
+def with_interval(value, low, high, fmt: str = ".2f") -> list:
+    """``"value (low–high)"`` for each value and its 95% interval; the value alone where there is no
+    interval, NaN where there is no value (a paper's row lacking that number), so tables can drop it."""
+    return [np.nan if pd.isna(v) else f"{v:{fmt}}" + (f" ({lo:{fmt}}–{hi:{fmt}})" if pd.notna(lo) and pd.notna(hi) else "")
+            for v, lo, hi in zip(value, low, high)]
 
 
 def circuit_size_table(root: str | Path | None = None) -> pd.DataFrame | None:
@@ -198,8 +209,11 @@ def circuit_size_table(root: str | Path | None = None) -> pd.DataFrame | None:
     table = collect("b2_node_pruning", "summary", root, ["task", "n_heads", "n_mlps"])
     if table is None:
         return None
-    keep = [c for c in ["model", "task", "n_heads", "n_mlps", "score", "threshold", "n_prompts"] if c in table.columns]
-    table = table[keep].copy()
+    # score_low/score_high: the score's 95% bootstrap interval over the task's prompts (NaN for results saved
+    # before b2 computed it)
+    table = table.reindex(columns=[c for c in ["model", "task", "n_heads", "n_mlps", "score", "score_low", "score_high",
+                                               "threshold", "n_prompts"]
+                                   if c in table.columns or c.startswith("score_")])
     totals = {model: info.get("n_layers", 0) * info.get("n_heads", 0)
               for model, info in load_json("b5_components", "key_heads", root).items()}
     table["share_of_heads"] = [row.n_heads / totals[row.model] if totals.get(row.model) else float("nan")

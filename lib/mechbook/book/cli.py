@@ -634,8 +634,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def check_backend(backend: str, model: str) -> None:
     """Fail fast, before any chapter starts, on a backend that cannot run now (see :mod:`mechbook.core.backends`)."""
-    if backend == "nnsight" and importlib.util.find_spec("nnsight") is None:
-        raise MechbookError(f"--backend nnsight needs nnsight, which is not installed; run: {backends.INSTALL_HINT}")
+    if backend == "nnsight":
+        backends.require_nnsight("--backend nnsight")
     if backend == "ndif":
         backends.check_ndif(model)
 

@@ -98,21 +98,37 @@ def ndif_unreachable(timeout: float = 2.0) -> str | None:
     return answer[0] if answer else f"{url} did not answer within {timeout:g} s"
 
 
+def require_nnsight(what: str) -> None:
+    """A one-line MechbookError naming the install command if nnsight is not installed (``what`` needs it)."""
+    if importlib.util.find_spec("nnsight") is None:
+        raise MechbookError(f"{what} needs nnsight, which is not installed; run: {INSTALL_HINT}")
+
+
+def require_key(what: str, instead: str) -> None:
+    """A one-line MechbookError if ``NDIF_API_KEY`` is not set, naming where to get one and ``instead``."""
+    if not os.environ.get(NDIF_KEY_ENV):
+        raise MechbookError(f"{what} needs an NDIF API key and {NDIF_KEY_ENV} is not set; "
+                            f"export {NDIF_KEY_ENV}=<your key> (get one at https://login.ndif.us), "
+                            f"or use {instead} to run here")
+
+
+def served_hub_id(name: str, instead: str = "--backend nnsight") -> str:
+    """The hub id NDIF serves ``name`` under, else a one-line MechbookError listing what it serves and ``instead``."""
+    hub_id = ndif_hub_id(name)
+    if hub_id is None:
+        raise MechbookError(f"NDIF does not serve {name!r}; it serves {', '.join(NDIF_MODELS)} "
+                            f"(see: python -m mechbook models), or use {instead} to run it here")
+    return hub_id
+
+
 def check_ndif(name: str, *, timeout: float = 2.0) -> str:
     """Everything a run on NDIF needs before it starts, else a one-line MechbookError naming the fix; the hub id.
 
     In order: nnsight installed, ``NDIF_API_KEY`` set, the model served by NDIF, NDIF reachable.
     """
-    if importlib.util.find_spec("nnsight") is None:
-        raise MechbookError(f"--backend ndif needs nnsight, which is not installed; run: {INSTALL_HINT}")
-    if not os.environ.get(NDIF_KEY_ENV):
-        raise MechbookError(f"--backend ndif needs an NDIF API key and {NDIF_KEY_ENV} is not set; "
-                            f"export {NDIF_KEY_ENV}=<your key> (get one at https://login.ndif.us), "
-                            "or use --backend nnsight to run here")
-    hub_id = ndif_hub_id(name)
-    if hub_id is None:
-        raise MechbookError(f"NDIF does not serve {name!r}; it serves {', '.join(NDIF_MODELS)} "
-                            "(see: python -m mechbook models), or use --backend nnsight to run it here")
+    require_nnsight("--backend ndif")
+    require_key("--backend ndif", "--backend nnsight")
+    hub_id = served_hub_id(name)
     why = ndif_unreachable(timeout)
     if why is not None:
         raise MechbookError(f"NDIF cannot be reached ({why}); check the network, or use --backend nnsight to run "
@@ -161,11 +177,9 @@ def _note(model):
 
 def check_ndif_client(backend: str = "ndif") -> None:
     """nnsight installed and, for ``ndif``, ``NDIF_API_KEY`` set; else a one-line MechbookError naming the fix."""
-    if importlib.util.find_spec("nnsight") is None:
-        raise MechbookError(f"backend={backend!r} needs nnsight, which is not installed; run: {INSTALL_HINT}")
-    if backend == "ndif" and not os.environ.get(NDIF_KEY_ENV):
-        raise MechbookError(f"backend='ndif' needs an NDIF API key and {NDIF_KEY_ENV} is not set; "
-                            f"export {NDIF_KEY_ENV}=<your key> (or use backend='nnsight' to run here)")
+    require_nnsight(f"backend={backend!r}")
+    if backend == "ndif":
+        require_key("backend='ndif'", "backend='nnsight'")
 
 
 def use_backend(model, backend: str = "nnsight", *, remote: bool | str = False):
@@ -192,9 +206,7 @@ def use_backend(model, backend: str = "nnsight", *, remote: bool | str = False):
         if model.source != "hub":
             raise MechbookError(f"NDIF runs models of the Hugging Face hub (e.g. gpt2, EleutherAI/gpt-j-6B); "
                                 f"{model.name} is a {model.source} model: use backend='nnsight' to run it here")
-        if ndif_hub_id(model.name) is None:
-            raise MechbookError(f"NDIF does not serve {model.name!r}; it serves {', '.join(NDIF_MODELS)}; "
-                                "use backend='nnsight' to run it here")
+        served_hub_id(model.name, "backend='nnsight'")
         remote = True
     elif remote not in (False, "local"):
         raise MechbookError(f"remote={remote!r}: the nnsight backend takes remote='local' (a dry run of the "

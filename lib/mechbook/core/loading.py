@@ -772,11 +772,9 @@ def _config_repo(name: str) -> str | None:
 
 def ndif_files(name: str) -> Path:
     """The folder of config and tokenizer files of a model NDIF serves (:func:`config_folder`)."""
-    from mechbook.core.backends import NDIF_MODELS, ndif_hub_id
+    from mechbook.core.backends import served_hub_id
 
-    if ndif_hub_id(name) is None:
-        raise MechbookError(f"NDIF does not serve {name!r}; it serves {', '.join(NDIF_MODELS)} (see: python -m mechbook "
-                            "models), or use --backend nnsight to run it here")
+    served_hub_id(name)
     return config_folder(_config_repo(name))
 
 

@@ -26,6 +26,7 @@ from mechbook.papers.seqcont.task_circuits import (
     circuits_record,
     component_overlap,
     cross_task_table,
+    score_intervals,
     find_task_circuits,
     load_task_circuits,
     overlap_heatmap,
@@ -143,6 +144,24 @@ def test_cross_task_table(tiny_gpt2):
     assert table.paper_gpt2_small.isna().all()
     again = cross_task_table(tiny_gpt2, circuits, tasks, n_random=4, seed=0)
     pd.testing.assert_frame_equal(table, again)
+
+
+def test_score_intervals(tiny_gpt2):
+    tasks = {"a": _taskset(tiny_gpt2, "a", 0), "b": _taskset(tiny_gpt2, "b", 1)}
+    circuits = {"a": Circuit.full(tiny_gpt2), "b": Circuit([(0, 0), (1, 1)], [0])}
+    table = score_intervals(tiny_gpt2, circuits, tasks, seed=0)
+    assert list(table.columns) == ["task", "score", "score_low", "score_high", "n_prompts"]
+    assert table.task.tolist() == ["a", "b"] and (table.n_prompts == 5).all()
+    full, part = table.iloc[0], table.iloc[1]
+    assert [full.score, full.score_low, full.score_high] == pytest.approx([100.0] * 3, abs=1e-3)
+    b = tasks["b"]
+    # the score node pruning reports (its own scoring path), and the same interval as b4's cross-task table
+    assert part.score == pytest.approx(score_circuit(tiny_gpt2, b.batch, circuits["b"], b.means, b.metric), abs=1e-3)
+    assert part.score_low < part.score < part.score_high
+    cross = cross_task_table(tiny_gpt2, {"b": circuits["b"]}, {"b": b}, n_random=2, seed=0).iloc[0]
+    assert [part.score_low, part.score_high] == pytest.approx([cross.score_low, cross.score_high], abs=1e-4)
+    with pytest.raises(MechbookError, match="no prompts for the 'c' circuit"):
+        score_intervals(tiny_gpt2, {"c": circuits["b"]}, tasks)
 
 
 def test_find_task_circuits(tiny_gpt2):

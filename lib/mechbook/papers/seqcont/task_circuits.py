@@ -170,6 +170,29 @@ def circuit_summary(circuits: Mapping[str, Circuit], *, threshold: float,
     ])
 
 
+def score_intervals(model: LoadedModel, circuits: Mapping[str, Circuit], tasks: Mapping[str, TaskSet], *,
+                    n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Each task's circuit scored on its own prompts, with a 95% bootstrap interval over them.
+
+    One row per task: score (100 x mean metric with everything outside the circuit
+    mean-ablated / the full model's mean metric, the score node pruning reports),
+    score_low, score_high (:func:`mechbook.core.stats.bootstrap_ratio_interval`: the
+    prompts resampled with replacement ``n_boot`` times, circuit and full model on the
+    same resample), n_prompts.
+    """
+    rows = []
+    for name, circuit in circuits.items():
+        if name not in tasks:
+            raise MechbookError(f"no prompts for the {name!r} circuit; pass a TaskSet for each of {sorted(circuits)}")
+        task = tasks[name]
+        full = task.metric(run_last(model, task.batch)[0]).float().cpu()
+        kept = circuit_metrics(model, task.batch, [circuit], task.means, task.metric, tokens=task.tokens)[0]
+        low, high = bootstrap_ratio_interval(kept.numpy(), full.numpy(), n_boot=n_boot, seed=seed)
+        rows.append({"task": name, "score": float(100.0 * kept.mean() / full.mean()), "score_low": low,
+                     "score_high": high, "n_prompts": len(task)})
+    return pd.DataFrame(rows, columns=["task", "score", "score_low", "score_high", "n_prompts"])
+
+
 def paper_circuits(tasks: Sequence[str] = sequences.PAPER_TASKS) -> dict[str, Circuit]:
     """The paper's GPT-2 small node circuits (threshold 20%), shipped with the package."""
     out = {}
