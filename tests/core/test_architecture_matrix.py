@@ -142,6 +142,43 @@ def test_mean_ablation_and_node_pruning(pair):
     assert abs(score_circuit(model, clean, circuit, means, metric) - ref_score(heads, mlps)) * abs(full) / 100 < TOL
 
 
+def test_overwritten_mlps_are_not_computed(pair, monkeypatch):
+    """An MLP whose whole output a hook writes over is skipped, with the same numbers bit for bit."""
+    from mechbook.core import runs
+    from mechbook.core.interventions import edit_hooks, mean_ablation
+
+    model, ref = pair
+    clean, corrupt, metric = _task(model, ref, seed=5, lengths=(8, 8, 8), shared=1)
+    means = circuit_means(model, corrupt)
+    ablation = edit_hooks(mean_ablation([Component("mlp", 0), Component("mlp", 1)], means))
+    calls = []
+    # the MLP's first weight layer runs only when the MLP is computed
+    handles = [next(model.bridge.blocks[l].mlp.original_component.children()).register_forward_hook(
+        lambda module, args, out, l=l: calls.append(l)) for l in range(model.n_layers)]
+    try:
+        runs_of = {}
+        for skip in (False, True):
+            monkeypatch.setattr(runs, "SKIP_OVERWRITTEN_MLPS", skip)
+            calls.clear()
+            runs_of[skip] = (run_last(model, clean, fwd_hooks=ablation)[0], sorted(calls))
+        # a hook that reads the MLP's output before the ablation keeps it computed
+        seen = []
+        reader = [(ablation[0][0], lambda act, hook: seen.append(act.abs().sum()))]
+        calls.clear()
+        run_last(model, clean, fwd_hooks=reader + ablation)
+        read_calls = sorted(calls)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(runs_of[True][0], runs_of[False][0])
+    assert runs_of[False][1] == list(range(model.n_layers))
+    skipped = [] if model.hf_model.config.model_type == "bloom" else [0, 1]
+    assert runs_of[True][1] == [l for l in range(model.n_layers) if l not in skipped]
+    assert seen and float(seen[0]) > 0 and 0 in read_calls
+    # the stand-in is gone after the run: the model computes every MLP again
+    assert all("forward" not in model.bridge.blocks[l].mlp.original_component.__dict__ for l in range(model.n_layers))
+
+
 def test_path_patching_into_q_k_v(pair):
     """Each edge: the receiver's q/k/v input reads resid + (the sender's change), nothing else moves."""
     model, ref = pair

@@ -89,6 +89,11 @@ def _rows_key(rows: slice | None) -> tuple | None:
     return None if rows is None else (rows.start, rows.stop, rows.step)
 
 
+def _overwrites(e: Edit, heads: list[int] | None) -> bool:
+    """Whether the edit writes over the whole activation, every row and position (so its input is never read)."""
+    return e.mode in ("zero", "mean", "patch") and e.rows is None and e.component.position is None and heads is None
+
+
 def _hook(todo: Sequence[Edit]):
     groups = _groups(todo)
 
@@ -110,6 +115,9 @@ def _hook(todo: Sequence[Edit]):
                 _write_vector(act, e, rows)
         return act
 
+    # the result does not depend on the activation's values: the run may skip computing them
+    # (runs.temporary_hooks skips an MLP whose whole output is overwritten)
+    hook.overwrites = any(_overwrites(e, heads) for e, heads in groups)
     return hook
 
 

@@ -106,8 +106,66 @@ def temporary_hooks(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]])
     Hook functions follow transformer-lens: ``fn(activation, hook) -> activation | None``.
     """
     check_hook_names(model, [name for name, _ in fwd_hooks])
-    with model.bridge.hooks(fwd_hooks=list(fwd_hooks)):
+    with model.bridge.hooks(fwd_hooks=list(fwd_hooks)), _skipped_mlps(model, overwritten_mlps(model, fwd_hooks)):
         yield model
+
+
+# the MLP's Hugging Face module writes straight into hook_mlp_out's input (BLOOM's adds the residual
+# inside the MLP, so its hook sits elsewhere)
+_NO_MLP_SKIP = ("bloom",)
+SKIP_OVERWRITTEN_MLPS = True  # False computes every MLP (benchmarks/mlp_skip.py compares the two)
+
+
+def overwritten_mlps(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]]) -> list[int]:
+    """Layers whose MLP output the hooks write over entirely before anything reads it.
+
+    That is the case when the first hook on ``hook_mlp_out`` overwrites every row and
+    position (a mean, zero or patch edit of the whole MLP, see
+    :func:`mechbook.core.interventions.edit_hooks`) and no hook reads inside the MLP.
+    Computing such an MLP is wasted work: mean ablation of a circuit's complement, FFN
+    removal.
+    """
+    from mechbook.core.names import parse_act_name
+
+    if not SKIP_OVERWRITTEN_MLPS or model.hf_model.config.model_type in _NO_MLP_SKIP:
+        return []
+    first: dict[str, HookFn] = {}
+    for name, fn in fwd_hooks:
+        first.setdefault(name, fn)
+    layers = []
+    for name, fn in first.items():
+        if not name.endswith("hook_mlp_out") or not getattr(fn, "overwrites", False):
+            continue
+        _, layer = parse_act_name(name)
+        if not any(other.startswith(f"blocks.{layer}.mlp.") for other in first):
+            layers.append(layer)
+    return layers
+
+
+@contextlib.contextmanager
+def _skipped_mlps(model: LoadedModel, layers: Sequence[int]) -> Iterator[None]:
+    """The MLPs of ``layers`` return zeros instead of computing (their hook writes over the output)."""
+
+    def zeros(hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states)
+
+    modules = []
+    for layer in layers:
+        bridge = model.bridge.blocks[layer].mlp
+        if getattr(bridge, "_use_processed_weights", False) or bridge.original_component is None:
+            continue  # the bridge computes from its own weights: nothing to stand in for
+        modules.append(bridge.original_component)
+    saved = [m.__dict__.get("forward") for m in modules]
+    for m in modules:
+        object.__setattr__(m, "forward", zeros)
+    try:
+        yield
+    finally:
+        for m, before in zip(modules, saved):
+            if before is None:
+                object.__delattr__(m, "forward")
+            else:
+                object.__setattr__(m, "forward", before)
 
 
 def check_count(value, what: str) -> int:
