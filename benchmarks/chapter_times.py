@@ -113,7 +113,6 @@ def time_chapters(model_name: str, wanted: list[str] | None, keep: Path | None, 
     root = cli.find_root()
     book_dir = root / "book"
     chapters = cli.select_chapters(book_dir, wanted or [c.key for c in cli.find_chapters(book_dir) if c.key[0] == "a"])
-    parameters = cli.chapter_parameters(chapters, model_name, [])
     if in_place:  # the code path of `mechbook refresh`: default parameters, volatile metadata stripped
         print(f"\nexecuting {', '.join(c.key for c in chapters)} on {model_name} in place (book/ and results/)")
         results = cli.run_chapters(chapters, book_dir=book_dir, out_dir=None, parameters=None, strip=True,
@@ -124,7 +123,9 @@ def time_chapters(model_name: str, wanted: list[str] | None, keep: Path | None, 
         out.mkdir(parents=True, exist_ok=True)
         os.environ[results_mod.RESULTS_ENV] = str(out / "results")  # the kernels inherit it: results/ stays untouched
         print(f"\nexecuting {', '.join(c.key for c in chapters)} on {model_name} into {out}")
-        results = cli.run_chapters(chapters, book_dir=book_dir, out_dir=out / "runs", parameters=parameters, strip=False, stop_on_failure=False)
+        results = cli.run_chapters(chapters, book_dir=book_dir, out_dir=out / "runs",
+                                   parameters=cli.chapter_parameters(chapters, model_name, []), strip=False,
+                                   stop_on_failure=False)
     return report(model_name, results)
 
 

@@ -24,21 +24,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from mechbook.core.circuits import Circuit, prune_nodes, run_circuit
+from mechbook.core.circuits import Circuit, prune_nodes
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
-from mechbook.core.runs import run_last
 from mechbook.core.stats import bootstrap_ratio_interval, jaccard
-from mechbook.papers.seqcont.task_circuits import TaskSet, prepare_task
+from mechbook.papers.seqcont.task_circuits import circuit_scores_per_prompt, prepare_task
 
 STABLE = 0.9  # the issue's bar: Jaccard at least this across seeds and against the next size
-
-
-def circuit_scores_per_prompt(model: LoadedModel, task: TaskSet, circuit: Circuit) -> tuple[np.ndarray, np.ndarray]:
-    """Per prompt: the metric with everything outside ``circuit`` mean-ablated, and the full model's metric."""
-    full, _ = run_last(model, task.batch)
-    ablated = run_circuit(model, task.batch, circuit, task.means)
-    return task.metric(ablated).float().cpu().numpy(), task.metric(full).float().cpu().numpy()
 
 
 def circuits_by_size(

@@ -36,6 +36,7 @@ from mechbook.core.circuits import (
     full_model_metric,
     prune_nodes,
     random_circuits,
+    run_circuit,
     score_circuits,
 )
 from mechbook.core.errors import MechbookError
@@ -170,6 +171,13 @@ def circuit_summary(circuits: Mapping[str, Circuit], *, threshold: float,
     ])
 
 
+def circuit_scores_per_prompt(model: LoadedModel, task: TaskSet, circuit: Circuit) -> tuple[np.ndarray, np.ndarray]:
+    """Per prompt: the metric with everything outside ``circuit`` mean-ablated, and the full model's metric."""
+    full, _ = run_last(model, task.batch)
+    ablated = run_circuit(model, task.batch, circuit, task.means)
+    return task.metric(ablated).float().cpu().numpy(), task.metric(full).float().cpu().numpy()
+
+
 def score_intervals(model: LoadedModel, circuits: Mapping[str, Circuit], tasks: Mapping[str, TaskSet], *,
                     n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Each task's circuit scored on its own prompts, with a 95% bootstrap interval over them.
@@ -178,18 +186,16 @@ def score_intervals(model: LoadedModel, circuits: Mapping[str, Circuit], tasks: 
     mean-ablated / the full model's mean metric, the score node pruning reports),
     score_low, score_high (:func:`mechbook.core.stats.bootstrap_ratio_interval`: the
     prompts resampled with replacement ``n_boot`` times, circuit and full model on the
-    same resample), n_prompts.
+    same resample), n_prompts. Chapter b7 scores its circuits the same way.
     """
     rows = []
     for name, circuit in circuits.items():
         if name not in tasks:
             raise MechbookError(f"no prompts for the {name!r} circuit; pass a TaskSet for each of {sorted(circuits)}")
-        task = tasks[name]
-        full = task.metric(run_last(model, task.batch)[0]).float().cpu()
-        kept = circuit_metrics(model, task.batch, [circuit], task.means, task.metric, tokens=task.tokens)[0]
-        low, high = bootstrap_ratio_interval(kept.numpy(), full.numpy(), n_boot=n_boot, seed=seed)
+        kept, full = circuit_scores_per_prompt(model, tasks[name], circuit)
+        low, high = bootstrap_ratio_interval(kept, full, n_boot=n_boot, seed=seed)
         rows.append({"task": name, "score": float(100.0 * kept.mean() / full.mean()), "score_low": low,
-                     "score_high": high, "n_prompts": len(task)})
+                     "score_high": high, "n_prompts": len(tasks[name])})
     return pd.DataFrame(rows, columns=["task", "score", "score_low", "score_high", "n_prompts"])
 
 
