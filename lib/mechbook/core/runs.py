@@ -14,6 +14,11 @@ its own last position. Logits are computed only there (the unembedding of a
   layer (a patch at layer L then costs only the layers from L on);
 - :func:`run_variants`: the one variant runner, running a batch once per variant
   (each with its own edits) stacked along the batch axis.
+
+Every run attaches its hooks through :func:`temporary_hooks`, which also skips work
+that cannot matter: an MLP whose whole output the first hook on ``hook_mlp_out``
+writes over (mean ablation outside a circuit, FFN removal) is not computed. The
+numbers are the same bit for bit (``tests/core/test_architecture_matrix.py``).
 """
 
 from __future__ import annotations
@@ -113,7 +118,18 @@ def temporary_hooks(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]])
 # the MLP's Hugging Face module writes straight into hook_mlp_out's input (BLOOM's adds the residual
 # inside the MLP, so its hook sits elsewhere)
 _NO_MLP_SKIP = ("bloom",)
-SKIP_OVERWRITTEN_MLPS = True  # False computes every MLP (benchmarks/mlp_skip.py compares the two)
+SKIP_OVERWRITTEN_MLPS = True  # see every_mlp_computed
+
+
+@contextlib.contextmanager
+def every_mlp_computed() -> Iterator[None]:
+    """Compute every MLP, overwritten or not: the reference that ``benchmarks/edge_pruning.py`` times."""
+    global SKIP_OVERWRITTEN_MLPS
+    before, SKIP_OVERWRITTEN_MLPS = SKIP_OVERWRITTEN_MLPS, False
+    try:
+        yield
+    finally:
+        SKIP_OVERWRITTEN_MLPS = before
 
 
 def overwritten_mlps(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]]) -> list[int]:
