@@ -129,22 +129,25 @@ def test_node_pruning_benchmark_arguments_and_its_literal_loop(tiny_gpt2, capsys
     assert decisions == list(zip(found.log.component, found.log.removed)) and any(r for _, r in decisions)
 
 
-def test_edge_pruning_benchmark_arguments_and_its_comparison(tiny_gpt2):
+def test_ablated_mlps_benchmark_arguments_and_its_comparisons(tiny_gpt2):
     from conftest import random_circuit_task
+    from mechbook.core import runs
     from mechbook.core.circuits import Circuit
     from mechbook.core.path_patching import circuit_edges
-    from mechbook.core import runs
     from mechbook.papers.seqcont.task_circuits import TaskSet
 
-    edge_pruning = _load("edge_pruning")
-    args = edge_pruning.parse_args([])
+    bench = _load("ablated_mlps")
+    args = bench.parse_args([])
     assert (args.model, args.task, args.edges, args.threads) == ("gemma3-270m", "numerals", 200, 1)
-    assert edge_pruning.parse_args(["--edges", "0", "--task", "months"]).edges == 0
+    assert bench.parse_args(["--edges", "0", "--task", "months"]).edges == 0
     with pytest.raises(SystemExit):
-        edge_pruning.parse_args(["--edges", "-1"])
+        bench.parse_args(["--edges", "-1"])
     # the two runs it times give the same numbers, and the switch is back on afterwards
     clean, _, means, metric = random_circuit_task(tiny_gpt2, n_prompts=4, length=8, seed=1)
     task = TaskSet("t", None, None, clean, means, metric, metric.answer_ids)
     circuit = Circuit([(0, 0), (0, 2), (1, 1), (1, 3)], [1])
-    out = edge_pruning.compare(tiny_gpt2, task, circuit, circuit_edges(circuit.heads, circuit.mlps))
-    assert out["same"] and out["largest_difference"] == 0.0 and runs.SKIP_OVERWRITTEN_MLPS
+    edges = bench.compare_edges(tiny_gpt2, task, circuit, circuit_edges(circuit.heads, circuit.mlps))
+    nodes = bench.compare_nodes(tiny_gpt2, task)
+    assert edges["same"] and nodes["same"] and runs.SKIP_OVERWRITTEN_MLPS
+    assert nodes["every"] == nodes["skipped"] and "speed-up" not in bench.row("x", nodes)
+    assert bench.row("x", edges).endswith("| yes |")

@@ -123,7 +123,7 @@ SKIP_OVERWRITTEN_MLPS = True  # see every_mlp_computed
 
 @contextlib.contextmanager
 def every_mlp_computed() -> Iterator[None]:
-    """Compute every MLP, overwritten or not: the reference that ``benchmarks/edge_pruning.py`` times."""
+    """Compute every MLP, overwritten or not: the reference that ``benchmarks/ablated_mlps.py`` times."""
     global SKIP_OVERWRITTEN_MLPS
     before, SKIP_OVERWRITTEN_MLPS = SKIP_OVERWRITTEN_MLPS, False
     try:
