@@ -16,7 +16,7 @@ import mechbook
 from conftest import ARCHITECTURES, build_tiny_model, sharpen
 from mechbook.core import decoding
 from mechbook.core.circuits import Circuit, circuit_means, prune_nodes, score_circuit
-from mechbook.core.names import Component, layer_names
+from mechbook.core.names import Component, inside_mlp, layer_names
 from mechbook.core.path_patching import Edge, patch_paths
 from mechbook.core.patching import ablate, logit_diff, patch_head_outputs, patch_mlp_outputs, patch_residual
 from mechbook.core.runs import run_from_layer, run_last, tokenize
@@ -167,6 +167,11 @@ def test_overwritten_mlps_are_not_computed(pair, monkeypatch):
         calls.clear()
         run_last(model, clean, fwd_hooks=reader + ablation)
         read_calls = sorted(calls)
+        # so does any hook inside the MLP (names.inside_mlp): the skip never hides an activation someone reads
+        calls.clear()
+        inside = [(name, lambda act, hook: None) for name in model.bridge.hook_dict if inside_mlp(name) == 1][:1]
+        run_last(model, clean, fwd_hooks=ablation + inside)
+        inside_calls = sorted(calls)
     finally:
         for h in handles:
             h.remove()
@@ -175,6 +180,7 @@ def test_overwritten_mlps_are_not_computed(pair, monkeypatch):
     skipped = [] if model.hf_model.config.model_type == "bloom" else [0, 1]
     assert runs_of[True][1] == [l for l in range(model.n_layers) if l not in skipped]
     assert seen and float(seen[0]) > 0 and 0 in read_calls
+    assert inside and 1 in inside_calls and (0 not in inside_calls) == (0 in skipped)
     # the stand-in is gone after the run: the model computes every MLP again
     assert all("forward" not in model.bridge.blocks[l].mlp.original_component.__dict__ for l in range(model.n_layers))
 

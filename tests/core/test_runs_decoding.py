@@ -204,3 +204,11 @@ def test_run_joining_equals_one_run_from_layer_per_group(tiny_model):
         run_joining(tiny_model, [(1, resid[1]), (0, resid[0])], batch.last_pos)
     with pytest.raises(MechbookError, match="no rows"):
         run_joining(tiny_model, [], batch.last_pos)
+
+
+def test_inside_mlp_names_the_layer_of_hooks_within_an_mlp():
+    from mechbook.core.names import act_name, inside_mlp
+
+    assert inside_mlp("blocks.3.mlp.hook_in") == 3 and inside_mlp("blocks.12.mlp.out.hook_out") == 12
+    assert inside_mlp(act_name("mlp_out", 3)) is None and inside_mlp(act_name("z", 3)) is None
+    assert inside_mlp("blocks.x.mlp.hook_in") is None and inside_mlp("ln_final.hook_in") is None

@@ -275,6 +275,26 @@ def _generic(model, hidden: Tensor, start: int, stop: int | None = None) -> Tens
     return out["final"]
 
 
+# BLOOM's MLP adds the residual stream inside it, and its hook_mlp_out sits inside the MLP: no stand-in
+_NO_MLP_SKIP = ("bloom",)
+
+
+def skippable_mlp(model, layer: int) -> torch.nn.Module | None:
+    """The Hugging Face module of ``layer``'s MLP when it may return zeros instead of computing, else None.
+
+    That is when its output goes, unchanged or through Gemma's post-feedforward norm
+    (which maps zeros to zeros), into ``hook_mlp_out``: a hook that writes over the
+    whole of that activation then makes the result independent of the MLP
+    (:func:`mechbook.core.runs.temporary_hooks`).
+    """
+    if model.hf_model.config.model_type in _NO_MLP_SKIP:
+        return None
+    bridge = model.bridge.blocks[layer].mlp
+    if getattr(bridge, "_use_processed_weights", False) or bridge.original_component is None:
+        return None  # the bridge computes from its own weights: nothing to stand in for
+    return bridge.original_component
+
+
 def placeholder_token(model) -> int:
     """A token id to fill a run whose residual stream is replaced: BOS or EOS, never pad (which warns)."""
     tok = model.tokenizer

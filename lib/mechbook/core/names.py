@@ -64,6 +64,13 @@ def parse_act_name(name: str) -> tuple[str, int | None]:
                         "build names with act_name")
 
 
+def inside_mlp(name: str) -> int | None:
+    """The layer whose MLP holds hook ``name`` (``blocks.3.mlp.hook_post`` -> 3); None for a hook outside every MLP."""
+    head, _, rest = name.partition(".")
+    layer, _, tail = rest.partition(".")
+    return int(layer) if head == "blocks" and layer.isdigit() and tail.startswith("mlp.") else None
+
+
 def layer_names(kind: str, n_layers: int) -> list[str]:
     """``act_name(kind, l)`` for every layer ``l`` of a model with ``n_layers`` layers."""
     return [act_name(kind, layer) for layer in range(n_layers)]

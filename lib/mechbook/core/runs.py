@@ -115,9 +115,6 @@ def temporary_hooks(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]])
         yield model
 
 
-# the MLP's Hugging Face module writes straight into hook_mlp_out's input (BLOOM's adds the residual
-# inside the MLP, so its hook sits elsewhere)
-_NO_MLP_SKIP = ("bloom",)
 SKIP_OVERWRITTEN_MLPS = True  # see every_mlp_computed
 
 
@@ -141,21 +138,16 @@ def overwritten_mlps(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]]
     Computing such an MLP is wasted work: mean ablation of a circuit's complement, FFN
     removal.
     """
-    from mechbook.core.names import parse_act_name
+    from mechbook.core.names import act_name, inside_mlp
 
-    if not SKIP_OVERWRITTEN_MLPS or model.hf_model.config.model_type in _NO_MLP_SKIP:
+    if not SKIP_OVERWRITTEN_MLPS:
         return []
     first: dict[str, HookFn] = {}
     for name, fn in fwd_hooks:
         first.setdefault(name, fn)
-    layers = []
-    for name, fn in first.items():
-        if not name.endswith("hook_mlp_out") or not getattr(fn, "overwrites", False):
-            continue
-        _, layer = parse_act_name(name)
-        if not any(other.startswith(f"blocks.{layer}.mlp.") for other in first):
-            layers.append(layer)
-    return layers
+    read_inside = {inside_mlp(name) for name in first}
+    return [layer for layer in range(model.n_layers)
+            if getattr(first.get(act_name("mlp_out", layer)), "overwrites", False) and layer not in read_inside]
 
 
 @contextlib.contextmanager
@@ -165,12 +157,9 @@ def _skipped_mlps(model: LoadedModel, layers: Sequence[int]) -> Iterator[None]:
     def zeros(hidden_states, *args, **kwargs):
         return torch.zeros_like(hidden_states)
 
-    modules = []
-    for layer in layers:
-        bridge = model.bridge.blocks[layer].mlp
-        if getattr(bridge, "_use_processed_weights", False) or bridge.original_component is None:
-            continue  # the bridge computes from its own weights: nothing to stand in for
-        modules.append(bridge.original_component)
+    from mechbook.core.architectures import skippable_mlp
+
+    modules = [m for m in (skippable_mlp(model, layer) for layer in layers) if m is not None]
     saved = [m.__dict__.get("forward") for m in modules]
     for m in modules:
         object.__setattr__(m, "forward", zeros)
