@@ -140,14 +140,16 @@ def test_ablated_mlps_benchmark_arguments_and_its_comparisons(tiny_gpt2):
     args = bench.parse_args([])
     assert (args.model, args.task, args.edges, args.threads) == ("gemma3-270m", "numerals", 200, 1)
     assert bench.parse_args(["--edges", "0", "--task", "months"]).edges == 0
+    assert args.only is None and bench.parse_args(["--only", "edges"]).only == "edges"
     with pytest.raises(SystemExit):
         bench.parse_args(["--edges", "-1"])
-    # the two runs it times give the same numbers, and the switch is back on afterwards
+    # the three runs it times give the same numbers, and the switches are back on afterwards
     clean, _, means, metric = random_circuit_task(tiny_gpt2, n_prompts=4, length=8, seed=1)
     task = TaskSet("t", None, None, clean, means, metric, metric.answer_ids)
     circuit = Circuit([(0, 0), (0, 2), (1, 1), (1, 3)], [1])
     edges = bench.compare_edges(tiny_gpt2, task, circuit, circuit_edges(circuit.heads, circuit.mlps))
     nodes = bench.compare_nodes(tiny_gpt2, task)
-    assert edges["same"] and nodes["same"] and runs.SKIP_OVERWRITTEN_MLPS
-    assert nodes["every"] == nodes["skipped"] and "speed-up" not in bench.row("x", nodes)
+    assert edges["same"] and nodes["same"] and runs.SKIP_OVERWRITTEN_MLPS and runs.SKIP_OVERWRITTEN_HEADS
+    assert nodes["every"] == nodes["mlps"] == nodes["skipped"] and "speed-up" not in bench.row("x", nodes)
+    assert len(edges["seconds"]) == 3 and bench.row("x", edges).count("|") == bench.HEADER.count("|")
     assert bench.row("x", edges).endswith("| yes |")

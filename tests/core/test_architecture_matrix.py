@@ -16,7 +16,7 @@ import mechbook
 from conftest import ARCHITECTURES, build_tiny_model, sharpen
 from mechbook.core import decoding
 from mechbook.core.circuits import Circuit, circuit_means, prune_nodes, score_circuit
-from mechbook.core.names import Component, inside_mlp, layer_names
+from mechbook.core.names import Component, act_name, inside_mlp, layer_names
 from mechbook.core.path_patching import Edge, patch_paths
 from mechbook.core.patching import ablate, logit_diff, patch_head_outputs, patch_mlp_outputs, patch_residual
 from mechbook.core.runs import run_from_layer, run_last, tokenize
@@ -183,6 +183,55 @@ def test_overwritten_mlps_are_not_computed(pair, monkeypatch):
     assert inside and 1 in inside_calls and (0 not in inside_calls) == (0 in skipped)
     # the stand-in is gone after the run: the model computes every MLP again
     assert all("forward" not in model.bridge.blocks[l].mlp.original_component.__dict__ for l in range(model.n_layers))
+
+
+def test_overwritten_heads_are_not_queried(pair, monkeypatch):
+    """A head whose whole output a hook writes over gets no query (nor key and value, if its group is all gone):
+    the same numbers bit for bit."""
+    from mechbook.core import runs
+    from mechbook.core.architectures import head_projections
+    from mechbook.core.interventions import edit_hooks, mean_ablation
+
+    model, ref = pair
+    clean, corrupt, metric = _task(model, ref, seed=6, lengths=(8, 8, 8), shared=1)
+    means = circuit_means(model, corrupt)
+    # layer 0: every head but one; layer 1: every head (so its key/value heads go too)
+    gone = [Component("head", 0, h) for h in range(1, model.n_heads)]
+    gone += [Component("head", 1, h) for h in range(model.n_heads)]
+    ablation = edit_hooks(mean_ablation(gone, means))
+    q_of = {l: head_projections(model, l) for l in (0, 1)}
+    fused = model.hf_model.config.model_type in ("gpt2", "gpt_neox", "bloom")
+    assert (q_of[0] is None) == fused
+    outputs = {}
+    handles = [] if fused else [q_of[l][kind].register_forward_hook(
+        lambda module, args, out, key=(l, kind): outputs.__setitem__(key, out.detach().clone()))
+        for l in (0, 1) for kind in ("q", "k")]
+    try:
+        runs_of = {}
+        for skip in (False, True):
+            monkeypatch.setattr(runs, "SKIP_OVERWRITTEN_HEADS", skip)
+            outputs.clear()
+            runs_of[skip] = (run_last(model, clean, fwd_hooks=ablation)[0], dict(outputs))
+        # a hook inside layer 0's attention (its queries) keeps that layer's projections whole
+        outputs.clear()
+        run_last(model, clean, fwd_hooks=ablation + [(act_name("q", 0), lambda act, hook: None)])
+        read = dict(outputs)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(runs_of[True][0], runs_of[False][0])
+    if fused:
+        return
+    d = model.d_head
+    skipped, whole = runs_of[True][1], runs_of[False][1]
+    # head 0 of layer 0 is still queried, exactly as before; the others' query rows are not computed
+    assert torch.equal(skipped[(0, "q")][..., :d], whole[(0, "q")][..., :d])
+    assert not skipped[(0, "q")][..., d:].any() and whole[(0, "q")][..., d:].abs().sum() > 0
+    assert not skipped[(1, "q")].any() and not skipped[(1, "k")].any() and whole[(1, "k")].abs().sum() > 0
+    assert torch.equal(skipped[(0, "k")][..., :d], whole[(0, "k")][..., :d])  # head 0's key/value head stays
+    assert torch.equal(read[(0, "q")], whole[(0, "q")]) and not read[(1, "q")].any()
+    # the stand-ins are gone after the run
+    assert all("forward" not in q_of[l][k].__dict__ for l in (0, 1) for k in ("q", "k", "v"))
 
 
 def test_path_patching_into_q_k_v(pair):

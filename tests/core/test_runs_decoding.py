@@ -212,3 +212,12 @@ def test_inside_mlp_names_the_layer_of_hooks_within_an_mlp():
     assert inside_mlp("blocks.3.mlp.hook_in") == 3 and inside_mlp("blocks.12.mlp.out.hook_out") == 12
     assert inside_mlp(act_name("mlp_out", 3)) is None and inside_mlp(act_name("z", 3)) is None
     assert inside_mlp("blocks.x.mlp.hook_in") is None and inside_mlp("ln_final.hook_in") is None
+
+
+def test_inside_attention_names_the_layer_of_hooks_before_the_head_outputs():
+    from mechbook.core.names import act_name, inside_attention
+
+    assert inside_attention(act_name("q", 3)) == 3 and inside_attention(act_name("pattern", 12)) == 12
+    assert inside_attention("blocks.4.attn.k.hook_out") == 4 and inside_attention("blocks.4.attn.hook_rot_q") == 4
+    assert inside_attention(act_name("z", 3)) is None and inside_attention("blocks.3.attn.hook_in") is None
+    assert inside_attention(act_name("attn_out", 3)) is None and inside_attention("blocks.3.mlp.hook_in") is None

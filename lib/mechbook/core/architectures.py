@@ -295,6 +295,34 @@ def skippable_mlp(model, layer: int) -> torch.nn.Module | None:
     return bridge.original_component
 
 
+def head_projections(model, layer: int) -> dict[str, torch.nn.Linear] | None:
+    """The Hugging Face q, k and v projections of ``layer``'s attention, when each head's rows can run alone.
+
+    That is when the three are separate linear maps whose output rows go head by head
+    (query head ``h``: rows ``h * d_head .. (h + 1) * d_head``; k and v per key/value
+    head), as in GPT-J, Llama, Qwen2, Mistral and Gemma 2/3. A head whose output a hook
+    writes over then needs no query (and a key/value head none of whose query heads is
+    read, no key and value): :func:`mechbook.core.runs.temporary_hooks`. None for fused
+    projections (GPT-2, GPT-NeoX, BLOOM), for a bridge computing from its own weights and
+    for weights offloaded to disk.
+    """
+    places = HF_PLACES.get(model.hf_model.config.model_type)
+    if places is None or any(len(places[kind]) > 2 for kind in ("q", "k", "v")):
+        return None
+    attn = model.bridge.blocks[layer].attn
+    out = {}
+    for kind, heads in (("q", model.n_heads), ("k", model.n_kv_heads), ("v", model.n_kv_heads)):
+        bridge = getattr(attn, kind, None)
+        linear = getattr(bridge, "original_component", None)
+        if (getattr(bridge, "_use_processed_weights", False) or not isinstance(linear, torch.nn.Linear)
+                or linear.out_features != heads * model.d_head):
+            return None
+        if hasattr(linear, "_hf_hook") or linear.weight.device.type == "meta":
+            return None  # offloaded by accelerate: its weights arrive only through its own forward
+        out[kind] = linear
+    return out
+
+
 def placeholder_token(model) -> int:
     """A token id to fill a run whose residual stream is replaced: BOS or EOS, never pad (which warns)."""
     tok = model.tokenizer

@@ -118,6 +118,12 @@ def _hook(todo: Sequence[Edit]):
     # the result does not depend on the activation's values: the run may skip computing them
     # (runs.temporary_hooks skips an MLP whose whole output is overwritten)
     hook.overwrites = any(_overwrites(e, heads) for e, heads in groups)
+    # the heads whose slice the hook writes over in every row and position (hook_z: runs.temporary_hooks skips
+    # their query rows); only when every edit is such a write, so no edit reads what another one leaves
+    plain = all(e.mode in ("zero", "mean", "patch") and e.mask is None for e, _ in groups)
+    hook.overwritten_heads = frozenset(
+        h for e, heads in groups if plain and heads is not None and e.rows is None and e.component.position is None
+        for h in heads)
     return hook
 
 

@@ -71,6 +71,19 @@ def inside_mlp(name: str) -> int | None:
     return int(layer) if head == "blocks" and layer.isdigit() and tail.startswith("mlp.") else None
 
 
+def inside_attention(name: str) -> int | None:
+    """The layer whose attention computes hook ``name`` before its per-head outputs (``blocks.3.attn.hook_q`` -> 3).
+
+    Every hook under ``blocks.<L>.attn.`` except ``hook_z`` (the per-head outputs
+    themselves) and ``hook_in`` (the attention's input); None for any other hook.
+    """
+    head, _, rest = name.partition(".")
+    layer, _, tail = rest.partition(".")
+    if head != "blocks" or not layer.isdigit() or not tail.startswith("attn.") or tail in ("attn.hook_z", "attn.hook_in"):
+        return None
+    return int(layer)
+
+
 def layer_names(kind: str, n_layers: int) -> list[str]:
     """``act_name(kind, l)`` for every layer ``l`` of a model with ``n_layers`` layers."""
     return [act_name(kind, layer) for layer in range(n_layers)]

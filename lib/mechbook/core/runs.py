@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -111,11 +111,13 @@ def temporary_hooks(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]])
     Hook functions follow transformer-lens: ``fn(activation, hook) -> activation | None``.
     """
     check_hook_names(model, [name for name, _ in fwd_hooks])
-    with model.bridge.hooks(fwd_hooks=list(fwd_hooks)), _skipped_mlps(model, overwritten_mlps(model, fwd_hooks)):
+    with (model.bridge.hooks(fwd_hooks=list(fwd_hooks)), _skipped_mlps(model, overwritten_mlps(model, fwd_hooks)),
+          _skipped_heads(model, overwritten_heads(model, fwd_hooks))):
         yield model
 
 
 SKIP_OVERWRITTEN_MLPS = True  # see every_mlp_computed
+SKIP_OVERWRITTEN_HEADS = True  # see every_head_computed
 
 
 @contextlib.contextmanager
@@ -127,6 +129,17 @@ def every_mlp_computed() -> Iterator[None]:
         yield
     finally:
         SKIP_OVERWRITTEN_MLPS = before
+
+
+@contextlib.contextmanager
+def every_head_computed() -> Iterator[None]:
+    """Compute every head's query, key and value, overwritten or not: the reference ``benchmarks/ablated_mlps.py`` times."""
+    global SKIP_OVERWRITTEN_HEADS
+    before, SKIP_OVERWRITTEN_HEADS = SKIP_OVERWRITTEN_HEADS, False
+    try:
+        yield
+    finally:
+        SKIP_OVERWRITTEN_HEADS = before
 
 
 def overwritten_mlps(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]]) -> list[int]:
@@ -171,6 +184,82 @@ def _skipped_mlps(model: LoadedModel, layers: Sequence[int]) -> Iterator[None]:
                 object.__delattr__(m, "forward")
             else:
                 object.__setattr__(m, "forward", before)
+
+
+def overwritten_heads(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]]) -> dict[int, frozenset[int]]:
+    """Per layer, the heads whose output (``hook_z``) the hooks write over entirely before anything reads it.
+
+    That is the case for the heads the first hook on ``hook_z`` overwrites in every row
+    and position (mean ablation of a circuit's complement), when no hook reads inside
+    that layer's attention (q, k, v, the pattern: :func:`mechbook.core.names.inside_attention`).
+    Such a head's query, and the key and value of a key/value head all of whose query
+    heads are overwritten, are wasted work.
+    """
+    from mechbook.core.names import act_name, inside_attention
+
+    if not SKIP_OVERWRITTEN_HEADS:
+        return {}
+    first: dict[str, HookFn] = {}
+    for name, fn in fwd_hooks:
+        first.setdefault(name, fn)
+    read_inside = {inside_attention(name) for name in first}
+    out = {}
+    for layer in range(model.n_layers):
+        heads = getattr(first.get(act_name("z", layer)), "overwritten_heads", frozenset())
+        if heads and layer not in read_inside:
+            out[layer] = heads
+    return out
+
+
+@contextlib.contextmanager
+def _skipped_heads(model: LoadedModel, heads: Mapping[int, frozenset[int]]) -> Iterator[None]:
+    """The q (k, v) projections of ``heads``' layers compute only the rows of heads still read; the rest are zeros.
+
+    The kept rows are computed from the same weights and input, as their own matrix
+    product; the overwritten heads' zero queries give a finite attention pattern whose
+    output the hook then writes over.
+    """
+    from mechbook.core.architectures import head_projections
+
+    d, group = model.d_head, model.n_heads // model.n_kv_heads
+    stubbed = []
+    for layer, gone in heads.items():
+        projections = head_projections(model, layer)
+        if projections is None:
+            continue
+        keep = {"q": [h for h in range(model.n_heads) if h not in gone]}
+        keep["k"] = keep["v"] = [g for g in range(model.n_kv_heads)
+                                 if any(h not in gone for h in range(g * group, (g + 1) * group))]
+        for kind, linear in projections.items():
+            if len(keep[kind]) * d < linear.out_features:
+                stubbed.append((linear, _rows_only(linear, keep[kind], d)))
+    saved = [linear.__dict__.get("forward") for linear, _ in stubbed]
+    for linear, forward in stubbed:
+        object.__setattr__(linear, "forward", forward)
+    try:
+        yield
+    finally:
+        for (linear, _), before in zip(stubbed, saved):
+            if before is None:
+                object.__delattr__(linear, "forward")
+            else:
+                object.__setattr__(linear, "forward", before)
+
+
+def _rows_only(linear: torch.nn.Linear, heads: Sequence[int], d_head: int):
+    """A forward for ``linear`` computing the output rows of ``heads`` only (zeros elsewhere)."""
+    rows = torch.tensor([h * d_head + i for h in heads for i in range(d_head)], dtype=torch.long,
+                        device=linear.weight.device)
+    weight = linear.weight.detach()[rows]
+    bias = None if linear.bias is None else linear.bias.detach()[rows]
+
+    def forward(x, *args, **kwargs):
+        out = x.new_zeros(*x.shape[:-1], linear.out_features)
+        if len(rows):
+            out[..., rows] = torch.nn.functional.linear(x, weight, bias)
+        return out
+
+    return forward
 
 
 def check_count(value, what: str) -> int:
