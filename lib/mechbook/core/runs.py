@@ -121,25 +121,32 @@ SKIP_OVERWRITTEN_HEADS = True  # see every_head_computed
 
 
 @contextlib.contextmanager
-def every_mlp_computed() -> Iterator[None]:
+def _switched_off(flag: str) -> Iterator[None]:
+    """Set the module flag ``flag`` to False for the ``with`` block, and back afterwards."""
+    before = globals()[flag]
+    globals()[flag] = False
+    try:
+        yield
+    finally:
+        globals()[flag] = before
+
+
+def every_mlp_computed() -> contextlib.AbstractContextManager[None]:
     """Compute every MLP, overwritten or not: the reference that ``benchmarks/ablated_mlps.py`` times."""
-    global SKIP_OVERWRITTEN_MLPS
-    before, SKIP_OVERWRITTEN_MLPS = SKIP_OVERWRITTEN_MLPS, False
-    try:
-        yield
-    finally:
-        SKIP_OVERWRITTEN_MLPS = before
+    return _switched_off("SKIP_OVERWRITTEN_MLPS")
 
 
-@contextlib.contextmanager
-def every_head_computed() -> Iterator[None]:
+def every_head_computed() -> contextlib.AbstractContextManager[None]:
     """Compute every head's query, key and value, overwritten or not: the reference ``benchmarks/ablated_mlps.py`` times."""
-    global SKIP_OVERWRITTEN_HEADS
-    before, SKIP_OVERWRITTEN_HEADS = SKIP_OVERWRITTEN_HEADS, False
-    try:
-        yield
-    finally:
-        SKIP_OVERWRITTEN_HEADS = before
+    return _switched_off("SKIP_OVERWRITTEN_HEADS")
+
+
+def _first_hooks(fwd_hooks: Sequence[tuple[str, HookFn]]) -> dict[str, HookFn]:
+    """The first hook on each hook name: the one that sees the activation as computed."""
+    first: dict[str, HookFn] = {}
+    for name, fn in fwd_hooks:
+        first.setdefault(name, fn)
+    return first
 
 
 def overwritten_mlps(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]]) -> list[int]:
@@ -155,9 +162,7 @@ def overwritten_mlps(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]]
 
     if not SKIP_OVERWRITTEN_MLPS:
         return []
-    first: dict[str, HookFn] = {}
-    for name, fn in fwd_hooks:
-        first.setdefault(name, fn)
+    first = _first_hooks(fwd_hooks)
     read_inside = {inside_mlp(name) for name in first}
     return [layer for layer in range(model.n_layers)
             if getattr(first.get(act_name("mlp_out", layer)), "overwrites", False) and layer not in read_inside]
@@ -199,9 +204,7 @@ def overwritten_heads(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]
 
     if not SKIP_OVERWRITTEN_HEADS:
         return {}
-    first: dict[str, HookFn] = {}
-    for name, fn in fwd_hooks:
-        first.setdefault(name, fn)
+    first = _first_hooks(fwd_hooks)
     read_inside = {inside_attention(name) for name in first}
     out = {}
     for layer in range(model.n_layers):
