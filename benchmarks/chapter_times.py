@@ -9,8 +9,10 @@ Two parts, one model:
 - the chosen chapters executed through the same code path as ``python -m mechbook run``
   (papermill, the venv's kernel, the chapter's parameters with ``model_name`` set), into
   a temporary folder: book/ is not touched, and ``MECHBOOK_RESULTS`` points the
-  chapters' saved results to a temporary folder too (``--in-place``: as ``python -m
-  mechbook refresh`` does, into book/ and results/, so the timed run is the one committed).
+  chapters' saved results to a temporary folder too, which starts with a copy of the
+  committed results of the chapters not run, for the ones that read them (b7 alone reads
+  b2's circuits) (``--in-place``: as ``python -m mechbook refresh`` does, into book/ and
+  results/, so the timed run is the one committed).
   Each chapter's wall time is printed, then each paper's total against its budget on
   gemma3-270m (Paper A, all chapters: 10 min; Paper B, b1-b6: 20 min), and the total of
   every chapter against the budget of a full rerun on smollm2-135m (30 min).
@@ -30,6 +32,7 @@ import argparse
 import contextlib
 import io
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -122,11 +125,34 @@ def time_chapters(model_name: str, wanted: list[str] | None, keep: Path | None, 
         out = keep if keep is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chapter-times-")))
         out.mkdir(parents=True, exist_ok=True)
         os.environ[results_mod.RESULTS_ENV] = str(out / "results")  # the kernels inherit it: results/ stays untouched
+        borrowed = borrow_results(root / "results", out / "results", model_name, [c.key for c in chapters])
+        if borrowed:
+            print(f"chapters not run here, read from results/ by the ones that are: {', '.join(borrowed)}")
         print(f"\nexecuting {', '.join(c.key for c in chapters)} on {model_name} into {out}")
         results = cli.run_chapters(chapters, book_dir=book_dir, out_dir=out / "runs",
                                    parameters=cli.chapter_parameters(chapters, model_name, []), strip=False,
                                    stop_on_failure=False)
     return report(model_name, results)
+
+
+def borrow_results(source: Path, target: Path, model_name: str, running: list[str]) -> list[str]:
+    """Copy the committed results of ``model_name``'s chapters that are not run here into ``target``.
+
+    Later chapters read earlier ones' results (b3, b4, b6 and b7 read b2's circuits and
+    prompts), as ``scripts/test.sh`` lets them. A chapter run here writes its own, so
+    its committed copy is never borrowed and never stands in for a failed run. Returns
+    the borrowed chapters' keys.
+    """
+    from mechbook.book import results as results_mod
+
+    folder = source / results_mod.safe_name(model_name)
+    borrowed = []
+    for chapter in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = results_mod.CHAPTER_FOLDER.match(chapter.name)
+        if chapter.is_dir() and match and match["key"] not in running and (chapter / results_mod.MARKER).exists():
+            shutil.copytree(chapter, target / folder.name / chapter.name, dirs_exist_ok=True)
+            borrowed.append(match["key"])
+    return borrowed
 
 
 def report(model_name: str, results: list) -> int:

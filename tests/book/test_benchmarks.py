@@ -62,6 +62,32 @@ def test_chapter_times_runs_chapters_into_a_temporary_results_folder(monkeypatch
     assert "OVER by" in out  # 700 s for a1 alone exceeds Paper A's 600 s
 
 
+def test_chapter_times_borrows_the_committed_results_of_chapters_not_run(monkeypatch, tmp_path, capsys):
+    """b7 alone reads b2's circuits: the temporary results folder holds b2's committed results, never b7's."""
+    from mechbook.book import cli
+    from mechbook.book import results
+
+    chapter_times = _load("chapter_times")
+    committed = cli.find_root() / "results" / "gemma3-270m"
+    seen = {}
+
+    def fake_run(chapters, *, book_dir, out_dir, parameters, strip, stop_on_failure):
+        folder = Path(os.environ[results.RESULTS_ENV]) / "gemma3-270m"
+        seen["folders"] = sorted(p.name for p in folder.iterdir())
+        seen["b2"] = {p.name: p.read_bytes() for p in (folder / "b2_node_pruning").iterdir()}
+        return [cli.ChapterResult(c.key, "ok", 1.0, "") for c in chapters]
+
+    monkeypatch.setattr(cli, "run_chapters", fake_run)
+    monkeypatch.setenv(results.RESULTS_ENV, "before")
+    assert chapter_times.time_chapters("gemma3-270m", ["b3", "b7"], tmp_path) == 0
+    assert seen["b2"] == {p.name: p.read_bytes() for p in (committed / "b2_node_pruning").iterdir()}
+    assert "b2_node_pruning" in seen["folders"] and "a1_logit_lens_capitals" in seen["folders"]
+    assert not {"b3_path_patching", "b7_circuit_stability"} & set(seen["folders"])
+    assert "read from results/ by the ones that are: a1, a2" in capsys.readouterr().out
+    # a model with no committed results borrows nothing
+    assert chapter_times.borrow_results(tmp_path / "none", tmp_path / "out", "gemma3-270m", ["b7"]) == []
+
+
 def test_chapter_times_in_place_and_the_budgets(monkeypatch, capsys):
     """--in-place runs as refresh does (book/, no parameters, stripped); b7 is outside Paper B's budget."""
     from mechbook.book import cli
