@@ -145,13 +145,13 @@ def borrow_results(source: Path, target: Path, model_name: str, running: list[st
     """
     from mechbook.book import results as results_mod
 
-    folder = source / results_mod.safe_name(model_name)
+    folder = results_mod.safe_name(model_name)
     borrowed = []
-    for chapter in sorted(folder.iterdir()) if folder.is_dir() else []:
-        match = results_mod.CHAPTER_FOLDER.match(chapter.name)
-        if chapter.is_dir() and match and match["key"] not in running and (chapter / results_mod.MARKER).exists():
-            shutil.copytree(chapter, target / folder.name / chapter.name, dirs_exist_ok=True)
-            borrowed.append(match["key"])
+    for chapter in results_mod.complete_runs(source).get(model_name, []):  # complete and intact only
+        key = results_mod.CHAPTER_FOLDER.match(chapter)["key"]
+        if key not in running:
+            shutil.copytree(source / folder / chapter, target / folder / chapter, dirs_exist_ok=True)
+            borrowed.append(key)
     return borrowed
 
 
