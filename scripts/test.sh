@@ -12,6 +12,9 @@
 #         mechbook.book.nbval_tolerance compares printed floats within float noise (relative
 #         1e-4 or one unit in the last printed digit; text and whole numbers exactly), so
 #         the committed outputs pass on any x86-64 CPU, and runs c1 first.
+#         The plugin mechbook.book.nbval_results adds "<notebook>::published results" after each
+#         chapter: what it published into $MECHBOOK_RESULTS must equal the committed results/ up
+#         to float noise (mechbook.book.result_diff; a failure names file, column, row, both values).
 #
 # The test command writes nothing into the work tree: the chapters nbval re-executes
 # publish their results into a temporary copy of results/ ($MECHBOOK_RESULTS), deleted
@@ -47,4 +50,4 @@ export MECHBOOK_RESULTS="$results_copy"
 # about 35 minutes on 2 cores, so cells get 90 minutes (CI's whole budget) before nbval gives up.
 # One run, one summary line. --nbval only collects .ipynb files, and there are none in tests/.
 python -m pytest tests book --nbval --nbval-current-env -p mechbook.book.nbval_tolerance \
-    --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=5400 "$@"
+    -p mechbook.book.nbval_results --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=5400 "$@"
