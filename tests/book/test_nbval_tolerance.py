@@ -46,7 +46,8 @@ def test_float_noise_at_five_significant_digits_is_accepted(committed, fresh):
 def test_relative_noise_of_1e_6_passes_at_five_significant_digits(value):
     # "#" keeps trailing zeros: "{:.5g}" prints 0.0075000 as "0.0075", 2 digits, which is exact
     for printed in ("{:#.5g}", "{:#.6g}", "{:.4e}"):
-        assert outputs_agree(f"p = {printed.format(value)} ' Paris'", f"p = {printed.format(value * (1 + 1e-6))} ' Paris'")
+        committed, fresh = printed.format(value), printed.format(value * (1 + 1e-6))
+        assert outputs_agree(f"p = {committed} ' Paris'", f"p = {fresh} ' Paris'")
 
 
 @pytest.mark.parametrize(
@@ -164,7 +165,7 @@ def test_text_around_numbers_must_match():
 
 def _frame(scale: float = 1.0, **changes) -> pd.DataFrame:
     frame = pd.DataFrame(
-        {"head": ["4.10", "5.1"], "kept": [84, 246], "score": [0.12350001, 3257.3701234]},
+        {"head": ["4.10", "5.1"], "kept": [84, 246], "score": [0.12350001, 0.98765432]},
         index=pd.Index(["capitals", "past_tense"], name="task"),
     )
     frame["score"] *= scale
@@ -198,8 +199,8 @@ def test_table_noise_across_a_rounding_boundary_passes_with_the_unrounded_conten
     [
         {"head": ["4.11", "5.1"]},  # a label cell
         {"kept": [84, 247]},  # a whole number
-        {"score": [0.1265, 3257.3701234]},  # a float beyond noise (2% relative)
-        {"score": [0.12350001, -3257.3701234]},  # a sign
+        {"score": [0.1265, 0.98765432]},  # a float beyond noise (2% relative)
+        {"score": [0.12350001, -0.98765432]},  # a sign
     ],
 )
 def test_a_real_change_in_a_table_fails_with_the_content_present(change):
@@ -220,14 +221,25 @@ def test_a_changed_index_label_fails_in_a_table():
 
 def test_a_change_that_rounding_hides_still_fails():
     committed_html, _, committed = _display(_frame())
-    fresh_html, _, fresh = _display(_frame(score=[0.1236, 3257.3701234]))
+    fresh_html, _, fresh = _display(_frame(score=[0.1238, 0.98765432]))
     assert committed_html == fresh_html  # nbval's text comparison alone would pass it
     outputs = [nbformat.v4.new_output("display_data", data={"text/html": committed_html},
                                       metadata={"text/html": {tables.METADATA_KEY: content}})
                for content in (committed, fresh)]
-    assert "row 'capitals', column 'score': committed 0.12350001, now 0.1236" in tables_differ(outputs[1:], outputs[:1])
+    assert "row 'capitals', column 'score': committed 0.12350001, now 0.1238" in tables_differ(outputs[1:], outputs[:1])
     assert tables_differ(outputs[:1], outputs[:1]) is None
     assert tables_differ(outputs[1:], [nbformat.v4.new_output("display_data", data={"text/html": ""})]) is None
+
+
+def test_a_cell_near_zero_is_judged_against_its_columns_scale():
+    committed = {"index_names": [None], "column_names": [None], "index": [0, 1], "columns": ["effect"],
+                 "data": [[-125.31], [0.0123]]}
+    noise = {**committed, "data": [[-125.31 * (1 + 1e-6)], [0.0123 + 2e-4]]}  # 2e-4 absolute: 1.6e-6 of 125
+    assert tables_agree(committed, noise)
+    for changed in ([[-125.31], [0.5]], [[-125.31], [-0.5]], [[-125.0], [0.0123]]):
+        assert not tables_agree(committed, {**committed, "data": changed})
+    alone = {**committed, "data": [[1.0], [0.0123]]}  # a column of scale 1: the same move is a change
+    assert not tables_agree(alone, {**alone, "data": [[1.0], [0.0125]]})
 
 
 def test_table_content_keeps_types_and_missing_values():
@@ -299,9 +311,9 @@ def test_nbval_with_the_plugin(tmp_path, printed, passes):
 @pytest.mark.parametrize(
     "scores, passes",
     [
-        ("0.12350001 * (1 - 1e-7), 3257.3701234", True),  # noise that moves a rounded digit
-        ("0.12350001 * 1.01, 3257.3701234", False),  # visible in the rounded text
-        ("0.12350001 * 1.0004, 3257.3701234", False),  # hidden by rounding: still a change
+        ("0.12350001 * (1 - 1e-7), 0.98765432", True),  # noise that moves a rounded digit
+        ("0.12350001 * 1.01, 0.98765432", False),  # visible in the rounded text
+        ("0.12350001 * 1.003, 0.98765432", False),  # hidden by rounding: still a change
     ],
 )
 def test_nbval_reads_a_tables_unrounded_content(tmp_path, scores, passes):

@@ -42,8 +42,10 @@ DataFrames are shown rounded to 3 decimals, for the reader. Their display carrie
 frame's unrounded content in the output's metadata (:mod:`mechbook.book.tables`), and
 the check reads it: every table a committed cell shows with its content must come back
 with content that agrees (labels, text and whole numbers exactly, floats by the rule
-above without a digit count, as the values are unrounded), even where the rounded text
-is identical. When a table's rounded text (HTML or plain) differs, it passes only if both
+above without a digit count, as the values are unrounded, and with the floor at zero
+widened to ``RTOL`` times the column's largest magnitude: a cell near zero in a column
+of large values is computed from terms of that size and carries their absolute noise),
+even where the rounded text is identical. When a table's rounded text (HTML or plain) differs, it passes only if both
 outputs carry the content, the two texts differ only in numbers, and the contents agree.
 A committed table without that metadata is compared by the text rule alone.
 
@@ -91,13 +93,19 @@ def significant_digits(text: str) -> int:
     return len(digits.lstrip("0")) or len(digits)
 
 
-def values_close(committed: float, fresh: float) -> bool:
-    """Two floats the same up to float noise: ``RTOL`` relative, ``ATOL`` at zero, same sign."""
+def values_close(committed: float, fresh: float, scale: float = 0.0) -> bool:
+    """Two floats the same up to float noise: ``RTOL`` relative, ``ATOL`` at zero, same sign.
+
+    ``scale`` (a table column's largest magnitude) widens the floor at zero to
+    ``RTOL * scale + ATOL``: a cell near zero in a column of large values is computed from
+    terms of that size, and carries their absolute noise.
+    """
     if not (math.isfinite(committed) and math.isfinite(fresh)):
         return committed == fresh or (math.isnan(committed) and math.isnan(fresh))
-    if max(abs(committed), abs(fresh)) > ATOL and (committed < 0) != (fresh < 0):
+    floor = RTOL * scale + ATOL
+    if max(abs(committed), abs(fresh)) > floor and (committed < 0) != (fresh < 0):
         return False
-    return abs(committed - fresh) <= (RTOL * max(abs(committed), abs(fresh)) + ATOL) * (1 + 1e-9)
+    return abs(committed - fresh) <= (RTOL * max(abs(committed), abs(fresh)) + floor) * (1 + 1e-9)
 
 
 def is_float(text: str) -> bool:
@@ -128,20 +136,28 @@ def outputs_agree(committed: str, fresh: str) -> bool:
     return all(numbers_close(a, b) for a, b in zip(NUMBER.findall(committed), NUMBER.findall(fresh)))
 
 
-def cells_agree(committed: Any, fresh: Any) -> bool:
+def cells_agree(committed: Any, fresh: Any, scale: float = 0.0) -> bool:
     """Two unrounded table cells or labels (JSON values): floats within noise, all else exactly."""
     if isinstance(committed, list) and isinstance(fresh, list):
-        return len(committed) == len(fresh) and all(map(cells_agree, committed, fresh))
+        return len(committed) == len(fresh) and all(cells_agree(a, b, scale) for a, b in zip(committed, fresh))
     if type(committed) is float and type(fresh) is float:
-        return values_close(committed, fresh)
+        return values_close(committed, fresh, scale)
     return type(committed) is type(fresh) and committed == fresh
+
+
+def _column_scales(rows: list) -> list[float]:
+    """Per column, the largest finite float magnitude in it (0 for a column without floats)."""
+    width = max((len(row) for row in rows), default=0)
+    return [max((abs(row[j]) for row in rows if j < len(row) and type(row[j]) is float
+                 and math.isfinite(row[j])), default=0.0) for j in range(width)]
 
 
 def table_difference(committed: dict, fresh: dict) -> str | None:
     """The first difference between two :func:`mechbook.book.tables.table_content` records, or None.
 
-    Labels and names compare exactly, cells by :func:`cells_agree`; the answer names the
-    row and column and both values.
+    Labels and names compare exactly, cells by :func:`cells_agree`, each float judged
+    against its column's scale (the committed column's largest magnitude); the answer
+    names the row and column and both values.
     """
     for key in ("index_names", "column_names", "index", "columns"):
         if not cells_agree(committed.get(key), fresh.get(key)):
@@ -149,11 +165,12 @@ def table_difference(committed: dict, fresh: dict) -> str | None:
     rows_a, rows_b = committed.get("data"), fresh.get("data")
     if not (isinstance(rows_a, list) and isinstance(rows_b, list) and len(rows_a) == len(rows_b)):
         return "the table's shape differs"
+    scales = _column_scales(rows_a)
     for label, row_a, row_b in zip(committed["index"], rows_a, rows_b):
         if len(row_a) != len(row_b):
             return "the table's shape differs"
-        for column, a, b in zip(committed["columns"], row_a, row_b):
-            if not cells_agree(a, b):
+        for column, scale, a, b in zip(committed["columns"], scales, row_a, row_b):
+            if not cells_agree(a, b, scale):
                 return f"table row {label!r}, column {column!r}: committed {a!r}, now {b!r}"
     return None
 
