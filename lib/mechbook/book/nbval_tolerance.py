@@ -45,12 +45,14 @@ with content that agrees (labels, text and whole numbers exactly, floats by the 
 above without a digit count, as the values are unrounded, and with the floor at zero
 widened to ``RTOL`` times the column's largest magnitude: a cell near zero in a column
 of large values is computed from terms of that size and carries their absolute noise),
-even where the rounded text is identical. When a table's rounded text (HTML or plain) differs, it passes only if both
-outputs carry the content, the two texts differ only in numbers, and the contents agree.
-A committed table without that metadata is compared by the text rule alone.
+even where the rounded text is identical. When a table's rounded text (HTML or plain)
+differs, it passes only if both outputs carry the content, the two texts differ only in
+numbers, and the contents agree. A committed table without that metadata is compared by
+the text rule alone.
 
-nbval's own comparison runs first; this one is consulted only when it fails, and nbval's
-report of the first difference stands when this one fails too. Enable with
+nbval's own comparison runs first; the text rule is consulted only when it fails (nbval's
+report of the first difference stands when both fail), and the tables' content is read
+after either passes (a failure names the table, row, column and both values). Enable with
 ``pytest -p mechbook.book.nbval_tolerance`` (``scripts/test.sh`` does).
 
 The plugin also runs the across-models chapter (``c1``) before the other chapters, so
