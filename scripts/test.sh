@@ -9,9 +9,12 @@
 #         --nbval: notebooks anywhere else (runs/, temporary folders) are never run.
 #         tests/nbval_sanitize.cfg masks what differs between runs of the same code
 #         (memory addresses, progress bars); it never masks numbers. The plugin
-#         mechbook.book.nbval_tolerance compares printed floats within float noise (relative
-#         1e-4 or one unit in the last printed digit; text and whole numbers exactly), so
-#         the committed outputs pass on any x86-64 CPU, and runs c1 first.
+#         mechbook.book.nbval_tolerance passes float noise and nothing else, so the committed
+#         outputs pass on any x86-64 CPU and thread count: a float printed with 5 or more
+#         significant digits may move by 1e-4 relative (1e-6 absolute at zero, same sign);
+#         text, whole numbers, head labels (4.10), versions, signs and numbers printed with
+#         fewer digits compare exactly. Tables are checked by their unrounded content, which
+#         the book's DataFrame display carries in the output's metadata. It runs c1 first.
 #         The plugin mechbook.book.nbval_results adds "<notebook>::published results" after each
 #         chapter: what it published into $MECHBOOK_RESULTS must equal the committed results/ up
 #         to float noise (mechbook.book.result_diff; a failure names file, column, row, both values).

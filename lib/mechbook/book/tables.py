@@ -8,14 +8,23 @@ shows "–" instead of NaN; columns whose name says they are the paper's ("GPT-2
 italics on a grey ground, with a caption saying so, as the figures draw the papers'
 models in grey. The chapters' code and the tables they save are unchanged: only the
 HTML the book shows is.
+
+The HTML rounds floats to pandas' ``display.precision`` (3 in the book), and float noise
+from another CPU or thread count can move a rounded digit. So each DataFrame's display
+also carries the frame's unrounded content in the output's metadata
+(:func:`table_content`, under :data:`METADATA_KEY`), which the nbval plugin
+(:mod:`mechbook.book.nbval_tolerance`) compares when the rounded text differs. Renderers
+(Jupyter, myst-nb) ignore output metadata, so the page is unchanged.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 MISSING = "–"
@@ -23,6 +32,7 @@ PAPER = re.compile(r"(?<![a-z])paper(?![a-z])", re.IGNORECASE)  # "GPT-2 small (
 PAPER_ROW = re.compile(r"\(paper", re.IGNORECASE)  # a row naming a paper's model: "GPT-2 small (paper)", "(paper, BLOOM"
 PAPER_STYLE = "color: #57606a; font-style: italic; background-color: #eef0f2"
 CAPTION = "Grey, in italics: numbers the paper reports for its own models. –: no number for that row."
+METADATA_KEY = "mechbook_table"  # output.metadata["text/html"][METADATA_KEY]: the unrounded content
 _ids = itertools.count(1)
 
 
@@ -75,8 +85,73 @@ def to_html(frame: pd.DataFrame) -> str:
     return styler.to_html()
 
 
+def _scalar(value: Any) -> Any:
+    """One cell or label as JSON: text and whole numbers as they are, floats unrounded, missing as null.
+
+    Non-finite floats become the strings "inf" / "-inf" (JSON has no infinity); anything
+    else (tuples, timestamps, categories) becomes its ``str``, compared as text.
+    """
+    if value is None or value is pd.NaT or value is pd.NA:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if math.isnan(value):
+            return None
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return value
+    return str(value)
+
+
+def _label(label: Any) -> Any:
+    return [_scalar(part) for part in label] if isinstance(label, tuple) else _scalar(label)
+
+
+def _shown(frame: pd.DataFrame) -> pd.DataFrame:
+    """The part of a frame the display can show: all of it, or the head and tail of a truncated one."""
+    max_rows = pd.get_option("display.max_rows")
+    max_cols = pd.get_option("display.max_columns")
+    if max_rows and len(frame) > max_rows:
+        half = -(-(pd.get_option("display.min_rows") or max_rows) // 2)
+        frame = pd.concat([frame.iloc[:half], frame.iloc[-half:]])
+    if max_cols and len(frame.columns) > max_cols:
+        half = -(-max_cols // 2)
+        frame = pd.concat([frame.iloc[:, :half], frame.iloc[:, -half:]], axis=1)
+    return frame
+
+
+def table_content(frame: pd.DataFrame) -> dict:
+    """A frame's unrounded content as JSON: index and column labels (and their names), every cell.
+
+    What the nbval plugin compares when a table's rounded text differs from the committed
+    one: text, whole numbers and labels exactly, floats within float noise. A truncated
+    frame contributes the head and tail that the display shows.
+    """
+    shown = _shown(frame)
+    return {
+        "index_names": [_scalar(name) for name in shown.index.names],
+        "column_names": [_scalar(name) for name in shown.columns.names],
+        "index": [_label(label) for label in shown.index],
+        "columns": [_label(label) for label in shown.columns],
+        "data": [[_scalar(v) for v in row] for row in shown.itertuples(index=False, name=None)],
+    }
+
+
+def html_with_content(frame: pd.DataFrame) -> tuple[str, dict]:
+    """IPython's text/html formatter for DataFrames: :func:`to_html`, and :func:`table_content` as metadata."""
+    return to_html(frame), {METADATA_KEY: table_content(frame)}
+
+
 def install() -> None:
-    """Render DataFrames with :func:`to_html` in this IPython kernel (nothing happens outside IPython)."""
+    """Render DataFrames with :func:`to_html` in this IPython kernel, their unrounded content in the output's metadata.
+
+    Nothing happens outside IPython. The metadata covers the whole display (its text/plain
+    too): the nbval plugin reads it for every MIME type of that output.
+    """
     try:
         from IPython import get_ipython
     except ImportError:
@@ -84,4 +159,4 @@ def install() -> None:
     shell = get_ipython()
     if shell is None:
         return
-    shell.display_formatter.formatters["text/html"].for_type(pd.DataFrame, to_html)
+    shell.display_formatter.formatters["text/html"].for_type(pd.DataFrame, html_with_content)
