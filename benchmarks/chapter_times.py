@@ -147,7 +147,8 @@ def borrow_results(source: Path, target: Path, model_name: str, running: list[st
 
     folder = results_mod.safe_name(model_name)
     borrowed = []
-    for chapter in results_mod.complete_runs(source).get(model_name, []):  # complete and intact only
+    runs = results_mod.complete_runs(source) if source.is_dir() else {}  # no results folder: nothing to borrow
+    for chapter in runs.get(model_name, []):  # complete and intact only
         key = results_mod.CHAPTER_FOLDER.match(chapter)["key"]
         if key not in running:
             shutil.copytree(source / folder / chapter, target / folder / chapter, dirs_exist_ok=True)

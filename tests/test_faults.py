@@ -535,7 +535,7 @@ def test_a_parameter_out_of_range(repo, capsys, given, message):
 
 @pytest.mark.parametrize(("chapter", "given", "message"), [
     ("b2", "threshold=1.5", "parameter threshold = 1.5 is out of range: it must be a fraction of the full model's "
-                            "score (>= 0 and <= 1)"),
+                            "score (> 0 and <= 1)"),
     ("a2", "n_prompts=0", "parameter n_prompts = 0 is out of range: it must be a count of prompts (>= 1) or None"),
     ("a2", "n_prompts='all'", "parameter n_prompts = 'all' is out of range"),
     ("b1", "ratio=-1.0", "parameter ratio = -1.0 is out of range"),

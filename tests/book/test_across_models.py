@@ -217,3 +217,12 @@ def test_safetensors_header_is_sorted_so_reruns_give_the_same_bytes(tmp_path: Pa
     assert torch.equal(load_file(paths[0])["o"], torch.arange(5.0))
     with safe_open(paths[0], "pt") as f:
         assert f.metadata()["task"] == "TASK"
+
+
+def test_a_results_root_that_does_not_exist_is_refused_not_reported_empty(tmp_path: Path) -> None:
+    """c1 with ``-p results_root=/nonexistent`` used to say "no model has results" and succeed."""
+    missing = tmp_path / "nonexistent"
+    for table in (compare.icl_accuracy_table, compare.circuit_overlap_table, compare.circuit_size_table):
+        with pytest.raises(MechbookError, match=r"^results root '.*nonexistent' is not a folder; pass the folder"):
+            table(missing)
+    assert compare.icl_accuracy_table(tmp_path) is None  # an existing folder without results: nothing to show

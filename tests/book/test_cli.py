@@ -488,6 +488,57 @@ def test_resume_skips_the_chapters_with_complete_results(repo: Path, capsys: pyt
     assert "a1 ran again" in capsys.readouterr().out
 
 
+def test_resume_reruns_a_chapter_whose_results_were_made_with_other_parameters(
+    repo: Path, capsys: pytest.CaptureFixture
+) -> None:
+    _chapter(repo / "book" / "a1_first.ipynb", body=(
+        "from mechbook.book import results\nresults.ChapterResults('a1_first', model_name).finish()\n"
+        "print('a1 ran', n_prompts)"))
+    nb = nbformat.read(repo / "book" / "a1_first.ipynb", as_version=4)
+    nb.cells[1].source += "\nn_prompts = 8\nseed = 0"
+    nbformat.write(nb, repo / "book" / "a1_first.ipynb")
+    out = repo / "runs"
+    args = ["--root", str(repo), "run", "--model", DEFAULT_MODEL, "--chapters", "a1", "--out", str(out),
+            "--no-book-update", "--resume"]
+    assert cli.main([*args, "-p", "n_prompts=16"]) == 0
+    marker = repo / "results" / DEFAULT_MODEL / "a1_first" / results.MARKER
+    # the defaults that applied are recorded beside the value given
+    assert json.loads(marker.read_text())["parameters"] == {"model_name": DEFAULT_MODEL, "n_prompts": 16, "seed": 0}
+    capsys.readouterr()
+    assert cli.main(args) == 0  # the default n_prompts = 8 now: not the results' 16
+    printed = capsys.readouterr().out
+    assert "a1: its complete results were made with other parameters (n_prompts: 16 -> 8); running it again" in printed
+    assert _cells_output(out / DEFAULT_MODEL / "a1_first.ipynb") == "a1 ran 8\n"
+    assert cli.main(args) == 0
+    assert "skipped: complete (--resume)" in capsys.readouterr().out  # same parameters: skipped
+    info = json.loads(marker.read_text())
+    del info["parameters"]  # as an older mechbook wrote it
+    marker.write_text(json.dumps(info))
+    assert cli.main(args) == 0
+    assert "(no parameters recorded); running it again" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("cell", "given", "message"), [
+    ("threshold = 0.2", "threshold=0", "chapter a1: parameter threshold = 0.0 is out of range: it must be a fraction of "
+                                       "the full model's score (> 0 and <= 1); pass e.g. -p threshold=0.2\n"),
+    ("tasks = ['capitals']", "tasks=[]", "chapter a1: parameter tasks = [] is out of range: it must be a list of task "
+                                         "names (a non-empty list of distinct names); pass e.g. -p tasks=['capitals']\n"),
+    ("tasks = ['capitals']", "tasks=['capitals','kapitals']", "chapter a1: parameter tasks = ['capitals', 'kapitals'] "
+                                                              "names unknown 'kapitals'; known: capitals, "),
+])
+def test_values_the_library_would_refuse_are_refused_before_any_chapter(
+    repo: Path, capsys: pytest.CaptureFixture, cell: str, given: str, message: str
+) -> None:
+    """The CLI checks with the library's own table: nothing passes here to fail minutes into a chapter."""
+    nb = nbformat.read(repo / "book" / "a1_first.ipynb", as_version=4)
+    nb.cells[1].source += f"\n{cell}"
+    nbformat.write(nb, repo / "book" / "a1_first.ipynb")
+    code = cli.main(["--root", str(repo), "run", "--model", DEFAULT_MODEL, "--chapters", "a1", "-p", given])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message.rstrip("\n") in err and err.endswith("\n")
+    assert not (repo / "runs").exists()
+
+
 def test_models_says_which_backends_run_each_model(capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()

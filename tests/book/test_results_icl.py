@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -63,3 +64,44 @@ def test_accuracy_and_lens_tables_on_a_tiny_model(tiny_gpt2):
     assert last["rank"].tolist() == acc.answer_rank.tolist()
     first = icl.first_top1_layer(lens)
     assert len(first) == 4
+
+
+def test_the_marker_records_the_parameters_mechbook_run_passed(tmp_path, monkeypatch):
+    monkeypatch.setenv(results.PARAMETERS_ENV, json.dumps({"chapter": "a1", "parameters": {"n_prompts": 16}}))
+    results.ChapterResults("a1", "m", root=tmp_path).finish()
+    results.ChapterResults("a2", "m", root=tmp_path).finish()  # another chapter's parameters are not its own
+    results.ChapterResults("a3", "m", root=tmp_path, parameters={"sizes": (8, 16)}).finish()
+    marker = {c: json.loads((tmp_path / "m" / c / results.MARKER).read_text()) for c in ("a1", "a2", "a3")}
+    assert marker["a1"]["parameters"] == {"n_prompts": 16}
+    assert marker["a2"]["parameters"] is None
+    assert marker["a3"]["parameters"] == {"sizes": [8, 16]}
+    assert results.parameter_changes("m", "a1", {"n_prompts": 16}, tmp_path) == []
+    assert results.parameter_changes("m", "a1", {"n_prompts": 8, "seed": 0}, tmp_path) == [
+        "n_prompts: 16 -> 8", "seed: '(unset)' -> 0"]
+    assert results.parameter_changes("m", "a2", {}, tmp_path) == ["no parameters recorded"]
+
+
+@pytest.mark.parametrize(("root", "model", "chapter", "message"), [
+    ("{tmp}/results/../elsewhere", "m", "a1", "contains '..', which would publish outside it"),
+    ("{tmp}/results", "..", "a1", "model name '..' cannot name a results folder"),
+    ("{tmp}/results", "../../x", "a1", "model name '../../x' cannot name a results folder"),  # hidden: never read
+    ("{tmp}/results", "org/../x", "a1", None),  # '/' becomes '--': one folder inside the root
+    ("{tmp}/results", "m", "..", "chapter '..' is not a folder name"),
+])
+def test_nothing_is_published_outside_the_results_root(tmp_path, root, model, chapter, message):
+    root = root.format(tmp=tmp_path)
+    if message is None:
+        assert results.ChapterResults(chapter, model, root=root).finish().parent.parent == tmp_path / "results"
+        return
+    with pytest.raises(MechbookError, match=re.escape(message)):
+        results.ChapterResults(chapter, model, root=root)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_results_root_that_does_not_exist_is_not_no_results(tmp_path):
+    missing = tmp_path / "nonexistent"
+    for read in (lambda: results.complete_runs(missing), lambda: results.load_table("a1", "t", root=missing),
+                 lambda: results.load_json("a1", "t", root=missing)):
+        with pytest.raises(MechbookError, match=rf"^results root '{re.escape(str(missing))}' is not a folder; pass"):
+            read()
+    assert results.complete_runs(tmp_path) == {}  # an empty folder is "no results"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,10 +157,20 @@ def test_prune_nodes_max_rounds_and_start(sharp):
 @pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, 20, True, "0.2", None])
 def test_threshold_validation(tiny_gpt2, bad):
     clean, corrupted, means, metric = random_circuit_task(tiny_gpt2)
-    with pytest.raises(MechbookError, match=r"fraction in \(0, 1\]"):
+    with pytest.raises(MechbookError, match=r"must be a fraction of the full model's score \(> 0 and <= 1\)"):
         prune_nodes(tiny_gpt2, clean, means, metric, threshold=bad)
-    with pytest.raises(MechbookError, match=r"fraction in \(0, 1\]"):
+    with pytest.raises(MechbookError, match=r"must be a fraction of the full model's score \(> 0 and <= 1\)"):
         prune_edges(tiny_gpt2, clean, Circuit.full(tiny_gpt2), means, metric, threshold=bad)
+
+
+def test_numpy_numbers_are_thresholds_and_round_counts(tiny_gpt2):
+    """A threshold read from a numpy array or a pandas table is a number like any other."""
+    clean, corrupted, means, metric = random_circuit_task(tiny_gpt2)
+    plain = prune_nodes(tiny_gpt2, clean, means, metric, threshold=0.25, max_rounds=1)
+    numpy = prune_nodes(tiny_gpt2, clean, means, metric, threshold=np.float32(0.25), max_rounds=np.int64(1))
+    assert numpy.labels() == plain.labels() and numpy.log.attrs["threshold"] == pytest.approx(0.25)
+    with pytest.raises(MechbookError, match=r"max_rounds = 0 is out of range: .*\(>= 1\) or None"):
+        prune_nodes(tiny_gpt2, clean, means, metric, max_rounds=0)
 
 
 def test_prune_nodes_needs_a_positive_full_metric(tiny_gpt2):

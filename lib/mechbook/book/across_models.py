@@ -7,7 +7,9 @@ where it comes from, and are always marked as the paper's ("GPT-2 small (paper)"
 
 Every ``*_table`` function returns a tidy DataFrame with a ``model`` column, or None when
 no model has the chapter's results (or they lack the columns this module reads);
-:func:`missing_note` then says which command writes them.
+:func:`missing_note` then says which command writes them. A results root that does not
+exist is refused (:func:`mechbook.book.results.existing_root`): a mistyped path is not
+"no model has results".
 """
 
 from __future__ import annotations

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib.metadata
 import importlib.util
-import math
+import json
 import os
 import re
 import signal
@@ -43,8 +44,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from mechbook.book.results import RESULTS_ENV, check_results, default_root, is_complete, safe_name
-from mechbook.core import backends
+from mechbook.book.results import (
+    PARAMETERS_ENV,
+    RESULTS_ENV,
+    check_results,
+    default_root,
+    is_complete,
+    parameter_changes,
+    parameters_record,
+    safe_name,
+)
+from mechbook.core import backends, checks
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import (
     DEFAULT_MODEL,
@@ -179,65 +189,35 @@ def check_model_name(name: str) -> None:
             )
 
 
-@dataclass(frozen=True)
-class Allowed:
-    """The values a chapter parameter may take: a number from ``low`` to ``high``, whole if ``whole``."""
-
-    low: float | None = None
-    high: float | None = None
-    whole: bool = False
-    what: str = "a number"
-    each: bool = False  # a non-empty list, every item of which must be such a number
-
-    def describe(self) -> str:
-        bounds = [f">= {self.low:g}" if self.low is not None else "", f"<= {self.high:g}" if self.high is not None else ""]
-        return f"{self.what} ({' and '.join(b for b in bounds if b) or 'finite'}{', each' if self.each else ''})"
-
-    def admits(self, value: Any) -> bool:
-        if self.each:
-            return isinstance(value, (list, tuple)) and len(value) > 0 and all(self._number(v) for v in value)
-        return self._number(value)
-
-    def _number(self, value: Any) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.whole and not isinstance(value, int)):
-            return False
-        return math.isfinite(value) and (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+# What each chapter parameter may be, by name: the library's own table (:mod:`mechbook.core.checks`), so that
+# a value the CLI lets through is one the library takes. A chapter parameter with a numeric default must be
+# listed (tests/test_faults.py checks the book). None stays allowed where the chapter's default is None.
+PARAMETER_RANGES = checks.PARAMETERS
 
 
-# What each chapter parameter may be, by name: a name means the same thing in every chapter. A chapter
-# parameter with a numeric default must be listed (tests/test_faults.py checks the book). None stays allowed
-# where the chapter's default is None ("every usable item", "repeat until nothing changes").
-PARAMETER_RANGES = {
-    "n_prompts": Allowed(1, whole=True, what="a count of prompts"),
-    "n_corrupted": Allowed(1, whole=True, what="a count of corrupted prompts"),
-    "n_sequence_prompts": Allowed(1, whole=True, what="a count of prompts"),
-    "n_shots": Allowed(0, whole=True, what="a count of solved examples"),
-    "n_o": Allowed(1, whole=True, what="a count of prompts"),
-    "n_random": Allowed(1, whole=True, what="a count of random circuits"),
-    "n_key_heads": Allowed(1, whole=True, what="a count of heads"),
-    "n_lengths": Allowed(1, whole=True, what="a count of token lengths"),
-    "n_members": Allowed(1, whole=True, what="a count of sequence members"),
-    "corrupted_repeats": Allowed(1, whole=True, what="a count of corrupted prompts per clean one"),
-    "max_rounds": Allowed(1, whole=True, what="a count of pruning rounds"),
-    "top_k": Allowed(1, whole=True, what="a count of tokens"),
-    "seed": Allowed(0, whole=True, what="a seed"),
-    "threshold": Allowed(0, 1, what="a fraction of the full model's score"),
-    "saturation_threshold": Allowed(0, 1, what="a share of the final probability"),
-    "ratio": Allowed(0, what="a ratio of probabilities"),
-    "add_scale": Allowed(what="a weight"),
-    "sizes": Allowed(2, whole=True, each=True, what="a list of prompt counts"),
-    "seeds": Allowed(0, whole=True, each=True, what="a list of seeds"),
-}
+def known_names(name: str) -> list[str] | None:
+    """The names a list parameter may hold (``tasks``: Paper A's tasks, the only chapters that take it)."""
+    if name == "tasks":
+        from mechbook.papers.vector_arithmetic.prompts import known_tasks
+
+        return known_tasks()
+    return None
 
 
 def check_range(name: str, value: Any, default: Any, where: str) -> None:
     """Refuse a parameter value outside :data:`PARAMETER_RANGES` (None passes where the default is None)."""
     allowed = PARAMETER_RANGES.get(name)
-    if allowed is None or (value is None and default is None) or allowed.admits(value):
+    if allowed is None or (value is None and default is None):
         return
-    example = default if default is not None else int(allowed.low or 1)
-    raise MechbookError(f"{where}: parameter {name} = {value!r} is out of range: it must be {allowed.describe()}"
-                        f"{' or None' if default is None else ''}; pass e.g. -p {name}={example!r}")
+    try:
+        checks.check(name, value, known=known_names(name))
+    except MechbookError as exc:
+        if not allowed.admits(value):
+            example = default if default is not None else allowed.example()
+            raise MechbookError(f"{where}: parameter {name} = {value!r} is out of range: it must be "
+                                f"{allowed.describe()}{' or None' if default is None else ''}; pass e.g. "
+                                f"-p {name}={example!r}") from None
+        raise MechbookError(f"{where}: parameter {exc}") from None
 
 
 def parameters_cell_defaults(nb: Any) -> dict[str, Any]:
@@ -485,15 +465,17 @@ def run_chapters(
             failed_dest = out_dir / f"{chapter.stem}.failed.ipynb"
         start = time.perf_counter()
         try:
-            execute_notebook(
-                chapter.path,
-                dest,
-                cwd=book_dir,
-                parameters=parameters[chapter.key] if parameters else None,
-                label=chapter.key,
-                strip=strip,
-                failed_dest=failed_dest,
-            )
+            given = parameters[chapter.key] if parameters else None
+            with _parameters_for_kernel(chapter, run_parameters(chapter, given)):
+                execute_notebook(
+                    chapter.path,
+                    dest,
+                    cwd=book_dir,
+                    parameters=given,
+                    label=chapter.key,
+                    strip=strip,
+                    failed_dest=failed_dest,
+                )
         except Exception as exc:  # papermill's errors, a dead kernel, a bad notebook
             seconds = time.perf_counter() - start
             reason = _one_line(exc)
@@ -506,6 +488,52 @@ def run_chapters(
             failed_dest.unlink(missing_ok=True)
         results.append(ChapterResult(chapter.key, "ok", time.perf_counter() - start, str(dest)))
     return results
+
+
+def run_parameters(chapter: Chapter, given: dict[str, Any] | None) -> dict[str, Any]:
+    """Every parameter a chapter runs with: its parameters cell's defaults, overridden by what papermill injects.
+
+    A default written as an expression (``threshold = 1 / 5``) is kept as its source text.
+    """
+    import nbformat
+
+    return parameters_cell_defaults(nbformat.read(chapter.path, as_version=4)) | (given or {})
+
+
+@contextlib.contextmanager
+def _parameters_for_kernel(chapter: Chapter, values: dict[str, Any]):
+    """Tell the chapter's kernel its parameters (:data:`~mechbook.book.results.PARAMETERS_ENV`), so that the
+    results it publishes record them; the variable is set only while the chapter runs."""
+    before = os.environ.get(PARAMETERS_ENV)
+    os.environ[PARAMETERS_ENV] = json.dumps({"chapter": chapter.stem, "parameters": parameters_record(values)})
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PARAMETERS_ENV, None)
+        else:
+            os.environ[PARAMETERS_ENV] = before
+
+
+def resume_skips(chapters: Sequence[Chapter], model: str, results_root: Path,
+                 parameters: dict[str, dict[str, Any]]) -> list[Chapter]:
+    """The chapters ``run --resume`` skips: complete results made with the parameters asked for now.
+
+    A chapter whose complete results were made with other parameters (or record none) runs
+    again; the parameters that differ are printed.
+    """
+    skipped = []
+    for chapter in chapters:
+        if not is_complete(model, chapter.stem, results_root):
+            continue
+        changes = parameter_changes(model, chapter.stem, run_parameters(chapter, parameters.get(chapter.key)),
+                                    results_root)
+        if changes:
+            print(f"{chapter.key}: its complete results were made with other parameters ({'; '.join(changes)}); "
+                  "running it again")
+        else:
+            skipped.append(chapter)
+    return skipped
 
 
 def _one_line(exc: BaseException) -> str:
@@ -606,7 +634,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out_root = args.out if args.out.is_absolute() else Path.cwd() / args.out
     writable_folder(out_root, "--out")
     out_dir = writable_folder(out_root / safe_name(args.model), "--out")  # same folder name as results/<model>/
-    done = [c for c in chapters if args.resume and is_complete(args.model, c.stem, default_root(root))]
+    done = resume_skips(chapters, args.model, default_root(root), parameters) if args.resume else []
     results = [ChapterResult(c.key, SKIPPED, 0.0, str(default_root(root) / safe_name(args.model) / c.stem))
                for c in done]
     results += run_chapters(
@@ -745,8 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--resume", action="store_true",
-        help="skip chapters whose results for this model are complete already (after a dropped connection: the "
-        "run starts at the first chapter with missing results)",
+        help="skip chapters whose results for this model are complete already and were made with the same "
+        "parameters (after a dropped connection: the run starts at the first chapter with missing results)",
     )
     run.add_argument(
         "-p", "--parameter", action="append", metavar="NAME=VALUE",

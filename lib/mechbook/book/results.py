@@ -3,8 +3,11 @@
 Each chapter writes its key tables under ``<root>/<model>/<chapter>/`` as CSV or
 JSON (and other files through :meth:`ChapterResults.staged`). Files go to a staging
 folder first; :meth:`ChapterResults.finish` writes a ``_complete.json`` marker listing
-every file with its size and sha256, and what produced them (``provenance``:
-:func:`mechbook.book.provenance.record`), then swaps the folder into place. Readers check
+every file with its size and sha256, the chapter's parameters (``parameters``: what
+``mechbook run`` passes in :data:`PARAMETERS_ENV`, None when the chapter ran some other
+way) and what produced them (``provenance``: :func:`mechbook.book.provenance.record`),
+then swaps the folder into place. ``run --resume`` skips a chapter only when its
+recorded parameters are the ones asked for (:func:`parameter_changes`). Readers check
 each listed file against the marker and name the chapter to rerun when one is missing
 or changed; the provenance is shown, never checked.
 
@@ -35,6 +38,9 @@ from mechbook.core.errors import MechbookError
 from mechbook.core.loading import process_alive
 
 RESULTS_ENV = "MECHBOOK_RESULTS"
+# Set by ``mechbook run`` for each chapter's kernel: {"chapter": notebook stem, "parameters": every papermill
+# parameter the chapter ran with, its parameters cell's defaults included}.
+PARAMETERS_ENV = "MECHBOOK_CHAPTER_PARAMETERS"
 MARKER = "_complete.json"
 CSV_FLOAT_FORMAT = "%.5g"
 FORMAT = 2  # 2: the marker lists each file's size and sha256
@@ -44,8 +50,19 @@ LEFTOVER = re.compile(r"^\.(?P<chapter>[^/]+)\.(?P<kind>staging|old)-(?P<pid>\d+
 
 
 def safe_name(model_name: str) -> str:
-    """A model name usable as a folder name (hub ids contain '/')."""
-    return model_name.replace("/", "--")
+    """A model name usable as a folder name (hub ids contain '/'); names that would leave the results folder are refused."""
+    name = model_name.replace("/", "--")
+    if not name or name.startswith(".") or "\\" in name or "\0" in name:
+        raise MechbookError(f"model name {model_name!r} cannot name a results folder (empty, starting with '.', or "
+                            "holding a backslash); use the registry name or the model folder's full path")
+    return name
+
+
+def parameters_record(parameters: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Parameters as the marker stores them (JSON: tuples become lists, other values their repr)."""
+    if parameters is None:
+        return None
+    return json.loads(json.dumps(dict(parameters), default=repr, sort_keys=True))
 
 
 def default_root(start: str | Path | None = None) -> Path:
@@ -80,16 +97,36 @@ def _unwritable(folder: Path, exc: OSError) -> MechbookError:
                          f"or set {RESULTS_ENV} to a folder that is")
 
 
-class ChapterResults:
-    """Collects one chapter's tables for one model and publishes them atomically."""
+def _run_parameters(chapter: str) -> dict[str, Any] | None:
+    """The parameters ``mechbook run`` started this chapter with (:data:`PARAMETERS_ENV`), or None."""
+    try:
+        given = json.loads(os.environ.get(PARAMETERS_ENV) or "null")
+    except ValueError:
+        return None
+    if isinstance(given, dict) and given.get("chapter") == chapter and isinstance(given.get("parameters"), dict):
+        return given["parameters"]
+    return None
 
-    def __init__(self, chapter: str, model_name: str, root: str | Path | None = None) -> None:
-        if not chapter or chapter.startswith(".") or any(c in chapter for c in "/\\"):
+
+class ChapterResults:
+    """Collects one chapter's tables for one model and publishes them atomically.
+
+    ``parameters`` are recorded in the marker; by default, the ones ``mechbook run``
+    started the chapter with (none when it ran another way).
+    """
+
+    def __init__(self, chapter: str, model_name: str, root: str | Path | None = None, *,
+                 parameters: dict[str, Any] | None = None) -> None:
+        if not chapter or chapter.startswith(".") or any(c in chapter for c in "/\\\0"):
             raise MechbookError(f"chapter {chapter!r} is not a folder name; use the notebook's name, e.g. 'a2_tasks_accuracy'")
         self.chapter = chapter
         self.model_name = model_name
         self.root = Path(root) if root else default_root()
+        if ".." in self.root.parts:
+            raise MechbookError(f"results root {str(self.root)!r} contains '..', which would publish outside it; pass "
+                                f"the folder itself (e.g. {str(self.root.resolve())!r})")
         self.final = self.root / safe_name(model_name) / chapter
+        self.parameters = parameters_record(parameters if parameters is not None else _run_parameters(chapter))
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
             tidy(self.final.parent)
@@ -135,8 +172,8 @@ class ChapterResults:
                  for p in sorted(self._staging.rglob("*")) if p.is_file()}
         # The files carry no timestamp: re-running unchanged code leaves them byte for byte the same. What
         # produced them (date, wall time, versions, ...) goes beside the file list, which readers check.
-        marker = {"model": self.model_name, "chapter": self.chapter, "format": FORMAT,
-                  "mechbook": __version__, "files": files, "provenance": _provenance(self.model_name)}
+        marker = {"model": self.model_name, "chapter": self.chapter, "format": FORMAT, "mechbook": __version__,
+                  "files": files, "parameters": self.parameters, "provenance": _provenance(self.model_name)}
         try:
             (self._staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             self._publish()
@@ -308,6 +345,18 @@ def check_results(root: str | Path | None = None, *, skip: set[tuple[str, str]] 
         _check_chapter(folder, _read_marker(marker, _model_of(folder)))
 
 
+def existing_root(root: str | Path | None) -> Path:
+    """The results folder to read: ``root`` when given (it must exist: a mistyped path is not "no results"), else
+    :func:`default_root` (missing there means no chapter has run yet)."""
+    if root is None or root == "":
+        return default_root()
+    root = Path(root)
+    if not root.is_dir():
+        raise MechbookError(f"results root {str(root)!r} is not a folder; pass the folder that holds "
+                            "<model>/<chapter>/ results (e.g. results/ at the repository root), or None for the default")
+    return root
+
+
 def _complete(root: Path, chapter: str | None = None) -> list[tuple[Path, dict[str, Any]]]:
     """(folder, marker) of every complete chapter under ``root``; the files of ``chapter`` (all if None) checked."""
     if not root.is_dir():
@@ -332,7 +381,7 @@ def complete_runs(root: str | Path | None = None, chapter: str | None = None) ->
     checked against theirs.
     """
     found: dict[str, list[str]] = {}
-    for _, info in _complete(Path(root) if root else default_root(), chapter):
+    for _, info in _complete(existing_root(root), chapter):
         found.setdefault(info["model"], []).append(info["chapter"])
     return found
 
@@ -350,6 +399,25 @@ def is_complete(model_name: str, chapter: str, root: str | Path | None = None) -
     except MechbookError:
         return False
     return True
+
+
+def parameter_changes(model_name: str, chapter: str, wanted: dict[str, Any],
+                      root: str | Path | None = None) -> list[str]:
+    """How the parameters of a chapter's complete results differ from ``wanted``: one "name: there -> now" each.
+
+    A marker that records no parameters (an older mechbook, or a chapter run outside
+    ``mechbook run``) differs from any: ``run --resume`` reruns such a chapter.
+    """
+    folder = (Path(root) if root else default_root()) / safe_name(model_name) / chapter
+    recorded = _read_marker(folder / MARKER, model_name).get("parameters")
+    if not isinstance(recorded, dict):
+        return ["no parameters recorded"]
+    wanted = parameters_record(wanted)
+    return [f"{name}: {recorded.get(name, '(unset)')!r} -> {wanted.get(name, '(unset)')!r}"
+            for name in sorted(set(recorded) | set(wanted)) if recorded.get(name, _UNSET) != wanted.get(name, _UNSET)]
+
+
+_UNSET = object()
 
 
 def chapter_file(chapter: str, filename: str, model_name: str, root: str | Path | None = None) -> Path:
@@ -379,7 +447,7 @@ def checked_file(path: str | Path) -> Path:
 
 def load_table(chapter: str, name: str, root: str | Path | None = None) -> pd.DataFrame:
     """One table from every model's complete results of a chapter, stacked with a ``model`` column."""
-    root = Path(root) if root else default_root()
+    root = existing_root(root)
     frames = [pd.read_csv(_check_file(folder, f"{name}.csv", info)).assign(model=info["model"])
               for folder, info in _complete(root, chapter) if folder.name == chapter]
     if not frames:
@@ -389,7 +457,7 @@ def load_table(chapter: str, name: str, root: str | Path | None = None) -> pd.Da
 
 def load_json(chapter: str, name: str, root: str | Path | None = None) -> dict[str, Any]:
     """One JSON result of a chapter for every model that has complete results: model -> content."""
-    root = Path(root) if root else default_root()
+    root = existing_root(root)
     return {info["model"]: json.loads(_check_file(folder, f"{name}.json", info).read_text())
             for folder, info in _complete(root, chapter) if folder.name == chapter}
 

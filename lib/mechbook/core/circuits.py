@@ -28,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
+from mechbook.core.checks import PARAMETERS, check
 from mechbook.core.errors import MechbookError
 from mechbook.core.interventions import edit_hooks, mean_ablation
 from mechbook.core.loading import LoadedModel
@@ -151,8 +152,10 @@ def circuit_means(model: LoadedModel, corrupted: TokenBatch) -> dict[str, Tensor
 
 
 def _check_threshold(threshold: float, what: str, example: str) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
-        raise MechbookError(f"{what} threshold {threshold!r} must be a fraction in (0, 1]; {example}")
+    """The pruning threshold as a float (numpy numbers too), checked against the shared table (:mod:`mechbook.core.checks`)."""
+    allowed = PARAMETERS["threshold"]
+    if not allowed.admits(threshold):
+        raise MechbookError(f"{what} threshold {threshold!r} must be {allowed.describe()}; {example}")
     return float(threshold)
 
 
@@ -258,8 +261,7 @@ def score_circuits(
 
 def random_circuits(model: LoadedModel, size_like: Circuit, n: int, seed: int = 0) -> list[Circuit]:
     """``n`` random circuits with as many heads and MLPs as ``size_like``, drawn uniformly (the control)."""
-    if n < 1:
-        raise MechbookError(f"n must be at least 1 (got {n})")
+    n = check("n_random", n, argument="n")
     heads = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
     if len(size_like.heads) > len(heads) or len(size_like.mlps) > model.n_layers:
         raise MechbookError(f"{model.name} has fewer heads or MLPs than the circuit to match")
@@ -445,8 +447,7 @@ def prune_nodes(
     metric, the number of forward passes and the number of scores reused.
     """
     threshold = _check_threshold(threshold, "node", "the paper's 20% is threshold=0.2")
-    if max_rounds is not None and max_rounds < 1:
-        raise MechbookError(f"max_rounds must be at least 1 or None (until nothing changes); got {max_rounds}")
+    max_rounds = check("max_rounds", max_rounds, none=True)  # None: until nothing changes
     circuit = Circuit.full(model) if start is None else Circuit(list(start.heads), list(start.mlps))
     circuit.validate(model)
     check_means(model, batch, means, all_heads(model) + all_mlps(model))

@@ -295,3 +295,11 @@ def test_gemma_function_layer_flips_poland_to_warsaw(gemma):
     table = ffn.subtract_o(gemma, batch, run, layer, run.o(layer), [warsaw], [poland])
     lens = table[table.readout == f"logit lens at layer {layer}"].iloc[0]
     assert lens.answer_top1_before and lens.argument_top1_after  # " Warsaw" -> " Poland" without o
+
+
+def test_no_tasks_is_refused_with_the_fix():
+    """``-p tasks=[]`` used to reach a KeyError on the empty summary table."""
+    with pytest.raises(MechbookError, match=r"^no tasks to summarise; .*tasks=\['capitals'\]"):
+        ffn.function_layer_summary([], n_layers=4)
+    with pytest.raises(MechbookError, match="no tasks' MLP outputs to compare"):
+        ffn.o_cosine_table({})

@@ -68,7 +68,7 @@ def test_saturation_threshold_absolute_or_relative_to_the_last_layer():
     shy = lens_of([50, 1, 2, 3], [9, 2, 1, 1], answer_probs=[0.0, 0.01, 0.08, 0.1])
     assert one(shy)["saturation"] == 2
     assert math.isnan(one(shy, **absolute)["saturation"])
-    with pytest.raises(MechbookError, match="in \\[0, 1\\]"):
+    with pytest.raises(MechbookError, match=r"saturation_threshold = 1.5 is out of range: .*\(>= 0 and <= 1\)"):
         stages.stage_layers(lens, saturation_threshold=1.5)
 
 

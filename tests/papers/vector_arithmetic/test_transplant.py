@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -178,3 +179,11 @@ def test_gemma_capital_o_promotes_beijing_without_context(gemma):
         gemma, china, [transplant.Transplant("replace", run.o(layer)[0], layer, "replace")])
     table = transplant._rank_table(gemma, baseline, after, torch.tensor([beijing]))
     assert table.rank_after[0] < table.rank_before[0]
+
+
+@pytest.mark.parametrize("scale", [1e20, float("inf"), float("nan"), True])
+def test_a_transplant_weight_outside_the_shared_range_is_refused(scale):
+    """Far past the range, float32 overflows in the final norm: every logit ties and every rank reads 1."""
+    with pytest.raises(MechbookError, match=r"^scale = .* is out of range: it must be a weight \(>= -100 and <= 100\)"):
+        transplant.Transplant("add", torch.ones(4), 1, scale=scale)
+    assert transplant.Transplant("add", torch.ones(4), 1, scale=np.float32(2.0)).scale == 2.0

@@ -203,3 +203,19 @@ def test_batching_helpers_and_model_input(tokenizer):
     assert targets["answer"].tolist() == prompts.answer_ids and targets["argument"].shape == (5,)
     assert list(prompts.summary()["group"]) == ["irregular", "regular", "all"]
     assert "kept=5" in repr(prompts)
+
+
+def test_numpy_counts_are_counts():
+    """``n`` and ``n_shots`` drawn from numpy (a sweep over np.arange) give the same prompts as plain ints."""
+    import numpy as np
+
+    from conftest import _tokenizer
+
+    tok = _tokenizer(False)
+    plain = build_prompts("capitals", tok, n=3, n_shots=2, multi_token="first")
+    numpy = build_prompts("capitals", tok, n=np.int64(3), n_shots=np.int32(2), multi_token="first")
+    assert numpy.prompts == plain.prompts and len(numpy) == 3
+    with pytest.raises(MechbookError, match=r"^n = 0 is out of range: it must be a count of prompts \(>= 1\) or None"):
+        build_prompts("capitals", tok, n=0, multi_token="first")
+    with pytest.raises(MechbookError, match=r"^n_shots = True is out of range"):
+        build_prompts("capitals", tok, n_shots=True, multi_token="first")

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from mechbook.core import decoding
 from mechbook.core.architectures import ov_circuit
+from mechbook.core.checks import check
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
 from mechbook.core.names import Component, act_name, all_heads, all_mlps
@@ -70,10 +71,11 @@ PAPER_CLEAN_TEMPLATES = tuple(PAPER_TEMPLATES)
 
 def sample_prompts(prompts: SeqPromptSet, n: int | None, *, seed: int = 0) -> SeqPromptSet:
     """``n`` prompts drawn at random without replacement (kept in file order); all of them if ``n`` is None or larger."""
-    if n is None or n >= len(prompts):
+    if n is None:
         return prompts
-    if n < 1:
-        raise MechbookError(f"n must be at least 1 (got {n})")
+    n = check("n_prompts", n, argument="n")
+    if n >= len(prompts):
+        return prompts
     rng = np.random.default_rng(seed)
     return prompts.select(sorted(rng.choice(len(prompts), size=n, replace=False).tolist()))
 
@@ -116,8 +118,9 @@ def solved_paper_prompts(
     drops are in ``.dropped`` (with a :class:`~mechbook.papers.seqcont.sequences.SeqPromptWarning`;
     silence it in notebooks).
     """
-    if n_prompts < 1 or not templates:
-        raise MechbookError(f"need n_prompts >= 1 and at least one template (got {n_prompts}, {list(templates)})")
+    n_prompts = check("n_prompts", n_prompts)
+    if not templates:
+        raise MechbookError("need at least one template; pass e.g. templates=PAPER_CLEAN_TEMPLATES")
     per_template = -(-n_prompts // len(templates))
     pools = [tokenize_prompts(load_paper_prompts(task, template), model.tokenizer) for template in templates]
     if same_length:

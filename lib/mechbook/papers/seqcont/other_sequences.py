@@ -37,6 +37,7 @@ import torch
 
 from mechbook.book.results import MARKER, chapter_file, default_root, safe_name
 from mechbook.core.circuits import Circuit, random_circuits
+from mechbook.core.checks import check
 from mechbook.core.errors import MechbookError
 from mechbook.core.interventions import edit_hooks, mean_ablation
 from mechbook.core.loading import LoadedModel
@@ -140,8 +141,8 @@ def family_prompts(family: str, *, corrupted: bool = False, n_members: int = 4, 
     random from the members the clean set uses (``make_prompts(corrupted="resample")``).
     """
     _check_family(family)
-    if repeats < 1 or n_members < 1:
-        raise MechbookError(f"repeats and n_members must be at least 1 (got {repeats}, {n_members})")
+    repeats = check("corrupted_repeats", repeats, argument="repeats")
+    n_members = check("n_members", n_members)
     if family == "word problems":
         return word_problem_prompts(n_per_template=len(WORD_PROBLEM_NUMBERS) * repeats, corrupted=corrupted, seed=seed)
     task, steps, starts = SEQUENCE_FAMILIES[family]
@@ -210,8 +211,8 @@ def common_lengths(prompts: SeqPromptSet, corrupted: SeqPromptSet, *, n_lengths:
     one token length at a time (one mean pass and one batched pass each); keeping the
     common lengths bounds the cost, as the paper keeps one length per task.
     """
-    if n_lengths < 1 or min_corrupted < 1:
-        raise MechbookError(f"n_lengths and min_corrupted must be at least 1 (got {n_lengths}, {min_corrupted})")
+    n_lengths = check("n_lengths", n_lengths)
+    min_corrupted = check("n_corrupted", min_corrupted, argument="min_corrupted")
     covered = {n for n, rows in _by_length(corrupted).items() if len(rows) >= min_corrupted}
     groups = sorted(((n, rows) for n, rows in _by_length(prompts).items() if n in covered),
                     key=lambda item: (-len(item[1]), item[0]))[:n_lengths]

@@ -40,6 +40,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm import tqdm
 
+from mechbook.core.checks import check
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
 from mechbook.core.runs import chunk_starts, run_last, tokenize
@@ -524,8 +525,7 @@ def make_prompts(
     """
     if task not in GENERATOR_TASKS:
         raise MechbookError(f"unknown sequence task {task!r}; known: {', '.join(GENERATOR_TASKS)}")
-    if n_prompts < 1 or n_members < 1:
-        raise MechbookError(f"n_prompts and n_members must be at least 1 (got {n_prompts}, {n_members})")
+    n_prompts, n_members = check("n_prompts", n_prompts), check("n_members", n_members)
     if step == 0:
         raise MechbookError("step must be non-zero (1 for consecutive members, 2 for '2 4 6', -1 to count down)")
     if corrupted not in (None, *CORRUPTIONS):
@@ -687,6 +687,7 @@ def filter_solved(
     Pass ``scores`` from :func:`score_prompts` to avoid a second run. The others go
     to ``.dropped`` with reason "not_solved"; an empty result raises.
     """
+    ratio = check("ratio", ratio)
     prompts = _tokenized_for(model, prompts)
     if scores is None:
         scores = score_prompts(model, prompts, ratio=ratio, batch_size=batch_size)

@@ -25,7 +25,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from mechbook.core.circuits import Circuit, prune_nodes
-from mechbook.core.errors import MechbookError
+from mechbook.core.checks import check
 from mechbook.core.loading import LoadedModel
 from mechbook.core.stats import bootstrap_ratio_interval, jaccard
 from mechbook.papers.seqcont.task_circuits import circuit_scores_per_prompt, prepare_task
@@ -48,10 +48,9 @@ def circuits_by_size(
     95% bootstrap interval over prompts, seconds) and the circuits keyed by
     ``(task, n_prompts, seed)``.
     """
-    if not tasks or not sizes or not seeds:
-        raise MechbookError("need at least one task, one size and one seed, e.g. sizes=[8, 16], seeds=[0, 1, 2]")
-    if any(int(n) < 2 for n in sizes):
-        raise MechbookError(f"sample sizes must be at least 2 (an interval needs two prompts); got {list(sizes)}")
+    tasks = check("tasks", list(tasks) if isinstance(tasks, (list, tuple)) else tasks)
+    sizes, seeds = check("sizes", sizes), check("seeds", seeds)  # a size of 2 at least: an interval needs two prompts
+    threshold = check("threshold", threshold)
     rows, found = [], {}
     runs = [(task, int(n), int(seed)) for task in tasks for n in sorted(sizes) for seed in seeds]
     for task, n, seed in tqdm(runs, desc="circuits by sample size", disable=None):

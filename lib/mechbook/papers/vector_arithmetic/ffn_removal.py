@@ -34,6 +34,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm import tqdm
 
+from mechbook.core.checks import check
 from mechbook.core.errors import MechbookError
 from mechbook.core.interventions import edit_hooks, zero_ablation
 from mechbook.core.loading import LoadedModel
@@ -138,8 +139,7 @@ def paired_prompts(
         raise MechbookError(f"no item of task {task!r} is usable in both variants for {model.name}; try another task")
     n_paired = len(paired)
     if max_items is not None:
-        if not isinstance(max_items, int) or max_items < 1:
-            raise MechbookError(f"max_items must be a positive integer or None (all), not {max_items!r}")
+        max_items = check("n_prompts", max_items, argument="max_items")
         if max_items < len(paired):
             drawn = set(random.Random(f"{seed}|{task}|pairs").sample(paired, max_items))
             paired = [item for item in paired if item in drawn]

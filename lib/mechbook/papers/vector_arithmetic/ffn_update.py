@@ -284,6 +284,9 @@ def function_layer_summary(tasks: Sequence[TaskFFN], n_layers: int) -> pd.DataFr
     stream after that block (the paper's released GPT-2 medium o vectors come from
     layers 18 and 19 of 24: 0.79 and 0.83; its text says "about 2/3").
     """
+    if not tasks:
+        raise MechbookError("no tasks to summarise; pass the find_function_layer result of at least one task "
+                            "(a chapter's tasks list must name one, e.g. tasks=['capitals'])")
     rows = []
     for t in tasks:
         rows.append(
@@ -427,6 +430,8 @@ def o_cosine_table(mlp_outs: Mapping[str, Float[Tensor, "batch layer d_model"]],
     prompts of all tasks first, leaving what is particular to a task or a prompt.
     One row per layer x comparison with the mean and quartiles over pairs.
     """
+    if not mlp_outs:
+        raise MechbookError("no tasks' MLP outputs to compare; pass at least one, e.g. {'capitals': run.mlp_out}")
     rows = []
     tasks = list(mlp_outs)
     n_layers = next(iter(mlp_outs.values())).shape[1]

@@ -42,6 +42,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from mechbook.core.checks import check
 from mechbook.core.errors import MechbookError
 
 VARIANTS = ("abstractive", "extractive", "no_context")
@@ -363,9 +364,8 @@ def build_prompts(
     if not kept:
         raise MechbookError(_no_prompts_message(task, tok_name, variant, multi_token, dropped))
     usable_by_group = dict(Counter(r["group"] for r in kept))
+    n = check("n_prompts", n, argument="n", none=True)  # None: all
     if n is not None:
-        if not isinstance(n, int) or n < 1:
-            raise MechbookError(f"n must be a positive integer or None (all), not {n!r}")
         if n > len(kept):
             raise MechbookError(
                 f"asked for n={n} {variant} prompts of task {task!r} but only {len(kept)} are usable with "
@@ -434,9 +434,7 @@ def _check_shots(n_shots: int | None, spec: _Task, variant: str, n_items: int) -
         if n_shots:
             raise MechbookError("no_context prompts have no solved examples; leave n_shots unset")
         return 0
-    shots = spec.default_shots if n_shots is None else n_shots
-    if not isinstance(shots, int) or shots < 0:
-        raise MechbookError(f"n_shots must be a non-negative integer, not {n_shots!r}")
+    shots = spec.default_shots if n_shots is None else check("n_shots", n_shots)
     if shots >= n_items:
         raise MechbookError(f"n_shots={shots} needs at least {shots + 1} items, the task has {n_items}; lower n_shots")
     return shots

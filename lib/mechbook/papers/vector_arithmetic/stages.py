@@ -55,6 +55,7 @@ from torch import Tensor
 
 from mechbook.book.plots import PALETTE
 from mechbook.core import decoding
+from mechbook.core.checks import check
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
 from mechbook.core.stats import wilson_interval
@@ -210,8 +211,7 @@ def stage_layers(
     the keys, ``argument_formation``, ``argument_rule``, ``argument_best_rank``,
     ``argument_top1_after``, ``function_application``, ``flip``, ``saturation``, ``n_layers``.
     """
-    if not 0 <= saturation_threshold <= 1:
-        raise MechbookError(f"saturation_threshold is a probability (or share of one) in [0, 1], not {saturation_threshold!r}")
+    saturation_threshold = check("saturation_threshold", saturation_threshold)
     by = list(by)
     _check_lens(lens, by)
     keys = [*by, "prompt"]

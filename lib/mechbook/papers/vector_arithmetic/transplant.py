@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mechbook.core import decoding
+from mechbook.core.checks import check
 from mechbook.core.errors import MechbookError
 from mechbook.core.interventions import (
     Edit,
@@ -73,6 +74,9 @@ class Transplant:
     method: str = "add"
     positions: str | None = None
     scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", check("add_scale", self.scale, argument="scale"))
 
     def start(self) -> tuple[str, int]:
         """The cached residual a run from a layer starts from, and that layer."""
