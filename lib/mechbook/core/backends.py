@@ -302,6 +302,12 @@ def _plan(model, hooks: Sequence[tuple[str, Any]], names: Sequence[str], start: 
     return [(path, io, groups[path, io]) for path, io in sorted(groups, key=lambda key: order[key])]
 
 
+def _check_hook_output(out, act, name: str) -> None:
+    from mechbook.core.runs import check_hook_output
+
+    check_hook_output(out, act, name)
+
+
 def _visit(envoy, io: str, entries: list, cache: dict, rows: Tensor, last_pos: Tensor, last_only: bool,
            given: Tensor | None = None) -> None:
     """Read one module input or output (or take it as ``given``), apply its hooks in transformer-lens shapes,
@@ -318,7 +324,8 @@ def _visit(envoy, io: str, entries: list, cache: dict, rows: Tensor, last_pos: T
         if place.heads is not None:
             act = act.reshape(*act.shape[:-1], place.heads, -1)
         for fn in fns:
-            out = fn(act, SimpleNamespace(name=name))
+            out = fn(act, hook=SimpleNamespace(name=name))  # as transformer-lens calls hooks
+            _check_hook_output(out, act, name)
             if out is not None:
                 act, changed = out, True
         if keep:
