@@ -26,7 +26,6 @@ import io
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import tempfile
@@ -756,16 +755,19 @@ def _load_with_weights(name: str, *, dtype: Any, device: Any, device_map: Any, m
                                                offload={"max_memory": max_memory, "offload_folder": offload_folder})
     except MechbookError:
         raise
-    except pickle.UnpicklingError:  # torch's weights-only reader met a pickle that builds more than tensors
-        raise MechbookError(
-            f"the pickled weights in {path} ({', '.join(p.name for p in sorted(path.glob('*.bin')))}) hold objects "
-            "other than tensors, which mechbook never unpickles (unpickling can run code); only if you trust the file, "
-            "convert it to safetensors: load it with torch.load(file, weights_only=False) into the model and "
-            "model.save_pretrained(folder), then delete the .bin"
-        ) from None
     except (OSError, ValueError, KeyError, SafetensorError) as exc:  # a missing or cut file, an unknown architecture
         raise MechbookError(f"could not load the model in {path} ({type(exc).__name__}: "
                             f"{' '.join(str(exc).split())})") from exc
+    except Exception as exc:
+        if type(exc).__name__ != "UnpicklingError":
+            raise
+        # torch's weights-only reader refused a .bin checkpoint that builds objects other than tensors
+        raise MechbookError(
+            f"the pickled weights in {path} ({', '.join(p.name for p in sorted(path.glob('*.bin')))}) hold objects "
+            "other than tensors, which mechbook never loads (unpickling them can run code); mechbook reads "
+            "safetensors: only if you trust the file, load it with torch's full loader (weights_only=False), "
+            "save the model with model.save_pretrained(folder) (which writes model.safetensors), and delete the .bin"
+        ) from None
     family = family or hf_model.config.model_type
     with _quiet():
         bridge = _boot_bridge(hf_model, tokenizer, model_dir=str(path), device=device)
