@@ -38,6 +38,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechbook.core.errors import MechbookError
+from mechbook.core.runs import check_hook_output
 
 BACKENDS = ("local", "nnsight", "ndif")
 NDIF_KEY_ENV = "NDIF_API_KEY"
@@ -302,12 +303,6 @@ def _plan(model, hooks: Sequence[tuple[str, Any]], names: Sequence[str], start: 
     return [(path, io, groups[path, io]) for path, io in sorted(groups, key=lambda key: order[key])]
 
 
-def _check_hook_output(out, act, name: str) -> None:
-    from mechbook.core.runs import check_hook_output
-
-    check_hook_output(out, act, name)
-
-
 def _visit(envoy, io: str, entries: list, cache: dict, rows: Tensor, last_pos: Tensor, last_only: bool,
            given: Tensor | None = None) -> None:
     """Read one module input or output (or take it as ``given``), apply its hooks in transformer-lens shapes,
@@ -325,7 +320,7 @@ def _visit(envoy, io: str, entries: list, cache: dict, rows: Tensor, last_pos: T
             act = act.reshape(*act.shape[:-1], place.heads, -1)
         for fn in fns:
             out = fn(act, hook=SimpleNamespace(name=name))  # as transformer-lens calls hooks
-            _check_hook_output(out, act, name)
+            check_hook_output(out, act, name)  # None, or a tensor of the activation's shape
             if out is not None:
                 act, changed = out, True
         if keep:

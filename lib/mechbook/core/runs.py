@@ -134,12 +134,13 @@ def check_hook_fns(fwd_hooks: Sequence[tuple[str, HookFn]]) -> list[tuple[str, H
     them, ``fn(activation, hook=hook_point)``; anything else is a one-line error naming :data:`HOOK_SIGNATURE`."""
     if isinstance(fwd_hooks, (str, bytes)) or not isinstance(fwd_hooks, Iterable):
         raise MechbookError(f"fwd_hooks is a list of (hook name, function) pairs, got {type(fwd_hooks).__name__}")
-    pairs = list(fwd_hooks)
-    for pair in pairs:
-        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
+    pairs = []
+    for pair in fwd_hooks:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
             raise MechbookError(f"fwd_hooks holds {pair!r}; pass (hook name, function) pairs, e.g. "
-                                "[('blocks.0.hook_mlp_out', fn)] with fn defined as " + HOOK_SIGNATURE)
+                                "[(act_name('mlp_out', 0), fn)] with fn defined as " + HOOK_SIGNATURE)
         name, fn = pair
+        pairs.append((name, fn))
         if not callable(fn):
             raise MechbookError(f"the hook on {name} is a {type(fn).__name__}, not a function; pass a function "
                                 + HOOK_SIGNATURE)
