@@ -130,10 +130,10 @@ def test_a_pickle_in_a_user_model_folder_never_runs(tmp_path, tiny_gpt2_dir):
 def test_a_pickle_in_a_poisoned_cache_never_runs(tmp_path, packaged):
     mechbook.load_model(packaged.name)
     _plant_pickle(packaged.folder, tmp_path / "ran")
-    # the attacker also lists the pickle in the manifest, so the cache checks out
+    # the attacker also lists the pickle in the manifest and rehashes it, so the cache checks out
     manifest = json.loads((packaged.folder / models.CACHE_MANIFEST).read_text())
     manifest["files"] = models._file_list(packaged.folder)
-    (packaged.folder / models.CACHE_MANIFEST).write_text(json.dumps(manifest))
+    models.write_manifest(packaged.folder, manifest)
     mechbook.load_model(packaged.name)
     assert not (tmp_path / "ran").exists() and len(packaged.reads) == 1
 

@@ -65,7 +65,7 @@ def test_logit_lens(pair):
         for name, ids in targets.items():
             got = lens[(lens.layer == layer) & (lens.target == name)].sort_values("prompt")
             want_p = probs[rows, ids]
-            want_rank = (logits > logits[rows, ids][:, None]).sum(-1) + 1
+            want_rank = (logits >= logits[rows, ids][:, None]).sum(-1)  # ties count against the target
             assert (torch.tensor(got.prob.to_numpy()) - want_p).abs().max() < TOL
             assert got["rank"].tolist() == want_rank.tolist()
 

@@ -142,3 +142,18 @@ def test_a_batch_size_of_zero(tiny_model):
     o = torch.zeros(tiny_model.d_model)
     with pytest.raises(MechbookError, match="batch_size must be at least 1"):
         transplant.transplant_logits(tiny_model, batch, [transplant.Transplant("t", o, 0)], batch_size=0)
+
+
+def test_a_transplant_that_overflows_the_final_norm_is_refused(tiny_model):
+    """Chapter a5 with add_scale=1e20: float32 overflows in the final norm and every logit comes out equal, so
+    every token would tie at rank 1; run_transplants refuses instead of publishing a failure rate of 0."""
+    from types import SimpleNamespace
+
+    targets = SimpleNamespace(token_ids=[[5, 6, 7], [8, 9, 10, 11]], argument_ids=[3, 4], answer_ids=[20, 21],
+                              items=["a", "b"], groups=["g", "g"], answer_tokens=["x", "y"])
+    o = torch.randn(tiny_model.d_model)
+    table = transplant.run_transplants(tiny_model, targets, [transplant.Transplant("o", o, 0, "add")])
+    assert (table.rank_after >= 1).all() and len(table) == 2
+    huge = transplant.Transplant("o x 1e20", o, 0, "add", scale=1e20)
+    with pytest.raises(MechbookError, match="logits to rank.*same logit.*smaller scale"):
+        transplant.run_transplants(tiny_model, targets, [huge])

@@ -228,3 +228,22 @@ def test_prune_edges_needs_heads_and_a_fitting_circuit(tiny_gpt2):
         prune_edges(tiny_gpt2, clean, Circuit([(0, 0), (9, 1)], []), means, metric)
     with pytest.raises(MechbookError, match="no edges"):
         prune_edges(tiny_gpt2, clean, Circuit([(1, 0), (1, 1)], []), means, metric, to_logits=False)
+
+
+def test_a_circuit_refuses_negative_fractional_and_out_of_range_indices(tiny_gpt2):
+    """A negative index never matches the complement's (the circuit would ablate its own head); 1.7 is not head 1."""
+    import numpy as np
+
+    with pytest.raises(MechbookError, match="count from 0, but it has head -1.0"):
+        Circuit([(-1, 0)], [])
+    with pytest.raises(MechbookError, match="count from 0, but it has MLP -1"):
+        Circuit([], [-1])
+    with pytest.raises(MechbookError, match="head index 1.7 is not an integer"):
+        Circuit([(0, 1.7)], [])
+    with pytest.raises(MechbookError, match="MLP layer True is a bool"):
+        Circuit([], [True])
+    assert Circuit([(np.int64(0), np.int32(1))], [np.int64(2)]) == Circuit([(0, 1)], [2])
+    with pytest.raises(MechbookError, match="does not fit .*: MLP 3 lies past its 3 layers"):
+        Circuit([], [3]).validate(tiny_gpt2)
+    with pytest.raises(MechbookError, match="does not fit .*head 4 is out of range"):
+        Circuit([(0, 4)], []).complement(tiny_gpt2)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+import types
 
 import pytest
 import torch
@@ -145,3 +147,80 @@ def test_smollm2_loads_with_its_conventions():
     diff = _max_logit_diff(model, models.cached_model_dir("smollm2-135m"))
     print(f"smollm2-135m: max |hooked - plain| logits = {diff:.2e}")
     assert diff <= 1e-4
+
+
+# --- issue 25: loading refuses in one line, the cache's manifest is hashed whole ------------------
+
+
+class _RunsCode:
+    """A pickle that, when loaded, writes a marker file: proof that unpickling ran code."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('code ran')",)
+
+
+def test_pickled_weights_that_hold_more_than_tensors_are_one_line(tmp_path):
+    from conftest import build_tiny_model
+
+    folder = build_tiny_model("gpt2", tmp_path / "model")
+    (folder / "model.safetensors").unlink()
+    torch.save({"transformer.wte.weight": _RunsCode(tmp_path / "ran")}, folder / "pytorch_model.bin")
+    with pytest.raises(MechbookError, match=r"pickled weights in .* \(pytorch_model.bin\) hold objects other than "
+                                            r"tensors.*mechbook reads safetensors.*model.save_pretrained"):
+        mechbook.load_model(str(folder))
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_folder_without_config_json_is_named_as_such(tmp_path):
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(MechbookError, match="the folder .*weights-only has no config.json") as caught:
+        mechbook.load_model(str(folder))
+    assert "unknown model" not in str(caught.value)
+    assert "has no config.json" in str(models.unknown_model(str(folder)))
+    assert "unknown model 'gpt3'" in str(models.unknown_model("gpt3"))
+
+
+@pytest.fixture
+def packaged(tmp_path, monkeypatch, tiny_dir):
+    """A registry model of source "packaged" whose "GGUF" is read as a tiny model (cache in tmp_path); reads counted."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(12))
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    reads = []
+
+    def read(path, spec):
+        reads.append(path)
+        return AutoModelForCausalLM.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
+
+    monkeypatch.setattr(models, "_read_gguf", read)
+    spec = models.ModelSpec(name="tiny-packaged", source="packaged", family="llama", description="test",
+                            package="tiny-pkg", locate_gguf=lambda: gguf)
+    monkeypatch.setitem(models.REGISTRY, "tiny-packaged", spec)
+    return types.SimpleNamespace(name="tiny-packaged", reads=reads, folder=models.cached_model_dir("tiny-packaged"))
+
+
+@pytest.mark.parametrize("change", ["tokenizer setting flipped", "manifest without its own hash"])
+def test_a_changed_manifest_is_caught_and_the_cache_rebuilt(packaged, change):
+    """No file hash covers the manifest's tokenizer block (flipping add_bos_token there changes gemma's top token):
+    the manifest's own sha256 does, and a manifest that no longer matches it is rebuilt."""
+    ids = mechbook.load_model(packaged.name).tokenizer("one two").input_ids
+    path = packaged.folder / models.CACHE_MANIFEST
+    manifest = json.loads(path.read_text())
+    if change == "tokenizer setting flipped":
+        manifest["tokenizer"]["add_bos_token"] = not manifest["tokenizer"].get("add_bos_token", True)
+    else:
+        del manifest[models.MANIFEST_HASH]
+    path.write_text(json.dumps(manifest, indent=2))
+    with pytest.raises(models.DamagedCache, match="changed after it was written|older mechbook"):
+        models.read_manifest(packaged.folder)
+    with pytest.warns(UserWarning, match="is damaged .*rebuilding it"):
+        again = mechbook.load_model(packaged.name)
+    assert len(packaged.reads) == 2 and again.tokenizer("one two").input_ids == ids
+    assert models.verify_cache(packaged.folder)["tokenizer"] == json.loads(path.read_text())["tokenizer"]

@@ -199,3 +199,55 @@ def test_head_patching_refuses_a_prefix_cache_the_attention_never_saw(sharp, mon
     monkeypatch.setattr(architectures, "_cache_kwargs", lambda prefix: {})  # as if the keyword were filtered out
     with pytest.raises(MechbookError, match="did not reach the attention of layer"):
         P.patch_head_outputs(sharp, clean, corrupted, metric)
+
+
+# --- metrics and edits refuse bad input (issue 25) ------------------------------------------------
+
+
+def test_answer_prob_refuses_negative_ids_and_ids_past_the_vocabulary():
+    with pytest.raises(MechbookError, match="negative token id -3"):
+        P.answer_prob(torch.tensor([-3, 1]))  # would read vocabulary id V-3
+    with pytest.raises(MechbookError, match="reads token id 10, but the logits have 10 columns"):
+        P.answer_prob(torch.tensor([1, 10]))(torch.randn(2, 10))
+    logits = torch.randn(2, 10)
+    assert torch.allclose(P.answer_prob([1, 9])(logits), logits.softmax(-1)[[0, 1], [1, 9]])
+
+
+def test_logit_diff_refuses_negative_ids_and_ids_past_the_vocabulary():
+    with pytest.raises(MechbookError, match="negative token id -1"):
+        logit_diff(torch.tensor([1, -1]), torch.tensor([2, 3]))
+    with pytest.raises(MechbookError, match="integer token ids"):
+        logit_diff(torch.tensor([1.5, 2.0]), torch.tensor([2, 3]))
+    with pytest.raises(MechbookError, match="reads token id 12"):
+        logit_diff(torch.tensor([1, 12]), torch.tensor([2, 3]))(torch.randn(2, 10))
+
+
+def test_metrics_refuse_logits_that_are_equal_for_every_token():
+    """An overflowing final norm makes every logit 0: no probability or logit difference means anything then."""
+    flat = torch.zeros(3, 2, 10)  # three stacked variants of two prompts
+    with pytest.raises(MechbookError, match="same logit"):
+        P.answer_prob(torch.tensor([1, 2]))(flat)
+    with pytest.raises(MechbookError, match="same logit"):
+        logit_diff(torch.tensor([1, 2]), torch.tensor([3, 4]))(flat)
+    good = torch.randn(3, 2, 10)
+    assert logit_diff(torch.tensor([1, 2]), torch.tensor([3, 4]))(good).shape == (3, 2)
+
+
+def test_an_edit_that_does_not_fit_the_model_is_refused_naming_it(tiny_model):
+    batch = tokenize(tiny_model, [[5, 6, 7], [8, 9, 10]])
+    wide = Edit(Component("resid", 1), "add", torch.ones(tiny_model.d_model + 1))
+    with pytest.raises(MechbookError, match="the 'add' edit of resid 1: the vector has width"):
+        run_last(tiny_model, batch, fwd_hooks=edit_hooks([wide]))
+    far = Edit(Component("head", 0, 99), "zero")
+    with pytest.raises(MechbookError, match=f"the 'zero' edit of 0.99: head 99 is out of range; this layer has "
+                                            f"{tiny_model.n_heads} heads"):
+        run_last(tiny_model, batch, fwd_hooks=edit_hooks([far]))
+    late = Edit(Component("mlp", 0, position=5), "zero")
+    with pytest.raises(MechbookError, match="position 5 lies past the 3 positions"):
+        run_last(tiny_model, batch, fwd_hooks=edit_hooks([late]))
+    with pytest.raises(MechbookError, match="takes \\[d\\] or \\[n, d\\]"):
+        Edit(Component("resid", 1), "add", torch.ones(1, 1, tiny_model.d_model))
+    with pytest.raises(MechbookError, match="must be a float tensor"):
+        Edit(Component("resid", 1), "replace", [0.0] * tiny_model.d_model)
+    with pytest.raises(MechbookError, match="needs a Component"):
+        Edit(("head", 0, 1), "zero")

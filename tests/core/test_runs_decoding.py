@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 
 from mechbook.core import decoding
 from mechbook.core.errors import MechbookError
-from mechbook.core.runs import run_from_layer, run_last, temporary_hooks, tokenize
+from mechbook.core.runs import TokenBatch, run_from_layer, run_last, temporary_hooks, tokenize
 
 PROMPTS = [
     "The capital of France is Paris. The capital of Poland is",
@@ -86,7 +87,7 @@ def test_logit_lens_matches_hidden_states_through_norm_and_head(tiny_model):
             if cap:
                 logits = torch.tanh(logits / cap) * cap
             row = lens[lens.layer == layer].iloc[0]
-            assert row["rank"] == int((logits > logits[5]).sum()) + 1
+            assert row["rank"] == int((logits >= logits[5]).sum())  # ties count against the target
             assert row["prob"] == pytest.approx(float(logits.softmax(-1)[5]), rel=1e-4, abs=1e-7)
         assert torch.allclose(out.logits[0, -1], decoding.unembed(tiny_model, resid[0, -1]), atol=1e-5)
 
@@ -221,3 +222,117 @@ def test_inside_attention_names_the_layer_of_hooks_before_the_head_outputs():
     assert inside_attention("blocks.4.attn.k.hook_out") == 4 and inside_attention("blocks.4.attn.hook_rot_q") == 4
     assert inside_attention(act_name("z", 3)) is None and inside_attention("blocks.3.attn.hook_in") is None
     assert inside_attention(act_name("attn_out", 3)) is None and inside_attention("blocks.3.mlp.hook_in") is None
+
+
+# --- ranks, degenerate logits and bad input (issue 25) ---------------------------------------------
+
+
+def test_ties_rank_against_the_answer():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [5.0, 1.0, 2.0, 0.0]])
+    assert decoding.token_ranks(logits, torch.tensor([1, 0])).tolist() == [2, 1]  # tied top: rank 2; unique top: 1
+    assert decoding.token_ranks(logits, torch.tensor([2, 2])).tolist() == [2, 2]
+    assert decoding.token_ranks(logits, torch.tensor([3, 3])).tolist() == [4, 4]  # the last token: rank = vocabulary
+
+
+def test_token_ranks_refuse_rows_where_every_logit_is_equal():
+    with pytest.raises(MechbookError, match="all 10 tokens the same logit"):
+        decoding.token_ranks(torch.zeros(3, 10), torch.tensor([1, 2, 3]))
+    logits = torch.randn(3, 10)
+    logits[2] = 7.0  # one degenerate row among good ones is enough
+    with pytest.raises(MechbookError, match="1 of 3 rows \\(the first is row 2\\).*smaller scale"):
+        decoding.token_ranks(logits, torch.tensor([1, 2, 3]))
+
+
+def test_decoding_a_vector_the_final_norm_sends_to_zero_is_refused(tiny_model):
+    """The final norm of a zero (or overflowing) residual is 0, so every logit is equal: nothing to rank or list."""
+    zero = torch.zeros(tiny_model.d_model)
+    with pytest.raises(MechbookError, match="same logit"):
+        decoding.top_tokens(tiny_model, zero)
+    with pytest.raises(MechbookError, match="same logit"):
+        decoding.logit_lens(tiny_model, zero.expand(1, 2, -1), {"t": torch.tensor([3])})
+    with pytest.raises(MechbookError, match="same logit"):
+        decoding.top_tokens_per_layer(tiny_model, zero.expand(2, -1))
+    huge = 1e20 * torch.randn(1, 2, tiny_model.d_model)  # float32 overflows inside the norm
+    with pytest.raises(MechbookError, match="non-finite|same logit"):
+        decoding.logit_lens(tiny_model, huge, {"t": torch.tensor([3])})
+
+
+def test_top_tokens_per_layer_refuses_k_below_one(tiny_model):
+    resid = torch.randn(2, tiny_model.d_model)
+    for k in (0, -1):
+        with pytest.raises(MechbookError, match="top tokens per layer asked for"):
+            decoding.top_tokens_per_layer(tiny_model, resid, k=k)
+    assert len(decoding.top_tokens_per_layer(tiny_model, resid, k=np.int64(2))) == 4
+
+
+def test_logit_lens_refuses_chunk_zero(tiny_model):
+    resid = torch.randn(2, tiny_model.n_layers, tiny_model.d_model)
+    with pytest.raises(MechbookError, match="chunk must be at least 1"):
+        decoding.logit_lens(tiny_model, resid, {"t": torch.tensor([3, 4])}, chunk=0)
+    assert len(decoding.logit_lens(tiny_model, resid, {"t": [3, 4]}, chunk=1)) == 2 * tiny_model.n_layers
+
+
+@pytest.mark.parametrize("logits, ids, message", [
+    (torch.randn(2, 10), torch.tensor([[1], [2]]), "one target id per row"),
+    (torch.randn(2, 10), torch.tensor([1, 2, 3]), "one target id per row"),
+    (torch.randn(10), torch.tensor([1, 2]), "one target id per row"),
+    (torch.tensor(1.0), torch.tensor(1), "float tensor of logits"),
+    (np.zeros((2, 10)), torch.tensor([1, 2]), "float tensor of logits"),
+    (torch.randn(2, 10), [[1, 2], [3]], "must be token ids"),
+    (torch.randn(2, 10), torch.tensor([1.7, 2.0]), "integer token ids"),
+    (torch.randn(2, 10), torch.tensor([-1, 2]), "negative token id -1"),
+    (torch.randn(2, 10), torch.tensor([1, 10]), "past the vocabulary of 10"),
+])
+def test_token_ranks_with_mismatched_shapes_or_bad_ids_is_one_line(logits, ids, message):
+    with pytest.raises(MechbookError, match=message):
+        decoding.token_ranks(logits, ids)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_the_run(tiny_model):
+    past = tiny_model.d_vocab
+    batch = TokenBatch(torch.tensor([[5, past, 7]]), torch.tensor([3]))
+    with pytest.raises(MechbookError, match=f"token id {past} is outside .* vocabulary of {past} tokens"):
+        run_last(tiny_model, batch)
+    with pytest.raises(MechbookError, match="token id -3 is outside"):
+        tokenize(tiny_model, [[5, -3, 7]])
+    with pytest.raises(MechbookError, match="token id 1.7 is not an integer"):
+        tokenize(tiny_model, [[5, 1.7]])
+    assert tokenize(tiny_model, [[np.int64(5), 6]]).tokens(0) == [5, 6]
+
+
+def test_run_from_layer_refuses_a_negative_last_position(tiny_model):
+    batch = tokenize(tiny_model, PROMPTS[1:3])  # of different lengths: -1 would read the shorter one's padding
+    name = "blocks.1.hook_resid_pre"
+    full, cache = run_last(tiny_model, batch, names=[name])
+    with pytest.raises(MechbookError, match="last position -1 is negative.*pass batch.last_pos"):
+        run_from_layer(tiny_model, cache[name], 1, [-1, 2])
+    with pytest.raises(MechbookError, match="integer positions"):
+        run_from_layer(tiny_model, cache[name], 1, torch.tensor([1.0, 2.0]))
+    logits, _ = run_from_layer(tiny_model, cache[name], 1, batch.last_pos.tolist())  # a list works too
+    assert torch.equal(logits, full)
+
+
+def test_hooks_of_the_wrong_signature_or_return_value_are_one_line(tiny_model):
+    batch = tokenize(tiny_model, PROMPTS[:1])
+    name = "blocks.0.hook_mlp_out"
+
+    def two_args(act, h):
+        return act
+
+    for fn in (lambda act: act, two_args):
+        with pytest.raises(MechbookError, match=r"cannot be called .* hook\(tensor, hook\) -> tensor \| None"):
+            run_last(tiny_model, batch, fwd_hooks=[(name, fn)])
+    for fn, message in ((lambda act, hook: (act,), "returned a tuple"), (lambda act, hook: act[:, :1], "of shape"),
+                        (lambda act, hook: 0.0, "returned a float")):
+        with pytest.raises(MechbookError, match=message + ".*hook\\(tensor, hook\\)"):
+            run_last(tiny_model, batch, fwd_hooks=[(name, fn)])
+    with pytest.raises(MechbookError, match="not a function"):
+        run_last(tiny_model, batch, fwd_hooks=[(name, "zero")])
+    with pytest.raises(MechbookError, match=r"\(hook name, function\) pairs"):
+        run_last(tiny_model, batch, fwd_hooks=[name])
+    with pytest.raises(MechbookError, match="cannot be called"):
+        with temporary_hooks(tiny_model, [(name, lambda act: act)]):
+            pass
+    before, _ = run_last(tiny_model, batch)
+    for fn in (lambda act, hook=None: act * 1, lambda *args, **kwargs: None):  # what transformer-lens accepts works
+        assert torch.allclose(run_last(tiny_model, batch, fwd_hooks=[(name, fn)])[0], before)

@@ -107,3 +107,13 @@ def test_bootstrap_ratio_interval_equals_the_resampling_loop_written_out():
     assert all(np.isnan(bootstrap_ratio_interval(num[:1], den[:1])))
     with pytest.raises(ValueError, match="paired"):
         bootstrap_ratio_interval(num, den[:5])
+
+
+def test_difference_interval_of_an_empty_group_is_undefined():
+    """No trials: no proportion, so no difference either; (nan, nan) as wilson_interval gives, and c1 cannot tell."""
+    low, high = stats.difference_interval(0, 0, 1, 2)
+    assert math.isnan(low) and math.isnan(high)
+    assert all(math.isnan(v) for v in stats.difference_interval(1, 2, 0, 0))
+    assert stats.verdict(0.1, low, high) == stats.CANNOT_TELL
+    with pytest.raises(stats.MechbookError, match="0 <= successes <= n, got 3 of 2"):
+        stats.difference_interval(3, 2, 1, 2)

@@ -38,6 +38,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechbook.core.errors import MechbookError
+from mechbook.core.runs import check_hook_output
 
 BACKENDS = ("local", "nnsight", "ndif")
 NDIF_KEY_ENV = "NDIF_API_KEY"
@@ -318,7 +319,8 @@ def _visit(envoy, io: str, entries: list, cache: dict, rows: Tensor, last_pos: T
         if place.heads is not None:
             act = act.reshape(*act.shape[:-1], place.heads, -1)
         for fn in fns:
-            out = fn(act, SimpleNamespace(name=name))
+            out = fn(act, hook=SimpleNamespace(name=name))  # as transformer-lens calls hooks
+            check_hook_output(out, act, name)  # None, or a tensor of the activation's shape
             if out is not None:
                 act, changed = out, True
         if keep:

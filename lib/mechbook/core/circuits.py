@@ -32,7 +32,7 @@ from mechbook.core.checks import PARAMETERS, check
 from mechbook.core.errors import MechbookError
 from mechbook.core.interventions import edit_hooks, mean_ablation
 from mechbook.core.loading import LoadedModel
-from mechbook.core.names import Component, act_name, all_heads, all_mlps, layer_names
+from mechbook.core.names import Component, act_name, all_heads, all_mlps, as_index, layer_names
 from mechbook.core.patching import Metric, check_means, mean_activations
 from mechbook.core.path_patching import (
     QKV,
@@ -71,14 +71,31 @@ class Circuit:
     log: pd.DataFrame | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        """Heads and MLPs as sorted, de-duplicated, non-negative ints (numpy integers too).
+
+        Floats are refused (``1.7`` would silently become head 1), and so are negative
+        indices: a circuit's layer ``-1`` would never match the complement's layer
+        ``n_layers - 1``, so the circuit's own component would be ablated.
+        """
+        example = "e.g. Circuit(heads=[(0, 1), (4, 4)], mlps=[0, 1])"
         try:
-            self.heads = sorted({(int(l), int(h)) for l, h in self.heads})
-            self.mlps = sorted({int(m) for m in self.mlps})
-        except (TypeError, ValueError) as exc:
+            heads = [(as_index(l, "a circuit's head layer"), as_index(h, "a circuit's head index"))
+                     for l, h in self.heads]
+            mlps = [as_index(m, "a circuit's MLP layer") for m in self.mlps]
+        except MechbookError as exc:
+            raise MechbookError(f"{exc}; a circuit takes heads as (layer, head) pairs of integers and mlps as layer "
+                                f"numbers, {example}") from None
+        except (TypeError, ValueError):
             raise MechbookError(
-                "a circuit takes heads as (layer, head) pairs and mlps as layer numbers, "
-                f"e.g. Circuit(heads=[(0, 1), (4, 4)], mlps=[0, 1]); got heads={self.heads!r}, mlps={self.mlps!r}"
-            ) from exc
+                f"a circuit takes heads as (layer, head) pairs and mlps as layer numbers, {example}; "
+                f"got heads={self.heads!r}, mlps={self.mlps!r}"
+            ) from None
+        negative = [f"head {l}.{h}" for l, h in heads if l < 0 or h < 0] + [f"MLP {m}" for m in mlps if m < 0]
+        if negative:
+            raise MechbookError(f"a circuit's layers and heads count from 0, but it has {negative[0]}; use "
+                                "non-negative indices (layer n_layers - 1 for the last one)")
+        self.heads = sorted(set(heads))
+        self.mlps = sorted(set(mlps))
 
     @classmethod
     def full(cls, model: LoadedModel) -> "Circuit":
@@ -108,6 +125,8 @@ class Circuit:
         """Raise if a head or MLP does not exist in ``model`` (e.g. a GPT-2 circuit on Gemma)."""
         for c in self.components:
             try:
+                if c.layer >= model.n_layers:
+                    raise MechbookError(f"{c.label} lies past its {model.n_layers} layers (0..{model.n_layers - 1})")
                 c.validate(model)
             except MechbookError as exc:
                 raise MechbookError(f"this circuit does not fit {model.name}: {exc}") from exc

@@ -99,15 +99,72 @@ def check_finite(values: Tensor, what: str) -> Tensor:
     return values
 
 
+def as_token_ids(values, what: str, vocab: int | None = None) -> Int[Tensor, "..."]:
+    """``values`` as a long tensor of vocabulary ids, or a one-line error naming ``what``.
+
+    Refused: floats and bools (a cast would truncate them silently), negative ids (they
+    would index from the end of the vocabulary) and, given ``vocab``, ids at or past it.
+    """
+    try:
+        ids = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise MechbookError(f"{what} must be token ids (integers), one per row; could not read {values!r} "
+                            f"({' '.join(str(exc).split())})") from None
+    if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
+        raise MechbookError(f"{what} must be integer token ids, got {ids.dtype}; pass ids from the tokenizer")
+    ids = ids.long()
+    if ids.numel():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0:
+            raise MechbookError(f"{what} holds the negative token id {low}; ids count from 0 (a negative one would "
+                                "read a token from the end of the vocabulary)")
+        if vocab is not None and high >= vocab:
+            raise MechbookError(f"{what} holds the token id {high}, past the vocabulary of {vocab} tokens (0..{vocab - 1}); "
+                                "use ids of this model's tokenizer")
+    return ids
+
+
+def check_logits(logits: Float[Tensor, "... d_vocab"], what: str) -> Float[Tensor, "... d_vocab"]:
+    """``logits``, unless they are degenerate: a one-line error when an entry is not finite or a row gives every token
+    the same logit.
+
+    No rank, top token or probability can be read from such a row (every token ties), e.g.
+    when an added vector is so large that float32 overflows in the final norm and every
+    logit comes out 0. One pass of min and max per row.
+    """
+    if not isinstance(logits, Tensor) or logits.dim() < 1 or not logits.dtype.is_floating_point:
+        raise MechbookError(f"{what} must be a float tensor of logits [..., d_vocab], got "
+                            f"{type(logits).__name__} {tuple(getattr(logits, 'shape', ()))}")
+    check_finite(logits, what)
+    if logits.shape[-1] > 1 and logits.numel():
+        low, high = torch.aminmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
+        same = low == high
+        if same.any():
+            row = int(same.nonzero()[0, 0])
+            raise MechbookError(
+                f"{what}: {int(same.sum())} of {len(same)} rows (the first is row {row}) give all {logits.shape[-1]} "
+                f"tokens the same logit ({float(low[row]):.4g}), so every token ties and no rank or probability means "
+                "anything; the run is degenerate (e.g. an added vector so large that the final norm overflowed): "
+                "use a smaller scale or check the edits"
+            )
+    return logits
+
+
 def token_ranks(logits: Float[Tensor, "... d_vocab"], token_ids: Int[Tensor, "..."]) -> Int[Tensor, "..."]:
-    """1-based rank of each target token in its row of logits (1 = top token); non-finite logits are refused."""
-    check_finite(logits, "the logits to rank")
-    token_ids = torch.as_tensor(token_ids, dtype=torch.long).to(logits.device)
+    """1-based rank of each target token in its row of logits: how many tokens score at least as high.
+
+    Ties count against the target (the target itself included, so a unique top token has
+    rank 1 and a token tied with one other for the top has rank 2): a tie never makes a
+    token look better than it is. Degenerate rows (non-finite, or every logit equal) are
+    refused (:func:`check_logits`).
+    """
+    check_logits(logits, "the logits to rank")
+    token_ids = as_token_ids(token_ids, "the target ids to rank", logits.shape[-1]).to(logits.device)
     if token_ids.shape != logits.shape[:-1]:
         raise MechbookError(f"token_ranks needs one target id per row: {tuple(token_ids.shape)} ids for logits "
                             f"of shape {tuple(logits.shape)}")
     target = logits.gather(-1, token_ids.unsqueeze(-1))
-    return (logits > target).sum(-1) + 1
+    return (logits >= target).sum(-1)
 
 
 def to_str(model: LoadedModel, token_id: int) -> str:
@@ -133,14 +190,19 @@ def logit_lens(
     position's ``hook_resid_post``); ``targets`` names token ids per prompt, e.g.
     ``{"argument": ..., "answer": ...}``. Returns one row per prompt x layer x target.
     """
+    from mechbook.core.runs import chunk_starts
+
     rows = []
+    if resid.dim() != 3 or resid.shape[-1] != model.d_model:
+        raise MechbookError(f"the logit lens reads resid as [prompt, layer, {model.d_model}], got {tuple(resid.shape)}")
     n_prompts, n_layers = resid.shape[:2]
     check_finite(resid, "the residual vectors given to the logit lens")
+    targets = {name: as_token_ids(ids, f"target {name!r}", model.d_vocab) for name, ids in targets.items()}
     for name, ids in targets.items():
-        if len(ids) != n_prompts:
-            raise MechbookError(f"target {name!r} has {len(ids)} ids for {n_prompts} prompts; pass one per prompt")
-    for start in range(0, n_prompts, chunk):
-        logits = unembed(model, resid[start : start + chunk])  # [b, layer, vocab]
+        if ids.dim() != 1 or len(ids) != n_prompts:
+            raise MechbookError(f"target {name!r} has {tuple(ids.shape)} ids for {n_prompts} prompts; pass one per prompt")
+    for start in chunk_starts(n_prompts, chunk, "chunk"):
+        logits = check_logits(unembed(model, resid[start : start + chunk]), "the logit lens's logits")  # [b, layer, vocab]
         logprobs = logits.log_softmax(-1)
         top = logits.argmax(-1)
         for name, ids in targets.items():
@@ -180,7 +242,7 @@ def top_tokens(
     vector = check_finite(vector.reshape(-1), "the vector to decode")
     if vector.shape[0] != model.d_model:
         raise MechbookError(f"the vector has width {vector.shape[0]}, but {model.name} has d_model={model.d_model}")
-    logits = unembed(model, vector, normalize=normalize)
+    logits = check_logits(unembed(model, vector, normalize=normalize), "the logits of the vector to decode")
     values, ids = logits.topk(k)
     return pd.DataFrame(
         {"rank": range(1, k + 1), "token": [to_str(model, i) for i in ids], "logit": values.tolist()}
@@ -189,7 +251,17 @@ def top_tokens(
 
 def top_tokens_per_layer(model: LoadedModel, resid: Float[Tensor, "layer d_model"], k: int = 5) -> pd.DataFrame:
     """For one prompt: the top-k tokens of the logit lens after every layer (a table like the paper's)."""
-    logits = unembed(model, check_finite(resid, "the residual vectors to decode"))
+    from mechbook.core.names import as_index
+
+    k = as_index(k, "k")
+    if not 1 <= k <= model.d_vocab:
+        raise MechbookError(f"k={k} top tokens per layer asked for, but {model.name} has {model.d_vocab}; "
+                            f"use 1..{model.d_vocab}")
+    if resid.dim() != 2 or resid.shape[-1] != model.d_model:
+        raise MechbookError(f"top_tokens_per_layer reads one prompt's resid as [layer, {model.d_model}], "
+                            f"got {tuple(resid.shape)}")
+    logits = check_logits(unembed(model, check_finite(resid, "the residual vectors to decode")),
+                          "the logit lens's logits")
     probs = logits.softmax(-1)
     values, ids = probs.topk(k, dim=-1)
     rows = []

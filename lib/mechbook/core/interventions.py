@@ -47,12 +47,70 @@ class Edit:
     mask: Bool[Tensor, "n pos"] | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.component, Component):
+            raise MechbookError(f"an Edit needs a Component, e.g. Component('head', 3, 1), got {self.component!r}")
         if self.mode not in MODES:
             raise MechbookError(f"unknown edit mode {self.mode!r}; use one of {', '.join(MODES)}")
         if (self.mode == "zero") != (self.value is None):
             raise MechbookError(f"a {self.mode!r} edit {'takes no' if self.mode == 'zero' else 'needs a'} value")
+        if self.value is not None and not (isinstance(self.value, Tensor) and self.value.dtype.is_floating_point):
+            raise MechbookError(f"{self.name}: the value must be a float tensor, got {type(self.value).__name__}")
         if self.mask is not None and self.mode not in ("add", "replace"):
             raise MechbookError("mask= selects positions for 'add' and 'replace' edits only")
+        if self.mask is not None and not (isinstance(self.mask, Tensor) and self.mask.dtype == torch.bool
+                                          and self.mask.dim() == 2):
+            raise MechbookError(f"{self.name}: mask must be [n, pos] booleans, e.g. position_mask(batch, 'last', ...)")
+        if self.rows is not None and not isinstance(self.rows, slice):
+            raise MechbookError(f"{self.name}: rows must be a slice of the batch (or None for all rows), "
+                                f"got {type(self.rows).__name__}")
+        want = {"mean": "[pos, ...] (a per-position mean)", "patch": "[n, pos, ...] (another run's activation)",
+                "add": "[d] or [n, d] (a vector, or one per row)", "replace": "[d] or [n, d] (a vector, or one per row)"}
+        if self.value is not None and not (self.value.dim() in ((1, 2) if self.mode in ("add", "replace") else
+                                                                 (2, 3) if self.mode == "mean" else (3, 4))):
+            raise MechbookError(f"{self.name}: the value has shape {tuple(self.value.shape)}; "
+                                f"a {self.mode!r} edit takes {want[self.mode]}")
+
+    @property
+    def name(self) -> str:
+        """The edit as errors name it: ``the 'add' edit of resid 3``."""
+        return f"the {self.mode!r} edit of {self.component.label}"
+
+    def check(self, act: Tensor, heads: Sequence[int] | None = None) -> None:
+        """Refuse this edit (naming it) where it does not fit ``act``, the activation of its hook.
+
+        A head past the layer's heads, a position past the prompts, a vector or value of
+        another width, rows past the batch: one-line errors instead of an indexing
+        traceback from inside the forward pass.
+        """
+        c = self.component
+        if heads is not None or c.head is not None:
+            n_heads = act.shape[2] if act.dim() == 4 else None
+            for h in heads if heads is not None else [c.head]:
+                if n_heads is None or not 0 <= h < n_heads:
+                    raise MechbookError(f"{self.name}: head {h} is out of range; this layer has {n_heads} heads "
+                                        f"(0..{(n_heads or 1) - 1})")
+        if c.position is not None and not 0 <= c.position < act.shape[1]:
+            raise MechbookError(f"{self.name}: position {c.position} lies past the {act.shape[1]} positions of the prompts")
+        n_rows = len(range(*(self.rows or slice(None)).indices(act.shape[0])))
+        if n_rows == 0:
+            raise MechbookError(f"{self.name}: rows {self.rows} select no row of the batch of {act.shape[0]}")
+        value = self.value
+        if self.mode in ("add", "replace"):
+            if value.shape[-1] != act.shape[-1]:
+                raise MechbookError(f"{self.name}: the vector has width {value.shape[-1]} but the activation has "
+                                    f"{act.shape[-1]}; use a vector computed on this model")
+            if value.dim() == 2 and value.shape[0] != n_rows:
+                raise MechbookError(f"{self.name}: {value.shape[0]} vectors for {n_rows} rows; pass one, or one per row")
+            if self.mask is not None and self.mask.shape[0] != n_rows:
+                raise MechbookError(f"{self.name}: the mask has {self.mask.shape[0]} rows for {n_rows} rows edited")
+        elif self.mode == "mean":
+            if value.shape[1:] != act.shape[2:] or value.shape[0] < act.shape[1]:
+                raise MechbookError(f"{self.name}: the mean has shape {tuple(value.shape)} but the activation is "
+                                    f"{tuple(act.shape)}; use means over at least {act.shape[1]} positions of this model")
+        elif self.mode == "patch":
+            if value.shape[0] != n_rows or value.shape[2:] != act.shape[2:] or value.shape[1] < act.shape[1]:
+                raise MechbookError(f"{self.name}: the patched value has shape {tuple(value.shape)} for {n_rows} rows "
+                                    f"of an activation {tuple(act.shape)}; patch from a run of the same prompts")
 
 
 def edit_hooks(edits: Iterable[Edit]) -> list[tuple[str, object]]:
@@ -98,6 +156,8 @@ def _hook(todo: Sequence[Edit]):
     groups = _groups(todo)
 
     def hook(act: Tensor, hook: object) -> Tensor:
+        for e, heads in groups:
+            e.check(act, heads)
         act = act.clone()
         for e, heads in groups:
             rows = slice(None) if e.rows is None else e.rows

@@ -306,8 +306,25 @@ def _tokenizer_settings(tokenizer: Any) -> dict[str, Any]:
     return settings
 
 
+MANIFEST_HASH = "manifest_sha256"  # the manifest's own entry: sha256 of every other entry
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's entries but its own hash, as canonical JSON (sorted keys, no spaces)."""
+    body = {key: value for key, value in manifest.items() if key != MANIFEST_HASH}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest`` into ``folder`` with the sha256 of all of it, so that no entry (the tokenizer settings
+    included, which no file hash covers) can change unnoticed."""
+    manifest = {**manifest, MANIFEST_HASH: _manifest_digest(manifest)}
+    (folder / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """A cached model folder's manifest, or :class:`DamagedCache` if it is missing or unreadable."""
+    """A cached model folder's manifest, or :class:`DamagedCache` if it is missing, unreadable, or any entry of it
+    no longer matches the manifest's own sha256."""
     try:
         manifest = json.loads((folder / CACHE_MANIFEST).read_text())
         if (manifest.get("format") != CACHE_FORMAT or not isinstance(manifest.get("files"), dict)
@@ -317,6 +334,11 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise DamagedCache(f"it has no {CACHE_MANIFEST}") from None
     except (OSError, ValueError, AttributeError):
         raise DamagedCache(f"its {CACHE_MANIFEST} is not a manifest of format {CACHE_FORMAT}") from None
+    if MANIFEST_HASH not in manifest:
+        raise DamagedCache(f"its {CACHE_MANIFEST} has no {MANIFEST_HASH} (an older mechbook wrote it)")
+    if manifest[MANIFEST_HASH] != _manifest_digest(manifest):
+        raise DamagedCache(f"its {CACHE_MANIFEST} was changed after it was written (an entry, e.g. the tokenizer "
+                           f"settings, no longer matches its {MANIFEST_HASH})")
     return manifest
 
 
@@ -370,9 +392,8 @@ def dequantize_to_cache(spec: ModelSpec, *, force: bool = False) -> Path:
             model, tokenizer = _read_gguf(gguf_path, spec)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        manifest = {"format": CACHE_FORMAT, "model": spec.name, "gguf": str(gguf_path),
-                    "tokenizer": _tokenizer_settings(tokenizer), "files": _file_list(tmp)}
-        (tmp / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(tmp, {"format": CACHE_FORMAT, "model": spec.name, "gguf": str(gguf_path),
+                             "tokenizer": _tokenizer_settings(tokenizer), "files": _file_list(tmp)})
         _publish_cache(tmp, final)
     finally:
         if tmp.exists():
@@ -635,6 +656,20 @@ def _check_device(device: Any, what: str = "device") -> str | None:
     return str(dev)
 
 
+def unknown_model(name: str) -> MechbookError:
+    """The error for a name that is neither in the registry nor a model folder: a folder without config.json is
+    named as such (not as an unknown model), anything else lists the known models."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return MechbookError(f"the folder {name} has no config.json, so it is not a saved Hugging Face model; point at "
+                             "a folder written by model.save_pretrained(folder) (config.json, weights, tokenizer)")
+    if path.exists():
+        return MechbookError(f"{name} is a file, not a model folder; point at a folder written by "
+                             "model.save_pretrained(folder), or use a registry name")
+    return MechbookError(f"unknown model {name!r}; known: {', '.join(known_models())}; "
+                         "or pass a local Hugging Face model directory")
+
+
 def _is_local_dir(name: str) -> bool:
     return (Path(name).expanduser() / "config.json").is_file()
 
@@ -700,12 +735,7 @@ def _load_with_weights(name: str, *, dtype: Any, device: Any, device_map: Any, m
 
     spec = REGISTRY.get(name)
     if spec is None and not _is_local_dir(name):
-        if Path(name).expanduser().exists():
-            raise MechbookError(f"{name} is a path but holds no config.json; point at a saved Hugging Face model folder")
-        raise MechbookError(
-            f"unknown model {name!r}; known: {', '.join(known_models())}; "
-            "or pass a local Hugging Face model directory"
-        )
+        raise unknown_model(name)
     if spec is not None and spec.source == "packaged" and (dtype != torch.float32 or device_map is not None):
         raise MechbookError(f"{name} is dequantized from 4-bit weights to float32 on one device; "
                             "leave dtype and device_map unset (device= works)")
@@ -728,6 +758,16 @@ def _load_with_weights(name: str, *, dtype: Any, device: Any, device_map: Any, m
     except (OSError, ValueError, KeyError, SafetensorError) as exc:  # a missing or cut file, an unknown architecture
         raise MechbookError(f"could not load the model in {path} ({type(exc).__name__}: "
                             f"{' '.join(str(exc).split())})") from exc
+    except Exception as exc:
+        if type(exc).__name__ != "UnpicklingError":
+            raise
+        # torch's weights-only reader refused a .bin checkpoint that builds objects other than tensors
+        raise MechbookError(
+            f"the pickled weights in {path} ({', '.join(p.name for p in sorted(path.glob('*.bin')))}) hold objects "
+            "other than tensors, which mechbook never loads (unpickling them can run code); mechbook reads "
+            "safetensors: only if you trust the file, load it with torch's full loader (weights_only=False), "
+            "save the model with model.save_pretrained(folder) (which writes model.safetensors), and delete the .bin"
+        ) from None
     family = family or hf_model.config.model_type
     with _quiet():
         bridge = _boot_bridge(hf_model, tokenizer, model_dir=str(path), device=device)

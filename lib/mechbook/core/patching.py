@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mechbook.core.architectures import SharedPrefix, has_fast_loop
-from mechbook.core.decoding import check_finite
+from mechbook.core.decoding import as_token_ids, check_finite, check_logits
 from mechbook.core.errors import MechbookError
 from mechbook.core.interventions import Edit, edit_hooks, mean_ablation, zero_ablation
 from mechbook.core.loading import LoadedModel
@@ -64,35 +64,58 @@ def _rows_of(logits: Tensor, n: int, what: str) -> None:
         )
 
 
+def _vocab_of(logits: Tensor, high: int, what: str) -> None:
+    if high >= logits.shape[-1]:
+        raise MechbookError(f"{what} reads token id {high}, but the logits have {logits.shape[-1]} columns "
+                            f"(ids 0..{logits.shape[-1] - 1}); use ids of this model's tokenizer")
+
+
 def logit_diff(correct: Int[Tensor, "batch"], incorrect: Int[Tensor, "batch"]) -> Metric:
     """Logit of the correct token minus logit of the incorrect one, per prompt (Paper B's metric).
 
     Takes logits ``[..., n, d_vocab]`` for the ``n`` prompts it was built for (leading
-    axes: stacked variants) and returns ``[..., n]``; other shapes and non-finite
-    logits are refused.
+    axes: stacked variants) and returns ``[..., n]``; other shapes, ids outside the
+    vocabulary, non-finite logits and degenerate rows (every id the metric reads has the
+    same logit, as when every logit is equal) are refused. It reads only its own ids'
+    columns, so a restricted unembedding (``tokens=metric.answer_ids``) suffices.
     """
-    correct, incorrect = torch.as_tensor(correct, dtype=torch.long), torch.as_tensor(incorrect, dtype=torch.long)
+    correct = as_token_ids(correct, "logit_diff's correct ids")
+    incorrect = as_token_ids(incorrect, "logit_diff's incorrect ids")
     if correct.shape != incorrect.shape or correct.dim() != 1:
         raise MechbookError(f"logit_diff needs one correct and one incorrect id per prompt; got shapes "
                             f"{tuple(correct.shape)} and {tuple(incorrect.shape)}")
+    answer_ids = torch.unique(torch.cat([correct, incorrect]))
+    high = int(answer_ids.max()) if len(answer_ids) else -1
 
     def metric(logits: Tensor) -> Tensor:
         _rows_of(logits, len(correct), "logit_diff")
+        _vocab_of(logits, high, "logit_diff")
         rows = torch.arange(len(correct), device=logits.device)
         value = logits[..., rows, correct.to(logits.device)] - logits[..., rows, incorrect.to(logits.device)]
-        return check_finite(value, "the logit difference")
+        check_finite(value, "the logit difference")
+        if len(answer_ids) > 1:  # the columns it reads, all equal in some row: every logit is (e.g. an overflow)
+            check_logits(logits[..., answer_ids.to(logits.device)], "the logits of logit_diff's ids")
+        return value
 
-    metric.answer_ids = torch.unique(torch.cat([correct, incorrect]))
+    metric.answer_ids = answer_ids
     return metric
 
 
 def answer_prob(answer: Int[Tensor, "batch"]) -> Metric:
-    """Probability of the answer token, per prompt (needs every logit: no restricted unembedding)."""
-    answer = torch.as_tensor(answer, dtype=torch.long)
+    """Probability of the answer token, per prompt (needs every logit: no restricted unembedding).
+
+    Negative ids, ids past the vocabulary and degenerate logits (non-finite, or every
+    logit of a row equal) are refused.
+    """
+    answer = as_token_ids(answer, "answer_prob's answer ids")
+    if answer.dim() != 1:
+        raise MechbookError(f"answer_prob needs one answer id per prompt, got shape {tuple(answer.shape)}")
+    high = int(answer.max()) if len(answer) else -1
 
     def metric(logits: Tensor) -> Tensor:
         _rows_of(logits, len(answer), "answer_prob")
-        check_finite(logits, "the logits of answer_prob (a restricted unembedding leaves NaN)")
+        _vocab_of(logits, high, "answer_prob")
+        check_logits(logits, "the logits of answer_prob (a restricted unembedding leaves NaN)")
         rows = torch.arange(len(answer), device=logits.device)
         return logits.softmax(-1)[..., rows, answer.to(logits.device)]
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,12 @@ def tokenize(model: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]
     if isinstance(prompts[0], str):
         rows = [model.tokenizer(p).input_ids for p in prompts]
     else:
-        rows = [list(map(int, p)) for p in prompts]
+        from mechbook.core.names import as_index
+
+        try:
+            rows = [[as_index(t, "token id") for t in p] for p in prompts]
+        except TypeError:
+            raise MechbookError("tokenize takes strings or lists of token ids; got a prompt that is neither") from None
     if any(len(r) == 0 for r in rows):
         raise MechbookError("an empty prompt tokenizes to no tokens; remove it")
     pad = model.tokenizer.pad_token_id
@@ -91,7 +97,23 @@ def tokenize(model: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]
     ids = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
-    return TokenBatch(ids.to(model.device), lengths.to(model.device))
+    batch = TokenBatch(ids.to(model.device), lengths.to(model.device))
+    check_token_ids(model, batch)
+    return batch
+
+
+def check_token_ids(model: LoadedModel, batch: TokenBatch) -> None:
+    """Refuse a batch whose ids lie outside the model's vocabulary (the embedding would fail, or read another token)."""
+    ids = batch.input_ids
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise MechbookError(f"a TokenBatch holds integer ids [batch, pos], got {getattr(ids, 'dtype', type(ids))} "
+                            f"{tuple(getattr(ids, 'shape', ()))}; build it with tokenize(model, prompts)")
+    if ids.numel():
+        low, high = torch.aminmax(ids)
+        if int(low) < 0 or int(high) >= model.d_vocab:
+            bad = int(low) if int(low) < 0 else int(high)
+            raise MechbookError(f"token id {bad} is outside {model.name}'s vocabulary of {model.d_vocab} tokens "
+                                f"(0..{model.d_vocab - 1}); build prompts with this model's tokenizer")
 
 
 def check_hook_names(model: LoadedModel, names: Sequence[str]) -> None:
@@ -104,14 +126,72 @@ def check_hook_names(model: LoadedModel, names: Sequence[str]) -> None:
             raise MechbookError(f"{model.name} has no hook named {name!r}{hint}")
 
 
+HOOK_SIGNATURE = "hook(tensor, hook) -> tensor | None"
+
+
+def check_hook_fns(fwd_hooks: Sequence[tuple[str, HookFn]]) -> list[tuple[str, HookFn]]:
+    """``fwd_hooks`` as a list of (hook name, function) pairs whose functions can be called as transformer-lens calls
+    them, ``fn(activation, hook=hook_point)``; anything else is a one-line error naming :data:`HOOK_SIGNATURE`."""
+    if isinstance(fwd_hooks, (str, bytes)) or not isinstance(fwd_hooks, Iterable):
+        raise MechbookError(f"fwd_hooks is a list of (hook name, function) pairs, got {type(fwd_hooks).__name__}")
+    pairs = []
+    for pair in fwd_hooks:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise MechbookError(f"fwd_hooks holds {pair!r}; pass (hook name, function) pairs, e.g. "
+                                "[(act_name('mlp_out', 0), fn)] with fn defined as " + HOOK_SIGNATURE)
+        name, fn = pair
+        pairs.append((name, fn))
+        if not callable(fn):
+            raise MechbookError(f"the hook on {name} is a {type(fn).__name__}, not a function; pass a function "
+                                + HOOK_SIGNATURE)
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # a builtin without a signature: trust it
+            continue
+        try:
+            signature.bind(None, hook=None)
+        except TypeError:
+            raise MechbookError(f"the hook on {name}, {getattr(fn, '__name__', type(fn).__name__)}{signature}, cannot be "
+                                f"called as transformer-lens calls hooks; define it as {HOOK_SIGNATURE} (the activation, "
+                                "then the hook point passed as hook=)") from None
+    return pairs
+
+
+def check_hook_output(out: object, act: Tensor, name: str) -> None:
+    """Refuse what a hook returned unless it is None (the activation unchanged) or a tensor of the activation's shape."""
+    if out is None:
+        return
+    if not isinstance(out, Tensor):
+        raise MechbookError(f"the hook on {name} returned a {type(out).__name__}; a hook returns a tensor of the "
+                            f"activation's shape {tuple(act.shape)} or None ({HOOK_SIGNATURE})")
+    if out.shape != act.shape:
+        raise MechbookError(f"the hook on {name} returned a tensor of shape {tuple(out.shape)} for an activation of "
+                            f"shape {tuple(act.shape)}; return one of the same shape, or None ({HOOK_SIGNATURE})")
+
+
+def _returns_checked(name: str, fn: HookFn) -> HookFn:
+    """``fn``, its return value checked (:func:`check_hook_output`) every time it runs."""
+
+    def hook(act: Tensor, hook: object) -> Tensor | None:
+        out = fn(act, hook=hook)
+        check_hook_output(out, act, name)
+        return out
+
+    return hook
+
+
 @contextlib.contextmanager
 def temporary_hooks(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[LoadedModel]:
     """Attach forward hooks for the duration of a ``with`` block; always removed, errors included.
 
-    Hook functions follow transformer-lens: ``fn(activation, hook) -> activation | None``.
+    Hook functions follow transformer-lens: ``fn(activation, hook) -> activation | None``
+    (:data:`HOOK_SIGNATURE`); another signature, or a return value of another shape, is
+    a one-line error.
     """
+    fwd_hooks = check_hook_fns(fwd_hooks)
     check_hook_names(model, [name for name, _ in fwd_hooks])
-    with (model.bridge.hooks(fwd_hooks=list(fwd_hooks)), _skipped_mlps(model, overwritten_mlps(model, fwd_hooks)),
+    checked = [(name, _returns_checked(name, fn)) for name, fn in fwd_hooks]
+    with (model.bridge.hooks(fwd_hooks=checked), _skipped_mlps(model, overwritten_mlps(model, fwd_hooks)),
           _skipped_heads(model, overwritten_heads(model, fwd_hooks))):
         yield model
 
@@ -299,6 +379,8 @@ def run_last(
     from mechbook.core.decoding import unembed
     from mechbook.core.names import act_name
 
+    check_token_ids(model, batch)
+    fwd_hooks = check_hook_fns(fwd_hooks)
     if model.backend != "local":
         from mechbook.core import backends
 
@@ -366,6 +448,7 @@ def embeddings(model: LoadedModel, batch: TokenBatch) -> Float[Tensor, "batch po
     """The residual stream entering layer 0 (embeddings, positions, scaling as the model does them); no layer runs."""
     from mechbook.core.names import act_name
 
+    check_token_ids(model, batch)
     if model.backend != "local":
         from mechbook.core import backends
 
@@ -382,6 +465,32 @@ def embeddings(model: LoadedModel, batch: TokenBatch) -> Float[Tensor, "batch po
     except _Stop:
         pass
     return box["resid"]
+
+
+def check_last_pos(last_pos, n: int, width: int) -> Int[Tensor, "n"]:
+    """``last_pos`` as a long tensor of one position per row inside ``0..width-1``, or a one-line error.
+
+    A negative position would count from the end of the right-padded rows and read a pad
+    token of every shorter prompt, so it is refused; pass ``batch.last_pos``, each prompt's
+    own last real token.
+    """
+    try:
+        pos = torch.as_tensor(last_pos)
+    except (TypeError, ValueError, RuntimeError):
+        raise MechbookError(f"last_pos must be one integer position per row, got {last_pos!r}; pass batch.last_pos") from None
+    if pos.dtype == torch.bool or pos.dtype.is_floating_point or pos.dtype.is_complex:
+        raise MechbookError(f"last_pos must hold integer positions, got {pos.dtype}; pass batch.last_pos")
+    if pos.dim() != 1 or len(pos) != n:
+        raise MechbookError(f"last_pos needs one position per row of resid: {tuple(pos.shape)} for {n} rows; "
+                            "pass batch.last_pos")
+    pos = pos.long()
+    if len(pos) and int(pos.min()) < 0:
+        raise MechbookError(f"last position {int(pos.min())} is negative: it would count from the end of the padded "
+                            "rows and read a pad token of a shorter prompt; pass batch.last_pos")
+    if len(pos) and int(pos.max()) >= width:
+        raise MechbookError(f"a last position ({int(pos.max())}) lies past the {width} positions of resid; "
+                            "pass batch.last_pos")
+    return pos
 
 
 def run_from_layer(
@@ -411,13 +520,10 @@ def run_from_layer(
     from mechbook.core.decoding import unembed
 
     layer = model.check_layer(layer, allow_end=True)
-    if resid.dim() != 3 or resid.shape[-1] != model.d_model or len(last_pos) != resid.shape[0]:
-        raise MechbookError(
-            f"resid must be [batch, pos, {model.d_model}] with one last position per row; "
-            f"got {tuple(resid.shape)} and {len(last_pos)} positions"
-        )
-    if len(last_pos) and int(last_pos.max()) >= resid.shape[1]:
-        raise MechbookError(f"a last position ({int(last_pos.max())}) lies past the {resid.shape[1]} positions of resid")
+    if resid.dim() != 3 or resid.shape[-1] != model.d_model:
+        raise MechbookError(f"resid must be [batch, pos, {model.d_model}], got {tuple(resid.shape)}")
+    last_pos = check_last_pos(last_pos, resid.shape[0], resid.shape[1])
+    fwd_hooks = check_hook_fns(fwd_hooks)
     if model.backend != "local":
         if prefix is not None:
             raise MechbookError(f"a shared-prefix cache runs on the local backend only, not {model.backend!r}; "
@@ -475,9 +581,11 @@ def run_joining(
     if layers != sorted(layers):
         raise MechbookError(f"groups must join in order of their layers; got layers {layers}")
     shape = joins[0][1].shape
-    if any(resid.shape != shape for _, resid in joins) or len(shape) != 3 or len(last_pos) != shape[0]:
-        raise MechbookError(f"every group's resid must be [n, pos, {model.d_model}] like the first, with one last "
-                            f"position per row; got {[tuple(r.shape) for _, r in joins]} and {len(last_pos)} positions")
+    if any(resid.shape != shape for _, resid in joins) or len(shape) != 3:
+        raise MechbookError(f"every group's resid must be [n, pos, {model.d_model}] like the first; "
+                            f"got {[tuple(r.shape) for _, r in joins]}")
+    last_pos = check_last_pos(last_pos, shape[0], shape[1])
+    fwd_hooks = check_hook_fns(fwd_hooks)
     bounds = sorted(set(layers)) + [model.n_layers]
     hidden = None
     with torch.inference_mode(), temporary_hooks(model, fwd_hooks):

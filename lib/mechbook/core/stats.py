@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from mechbook.core.errors import MechbookError
+
 Z95 = 1.96  # the standard normal's 97.5% quantile, to the two decimals the book has always used
 
 
@@ -15,7 +17,8 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     ``(nan, nan)`` for ``n == 0``.
     """
     if n < 0 or not 0 <= successes <= n:
-        raise ValueError(f"wilson_interval needs 0 <= successes <= n, got {successes} of {n}")
+        raise MechbookError(f"wilson_interval needs 0 <= successes <= n, got {successes} of {n}; "
+                            "pass the count of successes and the number of trials")
     if n == 0:
         return (np.nan, np.nan)
     p = successes / n
@@ -29,11 +32,16 @@ def difference_interval(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> t
     """95% interval of ``k1/n1 - k2/n2``: Newcombe's hybrid score interval (his method 10, 1998).
 
     It combines the two Wilson intervals; for the same items measured twice (paired)
-    it is conservative, i.e. at least as wide as a paired interval.
+    it is conservative, i.e. at least as wide as a paired interval. ``(nan, nan)`` when
+    either total is 0, as :func:`wilson_interval` gives for it: a proportion of no trials
+    is undefined, and so is its difference from another (:func:`verdict` reads it as
+    "cannot tell").
     """
-    p1, p2 = k1 / n1, k2 / n2
     l1, u1 = wilson_interval(k1, n1, z)
     l2, u2 = wilson_interval(k2, n2, z)
+    if n1 == 0 or n2 == 0:
+        return (np.nan, np.nan)
+    p1, p2 = k1 / n1, k2 / n2
     d = p1 - p2
     return (d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
 
@@ -64,9 +72,9 @@ def bootstrap_ratio_interval(numerator: np.ndarray, denominator: np.ndarray, *, 
     """
     num, den = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
     if num.shape != den.shape or num.ndim != 1:
-        raise ValueError(f"numerator and denominator must be 1-d and paired, got {num.shape} and {den.shape}")
+        raise MechbookError(f"numerator and denominator must be 1-d and paired, got {num.shape} and {den.shape}")
     if not 0 < level < 1 or n_boot < 1:
-        raise ValueError(f"level must lie in (0, 1) and n_boot be at least 1, got {level} and {n_boot}")
+        raise MechbookError(f"level must lie in (0, 1) and n_boot be at least 1, got {level} and {n_boot}")
     if len(num) < 2:
         return (np.nan, np.nan)
     picks = np.random.default_rng(seed).integers(0, len(num), size=(n_boot, len(num)))
