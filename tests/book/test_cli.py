@@ -96,6 +96,17 @@ def test_unknown_model_is_one_line_exit_2(repo: Path, capsys: pytest.CaptureFixt
     assert all(name in err for name in known_models())
 
 
+def test_a_folder_without_config_json_is_named_as_such(repo: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    code = cli.main(["--root", str(repo), "run", "--model", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "has no config.json" in err and "unknown model" not in err
+
+
 def test_unknown_chapter_is_one_line_exit_2(repo: Path, capsys: pytest.CaptureFixture) -> None:
     code = cli.main(["--root", str(repo), "run", "--model", "smollm2-135m", "--chapters", "a1", "zz"])
     err = capsys.readouterr().err

@@ -64,6 +64,7 @@ from mechbook.core.loading import (
     in_hub_cache,
     known_models,
     ndif_files,
+    unknown_model,
 )
 
 KERNEL_NAME = "python3"
@@ -173,10 +174,7 @@ def check_model_name(name: str) -> None:
         return
     spec = REGISTRY.get(name)
     if spec is None:
-        raise MechbookError(
-            f"unknown model {name!r}; known: {', '.join(known_models())}; "
-            "or pass a local Hugging Face model directory"
-        )
+        raise unknown_model(name)
     _, loadable, note = model_status(name)
     if spec.source == "packaged" and not loadable:
         raise MechbookError(f"{name} cannot load here: {note}")

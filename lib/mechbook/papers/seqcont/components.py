@@ -509,9 +509,10 @@ def successor_scores(
 
 
 def _best_rank(logits: Float[Tensor, "d_vocab"], ids: Sequence[int]) -> int:
-    """1-based rank of the best-ranked of several token ids."""
-    target = logits[list(ids)].max()
-    return int((logits > target).sum()) + 1
+    """1-based rank of the best-ranked of several token ids: the number of tokens scoring at least as high (ties count
+    against it, as in :func:`mechbook.core.decoding.token_ranks`)."""
+    target = decoding.check_logits(logits, "an OV circuit's logits")[list(ids)].max()
+    return int((logits >= target).sum())
 
 
 def successor_summary(scores: pd.DataFrame, *, by: Sequence[str] = ("task",)) -> pd.DataFrame:
