@@ -4,10 +4,11 @@
 (:meth:`mechbook.book.results.ChapterResults.finish` stores it in the ``_complete.json``
 marker, beside the list of files it checks): the model and where its weights came from
 (:func:`mechbook.core.loading.weights_origin`: the packaged GGUF's sha256, a hub
-revision or a folder's files), the mechbook commit and whether the library differs from
-it, the versions (Python, torch, transformers, transformer-lens shown; every installed package and the sha256 of
-the lock files recorded, with how the packages differ from the lock: :mod:`mechbook.book.lock`), the CPU, the date and the
-chapter's wall time. :func:`box` shows it at the chapter's end with links to the saved
+revision or a folder's files), the mechbook commit and whether the library or the lock
+differs from it, the versions (Python, torch, transformers and transformer-lens shown;
+recorded too: every installed package, the lock files' sha256 and how the packages
+differ from the lock, :mod:`mechbook.book.lock`), the CPU, the date and the chapter's
+wall time. :func:`box` shows it at the chapter's end with links to the saved
 results; :func:`runs_table` lists it for every model and chapter (the across-models chapter).
 
 Wall time runs from the moment the chapter's kernel first imported mechbook
@@ -37,7 +38,8 @@ import mechbook
 from mechbook.book import lock
 
 PACKAGES = ("torch", "transformers", "transformer-lens")  # the versions a reader needs to rerun a chapter
-LIBRARY_PATHS = ("lib", "pyproject.toml")  # "dirty" means these differ from the commit (results and notebooks do not count)
+# "dirty" means these differ from the commit (results and notebooks do not count)
+LIBRARY_PATHS = ("lib", "pyproject.toml", "requirements.lock", "requirements-nodeps.lock")
 
 
 def started() -> tuple[float, float]:
