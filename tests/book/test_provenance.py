@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mechbook.book import provenance, results, site_results, tables
+from mechbook.book import lock, provenance, results, site_results, tables
 from mechbook.core import loading
 from mechbook.core.errors import MechbookError
 
@@ -37,6 +37,10 @@ def test_finish_records_provenance_beside_the_checked_files(tmp_path, local_mode
     assert found["model"]["files"]["model.safetensors"] == loading._sha256(local_model / "model.safetensors")
     assert set(found["versions"]) >= {"python", "torch", "transformers", "transformer-lens"}
     assert found["versions"]["torch"] and found["cpu"]["name"]
+    # the lock this checkout holds, every installed package, and how they differ from the lock
+    assert found["versions"]["lock"] == lock.lock_sha256() and len(found["versions"]["lock"]) == len(lock.LOCK_FILES)
+    assert found["versions"]["installed"]["torch"] == found["versions"]["torch"]
+    assert found["versions"]["differs_from_lock"] == lock.differences(found["versions"]["installed"], lock.locked())
     assert found["mechbook"]["commit"] is None or len(found["mechbook"]["commit"]) == 40
     assert found["wall_seconds"] > 0 and found["finished"] >= found["started"]
     results.check_results(tmp_path / "results")  # readers still accept the marker
@@ -93,6 +97,65 @@ def test_file_sha256_is_kept_until_the_file_changes(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "cache" / loading.SHA256_CACHE).read_text())[str(path.resolve())]["sha256"] == first
     path.write_bytes(b"two!")  # another size: hashed again
     assert loading.file_sha256(path) == loading._sha256(path) != first
+
+
+def test_the_box_says_whether_the_versions_were_the_locked_ones():
+    headline = {"python": "3.11.7", "torch": "2.13.0+cpu", "transformers": "5.24.0", "transformer-lens": "4.3.0"}
+    sha = {name: "ab" * 32 for name in lock.LOCK_FILES}
+    as_locked = provenance.software_text({**headline, "lock": sha, "differs_from_lock": [], "installed": {"x": "1"}})
+    assert as_locked == ("Python 3.11.7, torch 2.13.0+cpu, transformers 5.24.0, transformer-lens 4.3.0: the versions "
+                         "locked in requirements.lock (sha256 abababababab), as was every package")
+    other = provenance.software_text({**headline, "transformers": "5.25.0", "lock": sha,
+                                      "differs_from_lock": ["transformers 5.25.0 (lock 5.24.0)"]})
+    assert other == ("Python 3.11.7, torch 2.13.0+cpu, transformers 5.25.0, transformer-lens 4.3.0; the run differs "
+                     "from requirements.lock in 1 package(s): transformers 5.25.0 (lock 5.24.0) (sha256 abababababab)")
+    assert provenance.software_text(headline) == "Python 3.11.7, torch 2.13.0+cpu, transformers 5.24.0, transformer-lens 4.3.0"
+    assert "no lock compared" in provenance.software_text({**headline, "lock": None, "differs_from_lock": None})
+
+
+def test_an_uncommitted_lock_makes_the_run_dirty(tmp_path):
+    """The lock is part of what made the results: a changed one is recorded as uncommitted, as a changed library is."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "m.py").write_text("x = 1\n")
+    (tmp_path / "requirements.lock").write_text("torch==2.13.0+cpu\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    assert provenance.git_state(tmp_path)["dirty"] is False
+    (tmp_path / "requirements.lock").write_text("torch==2.14.0+cpu\n")
+    assert provenance.git_state(tmp_path)["dirty"] is True
+
+
+def _committed_markers() -> list[tuple[str, dict]]:
+    root = Path(__file__).resolve().parents[2] / "results"
+    markers = sorted(root.glob(f"*/*/{results.MARKER}"))
+    assert markers, f"no committed results under {root}"
+    return [(f"{m.parent.parent.name}/{m.parent.name}", json.loads(m.read_text())) for m in markers]
+
+
+def test_no_committed_result_was_made_from_uncommitted_code():
+    """A dirty record's code is in no commit: re-execute the chapter from a clean checkout (python -m mechbook run)."""
+    dirty = [where for where, info in _committed_markers()
+             if ((info.get("provenance") or {}).get("mechbook") or {}).get("dirty") is not False]
+    if dirty:
+        pytest.fail(f"{len(dirty)} committed results were made from uncommitted code (or record no commit); "
+                    f"re-execute them from a clean checkout: {', '.join(dirty)}", pytrace=False)
+
+
+def test_committed_results_were_made_with_the_locked_versions():
+    """The versions each committed result records are the lock's: else re-execute it (bash scripts/lock.sh lists them)."""
+    root = Path(__file__).resolve().parents[2]
+    stale = lock.stale(root / "results", lock.locked(root))
+    if stale:
+        pytest.fail(f"{len(stale)} committed results were made with other versions than requirements.lock; re-execute "
+                    "them: " + "; ".join(f"{where} ({why})" for where, why in stale[:6])
+                    + (f"; and {len(stale) - 6} more (bash scripts/lock.sh lists them all)" if len(stale) > 6 else ""),
+                    pytrace=False)
 
 
 def test_duration_reads_as_time():

@@ -4,9 +4,11 @@
 (:meth:`mechbook.book.results.ChapterResults.finish` stores it in the ``_complete.json``
 marker, beside the list of files it checks): the model and where its weights came from
 (:func:`mechbook.core.loading.weights_origin`: the packaged GGUF's sha256, a hub
-revision or a folder's files), the mechbook commit and whether the library differs from
-it, the torch / transformers / transformer-lens versions, the CPU, the date and the
-chapter's wall time. :func:`box` shows it at the chapter's end with links to the saved
+revision or a folder's files), the mechbook commit and whether the library or the lock
+differs from it, the versions (Python, torch, transformers and transformer-lens shown;
+recorded too: every installed package, the lock files' sha256 and how the packages
+differ from the lock, :mod:`mechbook.book.lock`), the CPU, the date and the chapter's
+wall time. :func:`box` shows it at the chapter's end with links to the saved
 results; :func:`runs_table` lists it for every model and chapter (the across-models chapter).
 
 Wall time runs from the moment the chapter's kernel first imported mechbook
@@ -33,9 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import mechbook
+from mechbook.book import lock
 
 PACKAGES = ("torch", "transformers", "transformer-lens")  # the versions a reader needs to rerun a chapter
-LIBRARY_PATHS = ("lib", "pyproject.toml")  # "dirty" means these differ from the commit (results and notebooks do not count)
+# "dirty" means these differ from the commit (results and notebooks do not count)
+LIBRARY_PATHS = ("lib", "pyproject.toml", "requirements.lock", "requirements-nodeps.lock")
 
 
 def started() -> tuple[float, float]:
@@ -59,7 +63,7 @@ def record(model_name: str | None) -> dict[str, Any]:
         origin = ndif_origin(model_name) if info["backend"] == "ndif" else weights_origin(model_name)
         info["model"] = {"name": model_name, **origin}
     info["mechbook"] = {"version": mechbook.__version__, **git_state()}
-    info["versions"] = {"python": platform.python_version(), **versions()}
+    info["versions"] = {"python": platform.python_version(), **versions(), **lock.record()}
     info["cpu"] = cpu()
     info["started"] = _utc(wall_start)
     info["finished"] = _utc(now)
@@ -177,7 +181,18 @@ def commit_text(info: dict[str, Any]) -> str:
 
 
 def software_text(found: dict[str, Any]) -> str:
-    return ", ".join(f"{'Python' if name == 'python' else name} {v or 'not installed'}" for name, v in found.items())
+    """The headline versions, and whether every package was the locked one (records before the lock: no claim)."""
+    shown = ", ".join(f"{'Python' if name == 'python' else name} {found.get(name) or 'not installed'}"
+                      for name in ("python", *PACKAGES) if name in found)
+    if "lock" not in found:
+        return shown
+    sha = (found.get("lock") or {}).get(lock.LOCK_FILES[0])
+    if not sha:
+        return f"{shown} (not run from a checkout with {lock.LOCK_FILES[0]}: no lock compared)"
+    differ = found.get("differs_from_lock") or []
+    if not differ:
+        return f"{shown}: the versions locked in {lock.LOCK_FILES[0]} (sha256 {sha[:12]}), as was every package"
+    return f"{shown}; {lock.summary(differ, 'the run', fix=False)} (sha256 {sha[:12]})"
 
 
 def cpu_text(found: dict[str, Any]) -> str:
