@@ -646,8 +646,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     book_dir = root / "book"
     chapters = select_chapters(book_dir, args.chapters)
     _check_parameters(chapters)
-    check_backend(args.backend, args.model)
     placement = {"device": check_device(args.device, args.backend), "dtype": check_dtype(args.dtype, args.backend)}
+    check_backend(args.backend, args.model)
     if args.backend == "ndif":  # no weights here: only the config and tokenizer, fetched now if not in the cache
         ndif_files(args.model)
     else:

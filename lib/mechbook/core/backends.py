@@ -171,7 +171,7 @@ def backend_in_use() -> str | None:
 
 
 def placement_in_use() -> dict[str, str] | None:
-    """The device (``cpu``, ``cuda:0``) and dtype (``float32``) of the weights of that model; None without weights here."""
+    """The device (``cpu``, ``cuda:0``) and dtype (``float32``) of that model's weights; None if they are not here."""
     return _placed
 
 
