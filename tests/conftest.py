@@ -22,6 +22,7 @@ def _no_backend_in_use(monkeypatch):
     from mechbook.core import backends
 
     monkeypatch.setattr(backends, "_in_use", None)
+    monkeypatch.setattr(backends, "_placed", None)
 
 
 CORPUS = [

@@ -177,9 +177,9 @@ def test_cuda_without_cuda_is_one_line(tiny_gpt2_dir):
         mechbook.load_model(str(tiny_gpt2_dir), device="cuda")
 
 
-def test_a_packaged_model_refuses_another_dtype_instead_of_ignoring_it():
-    with pytest.raises(MechbookError, match="dequantized from 4-bit weights to float32"):
-        mechbook.load_model("gemma3-270m", dtype="float16")
+def test_a_packaged_model_refuses_a_device_map_instead_of_ignoring_it():
+    with pytest.raises(MechbookError, match="dequantized from 4-bit weights and loads on one device"):
+        mechbook.load_model("gemma3-270m", device_map="auto")
 
 
 @pytest.mark.parametrize("name", [None, 3, ""])

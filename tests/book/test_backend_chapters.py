@@ -39,7 +39,7 @@ def test_chapter_runs_on_nnsight_and_matches_the_local_results(key, tmp_path, mo
     monkeypatch.setenv(TRACE_COUNT_ENV, str(tmp_path / "traces"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     code = cli.main(["--root", str(ROOT), "run", "--model", DEFAULT_MODEL, "--chapters", key, "--backend", "nnsight",
-                     "--out", str(tmp_path / "runs"), "--no-book-update"])
+                     "--out", str(tmp_path / "runs"), "--no-book-update", "--device", "cpu"])  # as committed
     assert code == 0, capsys.readouterr().out
     assert len((tmp_path / "traces").read_text().splitlines()) > 0  # the forward passes went through nnsight
     fresh = results / DEFAULT_MODEL / CHAPTERS[key]

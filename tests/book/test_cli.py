@@ -626,3 +626,105 @@ def test_a_chapter_that_fails_midway_publishes_nothing_and_resume_reruns_it(
     assert cli.main(args) == 0  # not skipped: it had no complete results
     assert "a1       ok" in capsys.readouterr().out
     assert sorted(p.name for p in model_dir.iterdir() if not p.name.startswith(".")) == ["a1_first"]
+
+
+# ------------------------------------------------------------------------- device and dtype
+
+
+def _takes_placement(path: Path, body: str = "print(model_name, device, dtype)") -> Path:
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[1].source += '\ndevice = "cpu"\ndtype = "float32"'
+    nb.cells[2].source = body
+    nbformat.write(nb, path)
+    return path
+
+
+def _gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """torch in this process sees ``count`` CUDA GPUs (the chapters run in kernels of their own)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_device_and_dtype_reach_every_chapter_that_takes_them(repo: Path, capsys: pytest.CaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    _gpus(monkeypatch, 1)
+    _takes_placement(repo / "book" / "a1_first.ipynb")
+    _takes_placement(repo / "book" / "b1_third.ipynb", body="print(device.upper(), dtype.upper())")
+    out = repo / "runs"
+    args = ["--root", str(repo), "run", "--model", DEFAULT_MODEL, "--out", str(out), "--chapters", "a1", "b1"]
+    assert cli.main([*args, "--device", "cuda:0", "--dtype", "bfloat16"]) == 0, capsys.readouterr().out
+    assert _cells_output(out / DEFAULT_MODEL / "a1_first.ipynb") == f"{DEFAULT_MODEL} cuda:0 bfloat16\n"
+    assert _cells_output(out / DEFAULT_MODEL / "b1_third.ipynb") == "CUDA:0 BFLOAT16\n"
+    assert cli.main([*args, "a2"]) == 0, capsys.readouterr().out  # the defaults: auto (load_model picks), float32
+    assert _cells_output(out / DEFAULT_MODEL / "a1_first.ipynb") == f"{DEFAULT_MODEL} auto float32\n"
+    assert _cells_output(out / DEFAULT_MODEL / "a2_second.ipynb") == "True\n"  # takes neither: auto asks nothing
+
+
+def test_dtype_reaches_load_model_through_the_chapter(repo: Path, capsys: pytest.CaptureFixture,
+                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
+    """CLI -> papermill parameter -> the chapter's load_model: the weights are bfloat16 and provenance says so."""
+    from conftest import build_tiny_model
+
+    tiny = build_tiny_model("gpt2", tmp_path_factory.mktemp("tiny-gpt2-cli"))
+    _takes_placement(repo / "book" / "a1_first.ipynb", body=(
+        "import mechbook\nfrom mechbook.book import provenance\n"
+        "model = mechbook.load_model(model_name, device=device, dtype=dtype)\n"
+        "print(model.device, model.dtype, sorted(provenance.device().items()))"))
+    out = repo / "runs"
+    code = cli.main(["--root", str(repo), "run", "--model", str(tiny), "--chapters", "a1", "--out", str(out),
+                     "--device", "cpu", "--dtype", "bfloat16", "--no-book-update"])
+    assert code == 0, capsys.readouterr().out
+    printed = _cells_output(out / results.safe_name(str(tiny)) / "a1_first.ipynb")
+    assert printed == "cpu torch.bfloat16 [('device', 'cpu'), ('dtype', 'bfloat16')]\n"
+
+
+@pytest.mark.parametrize(
+    ("gpus", "given", "message"),
+    [
+        (0, ["--device", "cuda"], "--device cuda: this machine has no CUDA GPU that torch "),
+        (0, ["--device", "cuda:0"], "--device cuda:0: this machine has no CUDA GPU that torch "),
+        (1, ["--device", "cuda:1"], "--device cuda:1: this machine has 1 CUDA GPU (cuda:0..cuda:0); pick one of them"),
+        (0, ["--device", "gpu"], "--device 'gpu' is not a device; use auto, cpu, cuda or cuda:N"),
+        (1, ["--device", "cuda", "--backend", "ndif"], "--device cuda does not apply to --backend ndif"),
+        (0, ["--dtype", "float16", "--backend", "ndif"], "--dtype float16 does not apply to --backend ndif"),
+        (0, ["--dtype", "float16", "--chapters", "a1", "a2"],
+         'chapter a2 takes no dtype parameter, so it cannot run with --dtype float16; add dtype = "float32" to its '
+         "parameters cell, or leave it out"),
+        (0, ["-p", "device=cuda"], "set the device with --device, not -p device=..."),
+    ],
+)
+def test_a_device_or_dtype_that_cannot_run_stops_the_run_before_any_chapter(
+    repo: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, gpus: int, given: list[str],
+    message: str,
+) -> None:
+    _gpus(monkeypatch, gpus)
+    for chapter in ("a1_first", "b1_third"):
+        _takes_placement(repo / "book" / f"{chapter}.ipynb")
+    out = repo / "runs"
+    chosen = [] if "--chapters" in given else ["--chapters", "a1", "b1"]
+    code = cli.main(["--root", str(repo), "run", "--model", DEFAULT_MODEL, "--out", str(out), *chosen, *given])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("mechbook: error: "), err
+    assert message in err
+    assert not out.exists() and not (repo / "results").exists()  # nothing ran, nothing written
+
+
+def test_refresh_and_the_committed_chapters_keep_the_cpu_in_float32() -> None:
+    """refresh takes no --device: the chapters run on their defaults, with which the committed outputs were made;
+    every chapter that loads a model takes device and dtype and hands them to load_model."""
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["refresh", "--device", "cuda"])
+    root = Path(__file__).resolve().parents[2]
+    loading = 0
+    for chapter in cli.find_chapters(root / "book"):
+        nb = nbformat.read(chapter.path, as_version=4)
+        code = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "code")
+        if "load_model(" not in code:
+            continue
+        loading += 1
+        defaults = cli.parameters_cell_defaults(nb)
+        assert (defaults.get("device"), defaults.get("dtype")) == ("cpu", "float32"), chapter.key
+        assert "device=device, dtype=dtype)" in code, f"chapter {chapter.key} does not pass device and dtype"
+    assert loading >= 13

@@ -222,3 +222,35 @@ def test_the_backend_is_recorded_and_shown_only_off_local(tmp_path, local_model,
     assert found["model"]["hub_id"] == "meta-llama/Llama-3.1-8B"
     rows = dict(provenance.box(saved).rows)
     assert rows["backend"].startswith("NDIF") and "NDIF's copy of meta-llama/Llama-3.1-8B (no weights here" in rows["model"]
+
+
+def test_device_dtype_and_gpu_are_recorded_and_shown_off_cpu_float32(tmp_path, local_model, monkeypatch):
+    """What load_model notes (device, dtype) goes into the marker, with the GPU's name on CUDA; the box shows a
+    device row only off the CPU in float32 (the committed chapters' boxes stay as they are)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mechbook.core import backends
+
+    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"NVIDIA H100 80GB HBM3 #{device.index}")
+
+    def published_on(device: str, dtype: torch.dtype):
+        backends._note(SimpleNamespace(backend="local", weights_here=True, device=torch.device(device), dtype=dtype))
+        saved = results.ChapterResults("a1_test", str(local_model), root=tmp_path / "results")
+        saved.save("table", pd.DataFrame({"x": [1]}))
+        saved.finish()
+        found = json.loads((saved.final / results.MARKER).read_text())["provenance"]
+        return found["device"], dict(provenance.box(saved).rows)
+
+    found, rows = published_on("cpu", torch.float32)
+    assert found == {"device": "cpu", "dtype": "float32"} and "device" not in rows
+    found, rows = published_on("cpu", torch.bfloat16)
+    assert rows["device"] == "cpu, weights in bfloat16"
+    found, rows = published_on("cuda:1", torch.float16)
+    assert found == {"device": "cuda:1", "dtype": "float16", "gpu": "NVIDIA H100 80GB HBM3 #1"}
+    assert rows["device"] == "NVIDIA H100 80GB HBM3 #1 (cuda:1), weights in float16"
+    backends._note(SimpleNamespace(backend="ndif", weights_here=False))
+    assert provenance.device() is None  # NDIF's weights: no device here to record

@@ -135,7 +135,7 @@ def test_what_needs_the_weights_here_is_refused_in_one_line(pair, what):
     assert "loaded for NDIF without" in text and ("--backend nnsight" in text or "backend='" in text), text
 
 
-@pytest.mark.parametrize("kwargs", [{"dtype": torch.float16}, {"device": "cpu"}, {"device_map": "auto"}])
+@pytest.mark.parametrize("kwargs", [{"dtype": torch.float16}, {"device": "cuda"}, {"device_map": "auto"}])
 def test_placement_arguments_are_refused_with_ndif(kwargs, monkeypatch):
     monkeypatch.setenv("NDIF_API_KEY", "test-key")
     monkeypatch.setattr(loading, "config_folder", lambda hub_id: pytest.fail("the config was fetched"))

@@ -3,6 +3,7 @@
     python -m mechbook models
     python -m mechbook run --model smollm2-135m [--chapters a1 b2] [--out runs] [-p n_prompts=16]
     python -m mechbook run --model EleutherAI/gpt-j-6B --backend ndif --chapters a1 a4 a5 [--resume]
+    python -m mechbook run --model gpt2-xl --device cuda --dtype bfloat16
     python -m mechbook build
     python -m mechbook refresh [--chapters a1]
     python -m mechbook format [--check] [--chapters a1]
@@ -22,7 +23,14 @@ not fit its default's type or its range (:data:`PARAMETER_RANGES`), results that
 old or damaged; for ``--backend nnsight`` nnsight not installed; for ``--backend ndif`` also
 no ``NDIF_API_KEY``, a model NDIF does not serve, NDIF not reachable, or the model's config and
 tokenizer neither in the local Hugging Face cache nor downloadable (``--backend ndif`` needs no
-weights here: the chapters load the model with ``load_model(name, backend="ndif")``).
+weights here: the chapters load the model with ``load_model(name, backend="ndif")``); a ``--device``
+that is not here (``cuda`` without a GPU torch can use, ``cuda:N`` past the GPUs there are), or one
+given with ``--backend ndif``.
+
+``run`` passes ``--device`` (default ``auto``: CUDA when torch sees a GPU, else the CPU) and
+``--dtype`` (default ``float32``) to each chapter's ``device`` and ``dtype`` parameters, which the
+chapters pass to ``load_model``; ``refresh`` keeps the chapters' defaults, the CPU in float32,
+with which the committed outputs were made.
 """
 
 from __future__ import annotations
@@ -202,6 +210,41 @@ def known_names(name: str) -> list[str] | None:
     return None
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+# The chapters' own device and dtype, with which the committed outputs were made (refresh and the tests keep them).
+PLACEMENT = {"device": "cpu", "dtype": "float32"}
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device(device: str, backend: str = "local") -> str:
+    """The device the chapters load their model on; one this machine does not have is refused in one line, before
+    any chapter starts. ``auto`` passes as it is: ``load_model`` puts the model on CUDA when torch sees a GPU, else
+    on the CPU."""
+    import torch
+
+    if not DEVICE_PATTERN.match(device):
+        raise MechbookError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if backend == "ndif" and device not in ("auto", "cpu"):
+        raise MechbookError(f"--device {device} does not apply to --backend ndif: NDIF holds the weights and "
+                            "chooses their devices; leave --device out, or use --backend nnsight to run here")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.startswith("cuda") and count == 0:
+        raise MechbookError(f"--device {device}: this machine has no CUDA GPU that torch {torch.__version__} can use; "
+                            "use --device cpu, or --device auto (a GPU when there is one)")
+    if device.startswith("cuda:") and int(device.partition(":")[2]) >= count:
+        raise MechbookError(f"--device {device}: this machine has {count} CUDA GPU{'s' if count > 1 else ''} "
+                            f"(cuda:0..cuda:{count - 1}); pick one of them")
+    return device
+
+
+def check_dtype(dtype: str, backend: str = "local") -> str:
+    """The dtype the chapters load their model in; with ``--backend ndif`` only the default (NDIF chooses)."""
+    if backend == "ndif" and dtype != PLACEMENT["dtype"]:
+        raise MechbookError(f"--dtype {dtype} does not apply to --backend ndif: NDIF holds the weights and chooses "
+                            "their dtype; leave --dtype out, or use --backend nnsight to run here")
+    return dtype
+
+
 def check_range(name: str, value: Any, default: Any, where: str) -> None:
     """Refuse a parameter value outside :data:`PARAMETER_RANGES` (None passes where the default is None)."""
     allowed = PARAMETER_RANGES.get(name)
@@ -241,8 +284,8 @@ def parse_parameter(text: str) -> tuple[str, Any]:
         raise MechbookError(f"parameter {text!r} is not NAME=VALUE; write e.g. -p n_prompts=16")
     if name == "model_name":
         raise MechbookError("set the model with --model, not -p model_name=...")
-    if name == "backend":
-        raise MechbookError("set the backend with --backend, not -p backend=...")
+    if name in ("backend", "device", "dtype"):
+        raise MechbookError(f"set the {name} with --{name}, not -p {name}=...")
     try:
         value = ast.literal_eval(raw.strip())
     except (ValueError, SyntaxError):
@@ -283,9 +326,10 @@ def coerce_parameter(name: str, value: Any, default: Any, where: str) -> Any:
 
 
 def chapter_parameters(chapters: Sequence[Chapter], model: str, given: Sequence[str],
-                       backend: str = "local") -> dict[str, dict[str, Any]]:
-    """Chapter key -> papermill parameters: the model, the backend (to every chapter that takes one, which every
-    chapter that loads a model does), and each ``-p`` value the chapter's parameters cell takes."""
+                       backend: str = "local", placement: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Chapter key -> papermill parameters: the model, the backend and ``placement`` (``device`` and ``dtype``; to
+    every chapter that takes them, which every chapter that loads a model does), and each ``-p`` value the chapter's
+    parameters cell takes."""
     import nbformat
 
     pairs = [parse_parameter(text) for text in given]
@@ -296,7 +340,7 @@ def chapter_parameters(chapters: Sequence[Chapter], model: str, given: Sequence[
         defaults[key] |= {name: None for name in _expression_parameters(nb)}
     for name, _ in pairs:
         if not any(name in d for d in defaults.values()):
-            takes = sorted({p for d in defaults.values() for p in d} - {"model_name", "backend"})
+            takes = sorted({p for d in defaults.values() for p in d} - {"model_name", "backend", *PLACEMENT})
             raise MechbookError(
                 f"no chosen chapter takes parameter {name!r}; they take: {', '.join(takes) or 'only model_name'}"
             )
@@ -306,8 +350,17 @@ def chapter_parameters(chapters: Sequence[Chapter], model: str, given: Sequence[
         if without:
             raise MechbookError(f"chapter {without[0]} takes no backend parameter, so it cannot run on --backend "
                                 f"{backend}; add backend = \"local\" to its parameters cell, or leave it out")
+    placement = placement or {}
+    for name, value in placement.items():
+        if value in (PLACEMENT[name], "auto"):  # auto asks for no more than the chapter's own default can give
+            continue
+        without = [c.key for c in chapters if name not in defaults[c.key] and not c.key.startswith(CROSS_MODEL_PREFIX)]
+        if without:
+            raise MechbookError(f"chapter {without[0]} takes no {name} parameter, so it cannot run with --{name} "
+                                f"{value}; add {name} = \"{PLACEMENT[name]}\" to its parameters cell, or leave it out")
     chosen = {
-        c.key: {"model_name": model} | ({"backend": backend} if "backend" in defaults[c.key] else {}) | {
+        c.key: {"model_name": model} | ({"backend": backend} if "backend" in defaults[c.key] else {})
+        | {name: value for name, value in placement.items() if name in defaults[c.key]} | {
             name: coerce_parameter(name, value, defaults[c.key][name], f"chapter {c.key}")
             for name, value in pairs if name in defaults[c.key]
         }
@@ -619,6 +672,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     book_dir = root / "book"
     chapters = select_chapters(book_dir, args.chapters)
     _check_parameters(chapters)
+    placement = {"device": check_device(args.device, args.backend), "dtype": check_dtype(args.dtype, args.backend)}
     check_backend(args.backend, args.model)
     if args.backend == "ndif":  # no weights here: only the config and tokenizer, fetched now if not in the cache
         ndif_files(args.model)
@@ -626,7 +680,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_model_name(args.model)
     if args.model not in REGISTRY and args.backend != "ndif":  # a local folder: the chapters run in book/, where a
         args.model = str(Path(args.model).expanduser().resolve())  # relative path means another
-    parameters = chapter_parameters(chapters, args.model, args.parameter or [], args.backend)
+    parameters = chapter_parameters(chapters, args.model, args.parameter or [], args.backend, placement)
     check_results_for(chapters, args.model, default_root(root))
     _check_results_writable(root)
     out_root = args.out if args.out.is_absolute() else Path.cwd() / args.out
@@ -768,6 +822,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", choices=backends.BACKENDS, default="local",
         help="where forward passes run: local (transformer-lens, the default), nnsight (here, through nnsight) or "
         "ndif (on NDIF; needs NDIF_API_KEY). See the book's page 'Running on bigger models'",
+    )
+    run.add_argument(
+        "--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+        help="where the chapters put the model: auto (the default: CUDA when torch sees a GPU, else the CPU), cpu, "
+        "cuda or cuda:N; the committed outputs were made on the CPU",
+    )
+    run.add_argument(
+        "--dtype", choices=DTYPES, default="float32",
+        help="the precision of the model's weights (default float32, as the committed outputs); bfloat16 or "
+        "float16 halve the memory on a GPU",
     )
     run.add_argument(
         "--resume", action="store_true",

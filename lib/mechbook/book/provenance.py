@@ -4,11 +4,11 @@
 (:meth:`mechbook.book.results.ChapterResults.finish` stores it in the ``_complete.json``
 marker, beside the list of files it checks): the model and where its weights came from
 (:func:`mechbook.core.loading.weights_origin`: the packaged GGUF's sha256, a hub
-revision or a folder's files), the mechbook commit and whether the library or the lock
-differs from it, the versions (Python, torch, transformers and transformer-lens shown;
-recorded too: every installed package, the lock files' sha256 and how the packages
-differ from the lock, :mod:`mechbook.book.lock`), the CPU, the date and the chapter's
-wall time. :func:`box` shows it at the chapter's end with links to the saved
+revision or a folder's files), the device and dtype of its weights (a GPU by name), the
+mechbook commit and whether the library or the lock differs from it, the versions (Python,
+torch, transformers and transformer-lens shown; recorded too: every installed package, the
+lock files' sha256 and how the packages differ from the lock, :mod:`mechbook.book.lock`),
+the CPU, the date and the chapter's wall time. :func:`box` shows it at the chapter's end with links to the saved
 results; :func:`runs_table` lists it for every model and chapter (the across-models chapter).
 
 Wall time runs from the moment the chapter's kernel first imported mechbook
@@ -22,6 +22,7 @@ session that reruns a chapter, the clock still starts at the session's first imp
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import html
 import importlib.metadata
@@ -48,10 +49,11 @@ def started() -> tuple[float, float]:
 
 
 def record(model_name: str | None) -> dict[str, Any]:
-    """The provenance of this run, now: model and weights, backend, commit, versions, CPU, date and wall time so far.
+    """The provenance of this run, now: model and weights, backend, device, commit, versions, CPU, date and wall time.
 
     The backend is the one this process last put a model on (:func:`mechbook.core.backends.backend_in_use`);
     on ``ndif`` the weights are NDIF's, so the model is recorded by the hub id NDIF serves it under.
+    The device and dtype are those of that model's weights (:func:`device`).
     """
     from mechbook.core.backends import backend_in_use
     from mechbook.core.loading import ndif_origin, weights_origin
@@ -62,6 +64,9 @@ def record(model_name: str | None) -> dict[str, Any]:
     if model_name is not None:
         origin = ndif_origin(model_name) if info["backend"] == "ndif" else weights_origin(model_name)
         info["model"] = {"name": model_name, **origin}
+    placed = device()
+    if placed is not None:
+        info["device"] = placed
     info["mechbook"] = {"version": mechbook.__version__, **git_state()}
     info["versions"] = {"python": platform.python_version(), **versions(), **lock.record()}
     info["cpu"] = cpu()
@@ -80,6 +85,25 @@ def versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
     return found
+
+
+def device() -> dict[str, Any] | None:
+    """Where the weights of the model this process last loaded are: device, dtype, and the GPU's name on CUDA.
+
+    None when no model with weights here was loaded (a chapter that loads none, a model on NDIF).
+    """
+    from mechbook.core.backends import placement_in_use
+
+    placed = placement_in_use()
+    if placed is None:
+        return None
+    info: dict[str, Any] = dict(placed)
+    if placed["device"].startswith("cuda"):
+        import torch
+
+        with contextlib.suppress(RuntimeError, AssertionError):  # the GPU went away: the rest still stands
+            info["gpu"] = torch.cuda.get_device_name(torch.device(placed["device"]))
+    return info
 
 
 def cpu() -> dict[str, Any]:
@@ -203,6 +227,12 @@ def cpu_text(found: dict[str, Any]) -> str:
     return found.get("name", "unknown") + (f" ({', '.join(extra)})" if extra else "")
 
 
+def device_text(found: dict[str, Any]) -> str:
+    """``NVIDIA H100 80GB HBM3 (cuda:0), weights in bfloat16``; ``cpu, weights in float16``."""
+    where = f"{found['gpu']} ({found.get('device')})" if found.get("gpu") else str(found.get("device", "unknown"))
+    return f"{where}, weights in {found.get('dtype', 'unknown')}"
+
+
 def run_text(info: dict[str, Any], *, until: str = "its results were saved") -> str:
     when = str(info.get("finished", "")).replace("T", " ").replace("Z", " UTC")
     return f"{when}; wall time {duration(info.get('wall_seconds'))} (from the first import of mechbook to when {until})"
@@ -253,9 +283,13 @@ BACKEND_TEXT = {"nnsight": "nnsight, on this machine", "ndif": "NDIF, through nn
 
 
 def _rows(info: dict[str, Any], *, until: str) -> list[tuple[str, str]]:
-    """The box's rows; a ``backend`` row only off the default local backend (the committed chapters' boxes stay)."""
+    """The box's rows; a ``backend`` row only off the default local backend, a ``device`` row only off the CPU in
+    float32 (the committed chapters' boxes stay as they are)."""
     backend = info.get("backend") or "local"
     where = [("backend", BACKEND_TEXT.get(backend, backend))] if backend != "local" else []
+    placed = info.get("device")
+    if placed and (placed.get("device") != "cpu" or placed.get("dtype") != "float32"):
+        where.append(("device", device_text(placed)))
     return [("model", weights_text(info.get("model"))), *where, ("code", commit_text(info.get("mechbook", {}))),
             ("software", software_text(info.get("versions", {}))), ("CPU", cpu_text(info.get("cpu", {}))),
             ("run", run_text(info, until=until))]

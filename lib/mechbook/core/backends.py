@@ -163,6 +163,7 @@ def _nnsight_version() -> str:
 
 
 _in_use: str | None = None  # the backend the last load_model / use_backend put a model on (a run's provenance)
+_placed: dict[str, str] | None = None  # that model's device and dtype, when its weights are here
 
 
 def backend_in_use() -> str | None:
@@ -170,9 +171,17 @@ def backend_in_use() -> str | None:
     return _in_use
 
 
+def placement_in_use() -> dict[str, str] | None:
+    """The device (``cpu``, ``cuda:0``) and dtype (``float32``) of that model's weights; None if they are not here."""
+    return _placed
+
+
 def _note(model):
-    global _in_use
+    global _in_use, _placed
     _in_use = model.backend
+    _placed = None
+    if model.weights_here:
+        _placed = {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
     return model
 
 

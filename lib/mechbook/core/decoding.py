@@ -205,22 +205,24 @@ def logit_lens(
         logits = check_logits(unembed(model, resid[start : start + chunk]), "the logit lens's logits")  # [b, layer, vocab]
         logprobs = logits.log_softmax(-1)
         top = logits.argmax(-1)
+        top = top.tolist()  # each chunk's numbers come to the host at once, not one by one
         for name, ids in targets.items():
             ids_b = ids[start : start + chunk].to(logits.device).unsqueeze(1).expand(-1, n_layers)
-            ranks = token_ranks(logits, ids_b)
-            probs = logprobs.gather(-1, ids_b.unsqueeze(-1)).squeeze(-1).exp()
-            for i in range(ranks.shape[0]):
+            ranks = token_ranks(logits, ids_b).tolist()
+            probs = logprobs.gather(-1, ids_b.unsqueeze(-1)).squeeze(-1).exp().tolist()
+            ids_b = ids_b.tolist()
+            for i in range(len(ranks)):
                 for layer in range(n_layers):
                     rows.append(
                         {
                             "prompt": start + i,
                             "layer": layer,
                             "target": name,
-                            "token": to_str(model, ids_b[i, layer]),
-                            "rank": int(ranks[i, layer]),
-                            "reciprocal_rank": 1.0 / float(ranks[i, layer]),
-                            "prob": float(probs[i, layer]),
-                            "top_token": to_str(model, top[i, layer]),
+                            "token": to_str(model, ids_b[i][layer]),
+                            "rank": int(ranks[i][layer]),
+                            "reciprocal_rank": 1.0 / float(ranks[i][layer]),
+                            "prob": float(probs[i][layer]),
+                            "top_token": to_str(model, top[i][layer]),
                         }
                     )
     return pd.DataFrame(rows)
@@ -245,7 +247,7 @@ def top_tokens(
     logits = check_logits(unembed(model, vector, normalize=normalize), "the logits of the vector to decode")
     values, ids = logits.topk(k)
     return pd.DataFrame(
-        {"rank": range(1, k + 1), "token": [to_str(model, i) for i in ids], "logit": values.tolist()}
+        {"rank": range(1, k + 1), "token": [to_str(model, i) for i in ids.tolist()], "logit": values.tolist()}
     )
 
 
@@ -264,11 +266,12 @@ def top_tokens_per_layer(model: LoadedModel, resid: Float[Tensor, "layer d_model
                           "the logit lens's logits")
     probs = logits.softmax(-1)
     values, ids = probs.topk(k, dim=-1)
+    values, ids = values.tolist(), ids.tolist()  # to the host at once, not one number at a time
     rows = []
     for layer in range(resid.shape[0]):
         for r in range(k):
             rows.append(
-                {"layer": layer, "rank": r + 1, "token": to_str(model, ids[layer, r]), "prob": float(values[layer, r])}
+                {"layer": layer, "rank": r + 1, "token": to_str(model, ids[layer][r]), "prob": float(values[layer][r])}
             )
     return pd.DataFrame(rows)
 

@@ -19,7 +19,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from mechbook.core.errors import MechbookError
-from mechbook.core.names import Component
+from mechbook.core.names import Component, spans
 
 MODES = ("patch", "mean", "zero", "add", "replace")
 POSITIONS = ("last", "all")
@@ -162,17 +162,18 @@ def _hook(todo: Sequence[Edit]):
         for e, heads in groups:
             rows = slice(None) if e.rows is None else e.rows
             pos = slice(None) if e.component.position is None else e.component.position
-            where = (rows, pos, heads) if heads is not None else (rows, pos)
-            if e.mode == "zero":
-                act[where] = 0.0
-            elif e.mode == "mean":
-                mean = e.value[: act.shape[1]].to(act.dtype)
-                act[where] = mean[(pos, heads)] if heads is not None else mean[pos]
-            elif e.mode == "patch":
-                value = e.value.to(act.dtype)
-                act[where] = value[(slice(None), pos, heads)] if heads is not None else value[:, pos]
-            else:
+            if e.mode not in ("zero", "mean", "patch"):
                 _write_vector(act, e, rows)
+                continue
+            value = e.value[: act.shape[1]] if e.mode == "mean" else e.value  # mean [pos, ...], patch [n, pos, ...]
+            # merged heads as runs of consecutive heads: slices, so no index tensor is copied to the device
+            for part in [()] if heads is None else [(slice(a, b),) for a, b in spans(heads)]:
+                if e.mode == "zero":
+                    act[(rows, pos, *part)] = 0.0
+                elif e.mode == "mean":
+                    act[(rows, pos, *part)] = value[(pos, *part)].to(act.dtype)
+                else:
+                    act[(rows, pos, *part)] = value[(slice(None), pos, *part)].to(act.dtype)
         return act
 
     # the result does not depend on the activation's values: the run may skip computing them

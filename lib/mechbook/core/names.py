@@ -89,6 +89,21 @@ def layer_names(kind: str, n_layers: int) -> list[str]:
     return [act_name(kind, layer) for layer in range(n_layers)]
 
 
+def spans(indices) -> list[tuple[int, int]]:
+    """Distinct indices as half-open runs of consecutive ones, in order: ``[0, 1, 2, 5]`` -> ``[(0, 3), (5, 6)]``.
+
+    Slicing run by run reads the elements a list index reads, but builds no index tensor:
+    on a GPU a list index is copied from the host, and waited for, on every call.
+    """
+    out: list[tuple[int, int]] = []
+    for i in sorted(set(indices)):
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
 def as_index(value, what: str) -> int:
     """``value`` as a plain int (numpy integers included); bools and floats are refused."""
     if isinstance(value, bool):

@@ -70,6 +70,18 @@ def _vocab_of(logits: Tensor, high: int, what: str) -> None:
                             f"(ids 0..{logits.shape[-1] - 1}); use ids of this model's tokenizer")
 
 
+def _ids_on_device(*ids: Tensor) -> Callable[[torch.device], tuple[Tensor, ...]]:
+    """The row indices and ``ids`` on a device, copied there once: a metric runs once per pass of a sweep."""
+    moved: dict[torch.device, tuple[Tensor, ...]] = {}
+
+    def on(device: torch.device) -> tuple[Tensor, ...]:
+        if device not in moved:
+            moved[device] = (torch.arange(len(ids[0]), device=device), *(i.to(device) for i in ids))
+        return moved[device]
+
+    return on
+
+
 def logit_diff(correct: Int[Tensor, "batch"], incorrect: Int[Tensor, "batch"]) -> Metric:
     """Logit of the correct token minus logit of the incorrect one, per prompt (Paper B's metric).
 
@@ -87,14 +99,16 @@ def logit_diff(correct: Int[Tensor, "batch"], incorrect: Int[Tensor, "batch"]) -
     answer_ids = torch.unique(torch.cat([correct, incorrect]))
     high = int(answer_ids.max()) if len(answer_ids) else -1
 
+    on = _ids_on_device(correct, incorrect, answer_ids)
+
     def metric(logits: Tensor) -> Tensor:
         _rows_of(logits, len(correct), "logit_diff")
         _vocab_of(logits, high, "logit_diff")
-        rows = torch.arange(len(correct), device=logits.device)
-        value = logits[..., rows, correct.to(logits.device)] - logits[..., rows, incorrect.to(logits.device)]
+        rows, right, wrong, read = on(logits.device)
+        value = logits[..., rows, right] - logits[..., rows, wrong]
         check_finite(value, "the logit difference")
         if len(answer_ids) > 1:  # the columns it reads, all equal in some row: every logit is (e.g. an overflow)
-            check_logits(logits[..., answer_ids.to(logits.device)], "the logits of logit_diff's ids")
+            check_logits(logits[..., read], "the logits of logit_diff's ids")
         return value
 
     metric.answer_ids = answer_ids
@@ -111,13 +125,14 @@ def answer_prob(answer: Int[Tensor, "batch"]) -> Metric:
     if answer.dim() != 1:
         raise MechbookError(f"answer_prob needs one answer id per prompt, got shape {tuple(answer.shape)}")
     high = int(answer.max()) if len(answer) else -1
+    on = _ids_on_device(answer)
 
     def metric(logits: Tensor) -> Tensor:
         _rows_of(logits, len(answer), "answer_prob")
         _vocab_of(logits, high, "answer_prob")
         check_logits(logits, "the logits of answer_prob (a restricted unembedding leaves NaN)")
-        rows = torch.arange(len(answer), device=logits.device)
-        return logits.softmax(-1)[..., rows, answer.to(logits.device)]
+        rows, ids = on(logits.device)
+        return logits.softmax(-1)[..., rows, ids]
 
     return metric
 
@@ -201,7 +216,7 @@ def _patch_sweep(model, source, target, metric, components, max_rows, tokens, de
     for i, c in enumerate(components):
         by_layer[c.layer].append(i)
     n = len(target)
-    values = torch.empty(len(components))
+    values, found = torch.empty(len(components)), []
     progress = tqdm(total=len(components), desc=desc, disable=None, leave=False)
     for layer, idx in sorted(by_layer.items()):
         group = [components[i] for i in idx]
@@ -219,7 +234,9 @@ def _patch_sweep(model, source, target, metric, components, max_rows, tokens, de
         scores = run_variants(model, target, len(group), hooks_for, metric, layer=layer,
                               resid=base[act_name("resid_pre", layer)][:, first:], prefix=prefix,
                               max_rows=max_rows, tokens=tokens, progress=progress)
-        values[idx] = scores.mean(1).float().cpu()
+        found.append((idx, scores.mean(1)))
+    for idx, scores in found:  # copied to the host after the last pass: the passes run without waiting for it
+        values[idx] = scores.float().cpu()
     progress.close()
     return _table(components, values.tolist())
 
@@ -317,7 +334,7 @@ def ablation_sweep(
     for i, layer in enumerate(starts):
         by_start[layer].append(i)
     n = len(batch)
-    out = torch.empty(len(sets), n)
+    out, found = torch.empty(len(sets), n), []
     progress = tqdm(total=len(sets), desc=desc, disable=None, leave=False)
     for layer, idx in sorted(by_start.items()):
         group = [sets[i] for i in idx]
@@ -332,8 +349,10 @@ def ablation_sweep(
             resid = run_last(model, batch, names=[act_name("final")])[1][act_name("final")]
         else:
             resid = base[act_name("resid_pre", layer)]
-        out[idx] = run_variants(model, batch, len(group), hooks_for, metric, layer=layer, resid=resid,
-                                max_rows=max_rows, tokens=tokens, progress=progress).float().cpu()
+        found.append((idx, run_variants(model, batch, len(group), hooks_for, metric, layer=layer, resid=resid,
+                                        max_rows=max_rows, tokens=tokens, progress=progress)))
+    for idx, values in found:  # copied to the host after the last pass
+        out[idx] = values.float().cpu()
     progress.close()
     return out
 

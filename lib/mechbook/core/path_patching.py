@@ -152,7 +152,7 @@ def patch_paths(
             deltas[s] = _write_change(model, s, base, _new_output(s, src, means, n, width), base_writes)
     group_size = model.n_heads // model.n_kv_heads
 
-    out = torch.empty(len(edges), n)
+    out, found = torch.empty(len(edges), n), []
     by_layer: dict[int, list[int]] = defaultdict(list)
     for i, e in enumerate(edges):
         by_layer[e.receiver.layer].append(i)
@@ -176,8 +176,10 @@ def patch_paths(
                                     for h in range(first, first + group_size) if h != e.receiver.head]
             return edit_hooks(edits + restore)
 
-        out[idx] = run_variants(model, target, len(idx), hooks_for, metric, layer=layer, resid=resid,
-                                max_rows=max_rows, tokens=tokens).float().cpu()
+        found.append((idx, run_variants(model, target, len(idx), hooks_for, metric, layer=layer, resid=resid,
+                                        max_rows=max_rows, tokens=tokens)))
+    for idx, values in found:  # copied to the host after the last pass
+        out[idx] = values.float().cpu()
     return out
 
 
@@ -213,12 +215,12 @@ def patch_paths_to_logits(
     ablation = edit_hooks(mean_ablation(ablate, means)) if ablate else []
     _, base = run_last(model, target, names=[*names, final_name], fwd_hooks=ablation)
     src = run_last(model, source, names=names, fwd_hooks=ablation)[1] if source is not None else None
-    rows = torch.arange(len(target))
     last = target.last_pos
+    rows = torch.arange(len(target), device=last.device)
     final = base[final_name][rows, last]
-    out = torch.empty(len(senders), len(target))
+    out = []
     with torch.inference_mode():
-        for i, s in enumerate(senders):
+        for s in senders:
             new = src[s.hook_name][rows, last] if src is not None else means[s.hook_name].to(final.device)[last]
             old = base[s.hook_name][rows, last]
             if s.kind == "head":
@@ -227,5 +229,5 @@ def patch_paths_to_logits(
                 delta = attention_write(model, s.layer, z) - attention_write(model, s.layer, old)
             else:
                 delta = new - old
-            out[i] = metric(unembed(model, final + delta, tokens=tokens)).float().cpu()
-    return out
+            out.append(metric(unembed(model, final + delta, tokens=tokens)))
+    return torch.stack(out).float().cpu()  # copied to the host once, after the last sender

@@ -330,16 +330,24 @@ def _skipped_heads(model: LoadedModel, heads: Mapping[int, frozenset[int]]) -> I
 
 
 def _rows_only(linear: torch.nn.Linear, heads: Sequence[int], d_head: int):
-    """A forward for ``linear`` computing the output rows of ``heads`` only (zeros elsewhere)."""
-    rows = torch.tensor([h * d_head + i for h in heads for i in range(d_head)], dtype=torch.long,
-                        device=linear.weight.device)
-    weight = linear.weight.detach()[rows]
-    bias = None if linear.bias is None else linear.bias.detach()[rows]
+    """A forward for ``linear`` computing the output rows of ``heads`` only (zeros elsewhere).
+
+    The rows are taken as slices, runs of consecutive heads (:func:`~mechbook.core.names.spans`):
+    no index tensor is built, so a run on a GPU copies nothing from the host.
+    """
+    from mechbook.core.names import spans
+
+    parts = [slice(a * d_head, b * d_head) for a, b in spans(heads)]
+    weight = torch.cat([linear.weight.detach()[p] for p in parts]) if parts else None
+    bias = None if linear.bias is None or not parts else torch.cat([linear.bias.detach()[p] for p in parts])
 
     def forward(x, *args, **kwargs):
         out = x.new_zeros(*x.shape[:-1], linear.out_features)
-        if len(rows):
-            out[..., rows] = torch.nn.functional.linear(x, weight, bias)
+        if parts:
+            kept, start = torch.nn.functional.linear(x, weight, bias), 0
+            for p in parts:
+                out[..., p] = kept[..., start : start + p.stop - p.start]
+                start += p.stop - p.start
         return out
 
     return forward
