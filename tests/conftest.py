@@ -216,12 +216,31 @@ def gemma():
     return mechbook.load_model("gemma3-270m")
 
 
+# Every other test, and nbval's re-execution of the chapters, means something only on the locked versions
+# (requirements.lock); a venv that differs would spend the whole run testing another environment. So the lock
+# check runs first (ordered last among the collection hooks, so that it also goes ahead of the chapter
+# mechbook.book.nbval_tolerance puts first) and stops the session if it fails.
+LOCK_TEST = "tests/book/test_environment.py::test_the_venv_is_the_lock"
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("MECHBOOK_SKIP_SLOW"):
         skip = pytest.mark.skip(reason="MECHBOOK_SKIP_SLOW is set")
         for item in items:
             if "slow" in item.keywords:
                 item.add_marker(skip)
+    first = [item for item in items if item.nodeid.endswith(LOCK_TEST)]
+    if first:
+        items[:] = first + [item for item in items if item not in first]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed and item.nodeid.endswith(LOCK_TEST):
+        item.session.shouldstop = f"{report.longreprtext.strip().splitlines()[-1]}"
+    return report
 
 
 @pytest.fixture(scope="module")

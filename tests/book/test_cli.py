@@ -445,8 +445,8 @@ def _no_nnsight(monkeypatch: pytest.MonkeyPatch) -> None:
     ("backend", "model", "setup", "message"),
     [
         ("ndif", "gpt2", "no key", "needs an NDIF API key and NDIF_API_KEY is not set; export NDIF_API_KEY=<your key>"),
-        ("ndif", "gpt2", "no nnsight", "needs nnsight, which is not installed; run: pip install -e .[ndif]"),
-        ("nnsight", DEFAULT_MODEL, "no nnsight", "needs nnsight, which is not installed; run: pip install -e .[ndif]"),
+        ("ndif", "gpt2", "no nnsight", "needs nnsight, which is not installed; run: bash scripts/setup.sh (nnsight is in requirements.lock)"),
+        ("nnsight", DEFAULT_MODEL, "no nnsight", "needs nnsight, which is not installed; run: bash scripts/setup.sh (nnsight is in requirements.lock)"),
         ("ndif", DEFAULT_MODEL, "key", f"NDIF does not serve '{DEFAULT_MODEL}'; it serves gpt2, EleutherAI/gpt-j-6B"),
         ("ndif", "EleutherAI/gpt-j-6b", "key, closed port",
          "NDIF cannot be reached (http://127.0.0.1:9/status cannot be reached (URLError)); check the network, or use "

@@ -1,6 +1,6 @@
 """The venv is the lock, and environment.yml, scripts/setup.sh, scripts/lock.sh and pyproject.toml describe it.
 
-:func:`test_the_venv_is_the_lock` runs first in every pytest session that collects it (tests/book/conftest.py)
+:func:`test_the_venv_is_the_lock` runs first in every pytest session that collects it (tests/conftest.py)
 and stops the session when it fails: nothing is tested on other versions than the locked ones.
 """
 

@@ -252,7 +252,7 @@ def test_missing_nnsight_names_the_extra(tiny, monkeypatch):
     for backend in ("nnsight", "ndif"):
         with pytest.raises(MechbookError) as exc:
             backends.use_backend(tiny, backend)
-        assert "pip install -e .[ndif]" in _one_line(exc)
+        assert "bash scripts/setup.sh" in _one_line(exc)
 
 
 @pytest.mark.parametrize("backend, remote, match", [("gpu", False, "unknown backend"),
@@ -328,7 +328,8 @@ def test_ndif_errors_are_one_line_naming_the_fix(tiny, monkeypatch, reply, expec
     text = _one_line(exc)
     assert text.startswith(expected)
     if "version" in reply:
-        assert "update the nnsight pin in pyproject.toml" in text and text.endswith("pip install -e .[ndif]")
+        assert "update the nnsight pin in pyproject.toml" in text and text.endswith(
+            "bash scripts/lock.sh --upgrade-package nnsight && bash scripts/setup.sh")
 
 
 def test_a_request_over_the_cap_is_split_without_edits_and_refused_with_them(tiny, monkeypatch):

@@ -42,7 +42,7 @@ from mechbook.core.runs import check_hook_output
 
 BACKENDS = ("local", "nnsight", "ndif")
 NDIF_KEY_ENV = "NDIF_API_KEY"
-INSTALL_HINT = "pip install -e .[ndif]"
+INSTALL_HINT = "bash scripts/setup.sh (nnsight is in requirements.lock)"
 TRACE_COUNT_ENV = "MECHBOOK_COUNT_TRACES"  # a file: each trace appends a line "<batch> <positions>"
 NDIF_HOST = "https://api.ndif.us"  # nnsight's default (nnsight.schema.config); NDIF_HOST overrides it, as in nnsight
 # Models NDIF serves that the papers use or that are their larger kin: the list of issue 13, taken from
@@ -63,7 +63,8 @@ NDIF_MODELS = {
 # split into smaller batches; one with edits (whose values may span the batch) is refused.
 MAX_REQUEST_BYTES = 256 * 2**20
 PIN_HINT = ("update the nnsight pin in pyproject.toml ([project.optional-dependencies] ndif) to the server's "
-            f"version (python -c \"import nnsight; print(nnsight.compare())\"), then: {INSTALL_HINT}")
+            "version (python -c \"import nnsight; print(nnsight.compare())\"), then: "
+            "bash scripts/lock.sh --upgrade-package nnsight && bash scripts/setup.sh")
 
 
 def ndif_hub_id(name: str) -> str | None:
