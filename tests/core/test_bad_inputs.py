@@ -154,6 +154,9 @@ def test_a_transplant_that_overflows_the_final_norm_is_refused(tiny_model):
     o = torch.randn(tiny_model.d_model)
     table = transplant.run_transplants(tiny_model, targets, [transplant.Transplant("o", o, 0, "add")])
     assert (table.rank_after >= 1).all() and len(table) == 2
-    huge = transplant.Transplant("o x 1e20", o, 0, "add", scale=1e20)
+    with pytest.raises(MechbookError, match="scale = 1e\\+20 is out of range"):  # the parameter table's range
+        transplant.Transplant("o x 1e20", o, 0, "add", scale=1e20)
+    # past the range check (a vector already 1e20 long): the ranks refuse the overflowed logits
+    huge = transplant.Transplant("o x 1e20", o * 1e20, 0, "add")
     with pytest.raises(MechbookError, match="logits to rank.*same logit.*smaller scale"):
         transplant.run_transplants(tiny_model, targets, [huge])

@@ -162,12 +162,14 @@ def test_skipped_heads_compute_their_kept_rows_without_an_index_tensor():
 def test_a_metric_copies_its_ids_to_the_device_once(make, monkeypatch):
     """A sweep calls its metric once per pass: the answer ids go to the logits' device on the first call only.
 
-    The metric's check that the values are finite reads one bool back per call (a NaN must
-    stop the run), which the meta device cannot answer: it is left out here.
+    The metric's checks that the logits are finite and not degenerate read one bool back per
+    call (a NaN or an all-equal row must stop the run), which the meta device cannot answer:
+    they are left out here.
     """
     from mechbook.core import patching
 
     monkeypatch.setattr(patching, "check_finite", lambda values, what: values)
+    monkeypatch.setattr(patching, "check_logits", lambda values, what: values)
     metric = make()
     logits = torch.zeros(3, 2, 10, device="meta")
     metric(logits)
