@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
@@ -567,7 +568,7 @@ def digest(*tensors: Tensor) -> str:
     for t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(f"{tuple(t.shape)} {t.dtype};".encode())
-        h.update(t.numpy().tobytes())
+        h.update(t.flatten().view(torch.uint8).numpy().tobytes())  # the raw bytes: bfloat16 has no numpy type
     return h.hexdigest()[:16]
 
 

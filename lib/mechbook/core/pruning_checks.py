@@ -61,7 +61,7 @@ def sample_units(verdicts: Sequence[bool], seed: int, fits: Callable[[list[int]]
     Always the first and the last unit, and one unit of each verdict where both occur
     (drawn with ``seed`` among that verdict's units when neither end has it). Then ``k``
     more, spread over the log: the other units cut into ``k`` runs of consecutive units
-    of (nearly) equal length, one drawn from each. ``k`` is the largest for which
+    of (nearly) equal length, one drawn from each. ``k`` grows from 1 for as long as
     ``fits(sample)`` holds (the caller's cost budget). The mandatory units are checked
     even when they alone do not fit: a check of nothing is no check.
     """
@@ -74,7 +74,8 @@ def sample_units(verdicts: Sequence[bool], seed: int, fits: Callable[[list[int]]
         pool = [i for i in range(n) if bool(verdicts[i]) == verdict]
         if pool and not any(bool(verdicts[i]) == verdict for i in chosen):
             chosen.append(pool[int(rng.integers(len(pool)))])
-    rest = [i for i in range(n) if i not in set(chosen)]
+    taken = set(chosen)
+    rest = [i for i in range(n) if i not in taken]
     draws = rng.random(len(rest))  # a run starting at position p of ``rest`` picks with draw p
     best = sorted(chosen)
     for k in range(1, len(rest) + 1):
@@ -458,7 +459,7 @@ def check_edge_decisions(
     own = 100.0 * float(values[1]) / full
     if "circuit_score" in attrs:
         logged = float(attrs["circuit_score"])
-        rows.append(_row("circuit", "score", logged, own, status=_status(logged, own, _score_tol(logged, own))))
+        rows.append(_row("circuit", "circuit_score", logged, own, status=_status(logged, own, _score_tol(logged, own))))
 
     ablate = circuit.complement(model)
     qkv = [i for i in picked if records[i]["input"] != "resid"]
