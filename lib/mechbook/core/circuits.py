@@ -497,7 +497,7 @@ def prune_nodes(
     version). A run given an existing checkpoint replays its decisions without
     forward passes and goes on from the last one, ending with the log an
     uninterrupted run writes; a checkpoint written with other parameters is refused.
-    The cost counters of a resumed run add up the work of every run that wrote it.
+    The forward passes and prompt-blocks of a resumed run add up those of every run that wrote it.
     """
     threshold = _check_threshold(threshold, "node", "the paper's 20% is threshold=0.2")
     max_rounds = check("max_rounds", max_rounds, none=True)  # None: until nothing changes

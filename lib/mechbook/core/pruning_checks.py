@@ -337,7 +337,8 @@ def check_node_decisions(
     return _table(rows, {
         "steps_checked": [int(records[i]["step"]) for i in picked], "decisions": len(log),
         "forward_passes": math.ceil(len(variants) / per_pass), "prompt_blocks": len(variants) * n * model.n_layers,
-        "search_forward_passes": log.attrs.get("forward_passes"), "search_prompt_blocks": log.attrs.get("prompt_blocks"),
+        "search_forward_passes": log.attrs.get("forward_passes"),
+        "search_prompt_blocks": log.attrs.get("prompt_blocks"),
         "seconds": time.perf_counter() - began})
 
 
