@@ -142,6 +142,28 @@ def test_mean_ablation_and_node_pruning(pair):
     assert abs(score_circuit(model, clean, circuit, means, metric) - ref_score(heads, mlps)) * abs(full) / 100 < TOL
 
 
+
+def test_a_node_pruning_rechecks_from_its_log_and_resumes_from_a_checkpoint(pair, tmp_path, monkeypatch):
+    """Every decision recomputed alone agrees with the log; a run resumed half-way ends with the same log."""
+    from mechbook.core import circuits
+    from mechbook.core.pruning_checks import assert_agrees, check_node_decisions
+
+    model, ref = pair
+    clean, corrupt, metric = _task(model, ref, seed=4, lengths=(8, 8, 8, 8), shared=1)
+    means = circuit_means(model, corrupt)
+    versions = []
+    write = circuits.write_atomically
+    monkeypatch.setattr(circuits, "write_atomically", lambda path, text: (versions.append(text), write(path, text)))
+    path = tmp_path / "prune.json"
+    circuit = prune_nodes(model, clean, means, metric, threshold=0.3, max_rows=8, checkpoint=path)
+    table = check_node_decisions(model, clean, means, metric, circuit, threshold=0.3, sample="all", max_rows=8)
+    assert "differs" not in set(table.status) and (table.check == "score_without").sum() == len(circuit.log)
+    assert_agrees(table)
+    path.write_text(versions[len(versions) // 2])
+    resumed = prune_nodes(model, clean, means, metric, threshold=0.3, max_rows=8, checkpoint=path)
+    assert resumed == circuit and resumed.log.equals(circuit.log) and resumed.score == circuit.score
+
+
 def test_overwritten_mlps_are_not_computed(pair, monkeypatch):
     """An MLP whose whole output a hook writes over is skipped, with the same numbers bit for bit."""
     from mechbook.core import runs

@@ -13,17 +13,25 @@ the last shown member at the final position.
 - :func:`prune_edges` removes each edge of a circuit alone by path patching
   (:mod:`mechbook.core.path_patching`), the paper's ``run_edge_ablation.py``;
 - :func:`random_circuits`: the control, random circuits of a given size.
+
+Both prunings record, with their results, what it takes to re-check each decision
+alone (:mod:`mechbook.core.pruning_checks`); node pruning can checkpoint as it goes and
+resume after a crash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
@@ -48,6 +56,13 @@ from mechbook.core.runs import (
     run_last,
     run_variants,
 )
+
+# Float noise, relative: how far two runs of the same computation on different CPUs, thread counts or batch
+# stackings may drift apart. The models run in float32 (eps 1.2e-7); summing hundreds to thousands of terms in
+# another order moves a result by about 1e-6 relative, and differences of nearby values (a logit difference, a
+# score with one component fewer) magnify that by up to about 100. The project's one figure for it, the same as
+# the notebooks' output check (mechbook.book.nbval_tolerance.RTOL).
+FLOAT_NOISE = 1e-4
 
 RESID = "resid_post"  # the receiver of a sender's direct path to the logits (the paper's name)
 INPUTS = (*QKV, "resid")  # what an edge enters: a head's q, k or v, or the final residual stream
@@ -337,12 +352,16 @@ class _CircuitRunner:
         ablated = circuit.complement(model)
         logits, cache = run_last(model, batch, names=names, fwd_hooks=edit_hooks(mean_ablation(ablated, means)))
         self.forwards = 1
+        self.prompt_blocks = self.n * model.n_layers  # prompts x transformer blocks run: the work, however stacked
         self.reused = 0
         self.joining = model.backend == "local"
         self.known: dict[tuple[frozenset, str], float] = {}
         value = float(metric(logits).mean())
         # starting from the full model, this run is the full model: no separate denominator run
         self.full = _check_full(value) if not ablated else full_model_metric(model, batch, metric)
+        if ablated:
+            self.forwards += 1
+            self.prompt_blocks += self.n * model.n_layers
         self.score = 100.0 * value / self.full
         self.resid = {l: cache[names[l]] for l in range(model.n_layers)}
         self.valid_upto = model.n_layers - 1  # resid[l] is current for every l <= valid_upto
@@ -360,6 +379,7 @@ class _CircuitRunner:
         _, cache = run_from_layer(self.model, self.resid[start], start, self.batch.last_pos, names=names,
                                   fwd_hooks=hooks)
         self.forwards += 1
+        self.prompt_blocks += self.n * (self.model.n_layers - start)
         for l, name in zip(later, names):
             self.resid[l] = cache[name]
         self.valid_upto = self.model.n_layers - 1
@@ -385,6 +405,7 @@ class _CircuitRunner:
         logits = run_joining(self.model, [(candidates[i].layer, self.resid[candidates[i].layer]) for i in order],
                              self.batch.last_pos, fwd_hooks=edit_hooks(edits), tokens=self.tokens)
         self.forwards += 1
+        self.prompt_blocks += n * sum(self.model.n_layers - c.layer for c in candidates)
         values = (100.0 * self.metric(logits.reshape(len(order), n, -1)).mean(1) / self.full).tolist()
         out = [0.0] * len(candidates)
         for v, i in enumerate(order):
@@ -405,10 +426,11 @@ class _CircuitRunner:
         values = run_variants(self.model, self.batch, len(candidates), hooks_for, self.metric, layer=start,
                               resid=self.resid[start], max_rows=self.max_variants * self.n, tokens=self.tokens)
         self.forwards += 1
+        self.prompt_blocks += len(candidates) * self.n * (self.model.n_layers - start)
         return (100.0 * values.mean(1) / self.full).tolist()
 
 
-def _pass_order(circuit: Circuit, model: LoadedModel, direction: str) -> list[Component]:
+def pass_order(circuit: Circuit, model: LoadedModel, direction: str) -> list[Component]:
     """The paper's visiting order: backward = layers last to first, MLP then heads 0..H-1;
     forward = layers first to last, heads 0..H-1 then MLP."""
     order = []
@@ -431,6 +453,7 @@ def prune_nodes(
     start: Circuit | None = None,
     max_rows: int = 64,
     tokens: Int[Tensor, "k"] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> Circuit:
     """Iterative node pruning (Paper B, section 3; the paper's ``run_node_ablation.py``).
 
@@ -462,15 +485,31 @@ def prune_nodes(
     ``tokens`` (the answer ids a logit difference reads) restricts the unembedding
     of the tentative runs to those ids. Returns the :class:`Circuit` with its score
     and a log of every decision (round, pass, step, component, score_without,
-    removed, circuit_size); ``log.attrs`` holds the threshold, the full model's
-    metric, the number of forward passes and the number of scores reused.
+    removed, circuit_size); ``log.attrs`` holds what the search ran on (model name,
+    threshold, max_rounds, start circuit, max_rows, tokens, digests of the prompts and
+    means: :func:`pruning_parameters`), the full model's metric, and its cost: forward
+    passes, prompt-blocks (prompts x transformer blocks run) and scores reused. That is
+    what :func:`mechbook.core.pruning_checks.check_node_decisions` needs to re-check
+    any decision alone.
+
+    With ``checkpoint`` (a JSON file), the log is written there after every decision
+    (to a temporary file, then renamed, so a killed run leaves the last complete
+    version). A run given an existing checkpoint replays its decisions without
+    forward passes and goes on from the last one, ending with the log an
+    uninterrupted run writes; a checkpoint written with other parameters is refused.
+    The forward passes and prompt-blocks of a resumed run add up those of every run that wrote it.
     """
     threshold = _check_threshold(threshold, "node", "the paper's 20% is threshold=0.2")
     max_rounds = check("max_rounds", max_rounds, none=True)  # None: until nothing changes
     circuit = Circuit.full(model) if start is None else Circuit(list(start.heads), list(start.mlps))
     circuit.validate(model)
     check_means(model, batch, means, all_heads(model) + all_mlps(model))
+    params = pruning_parameters(model, batch, means, threshold=threshold, max_rounds=max_rounds, start=circuit,
+                                max_rows=max_rows, tokens=tokens)
+    saved = _Checkpoint.open(checkpoint, params) if checkpoint is not None else None
     runner = _CircuitRunner(model, batch, means, metric, circuit, max_rows, tokens)
+    if saved is not None:
+        saved.prime(runner, circuit)
     full = runner.full
     cutoff = 100.0 * threshold
     rows: list[dict] = []
@@ -481,7 +520,7 @@ def prune_nodes(
         round_ += 1
         changed = {}
         for direction in ("backward", "forward"):
-            order = _pass_order(circuit, model, direction)
+            order = pass_order(circuit, model, direction)
             changed[direction] = False
             i, window = 0, 1
             while i < len(order):
@@ -498,6 +537,9 @@ def prune_nodes(
                     rows.append({"round": round_, "pass": direction, "step": step, "component": c.label,
                                  "kind": c.kind, "layer": c.layer, "head": c.head, "score_without": s,
                                  "removed": remove, "circuit_size": len(circuit)})
+                    if saved is not None:  # the rest of the window was scored against this circuit: kept too
+                        rest = [] if remove else list(zip(chunk[j + 1 :], scores[j + 1 :]))
+                        saved.record(rows, rest, runner)
                     if remove:
                         i += j + 1
                         window = 1
@@ -512,9 +554,148 @@ def prune_nodes(
     progress.close()
     log = pd.DataFrame(rows, columns=["round", "pass", "step", "component", "kind", "layer", "head",
                                       "score_without", "removed", "circuit_size"])
-    log.attrs.update({"threshold": threshold, "full_metric": full, "forward_passes": runner.forwards,
+    forwards, blocks = runner.forwards, runner.prompt_blocks
+    if saved is not None:
+        forwards, blocks = saved.finish(rows, runner)
+    log.attrs.update({**params, "full_metric": full, "forward_passes": forwards, "prompt_blocks": blocks,
                       "scores_reused": runner.reused})
     return Circuit(circuit.heads, circuit.mlps, score=runner.score, log=log)
+
+
+def digest(*tensors: Tensor) -> str:
+    """A short sha256 of tensors' shapes and values: which prompts or means a search ran on."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)} {t.dtype};".encode())
+        h.update(t.flatten().view(torch.uint8).numpy().tobytes())  # the raw bytes: bfloat16 has no numpy type
+    return h.hexdigest()[:16]
+
+
+def pruning_parameters(model: LoadedModel, batch: TokenBatch, means: Mapping[str, Tensor], *, threshold: float,
+                       max_rounds: int | None, start: Circuit, max_rows: int, tokens: Tensor | None) -> dict:
+    """What a node pruning's decisions depend on, as plain JSON values (the metric aside, which is code).
+
+    A checkpoint is resumed, and a log re-checked, only under the same values.
+    """
+    return {"model": model.name, "threshold": float(threshold), "max_rounds": max_rounds, "start": start.to_dict(),
+            "max_rows": int(max_rows), "tokens": None if tokens is None else [int(t) for t in tokens.tolist()],
+            "prompts": digest(batch.input_ids, batch.lengths),
+            "means": digest(*(means[k] for k in sorted(means)))}
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    A rename within a folder is atomic, so a process killed at any moment leaves either
+    the old file or the new one, never half of one.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class _Checkpoint:
+    """A node pruning's decision log on disk, rewritten after every decision; what a resumed run replays.
+
+    Besides the rows it keeps the scores of the current window that were computed but
+    not yet decided on, so that a resumed run takes the same numbers instead of
+    computing them again in another batch.
+    """
+
+    FORMAT = "mechbook node pruning checkpoint 1"
+
+    def __init__(self, path: Path, params: dict, data: dict | None) -> None:
+        self.path, self.params = path, params
+        data = data or {}
+        self.rows: list[dict] = data.get("rows", [])
+        self.pending: list[list] = data.get("pending", [])
+        self.full_metric: float | None = data.get("full_metric")
+        self.earlier = (data.get("forward_passes", 0), data.get("prompt_blocks", 0))
+
+    @classmethod
+    def open(cls, path: str | Path, params: dict) -> "_Checkpoint":
+        path = Path(path)
+        if not path.exists():
+            if not path.parent.is_dir():
+                raise MechbookError(f"checkpoint folder {path.parent} does not exist; create it or pick another path")
+            return cls(path, params, None)
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != cls.FORMAT:
+                raise ValueError(f"format {data.get('format')!r}")
+            saved = data["params"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise MechbookError(f"{path} is not a node pruning checkpoint ({type(exc).__name__}: {exc}); delete it "
+                                "or pass another checkpoint path") from None
+        differ = [k for k in sorted(set(params) | set(saved)) if saved.get(k) != params.get(k)]
+        if differ:
+            shown = "; ".join(f"{k} {_short(saved.get(k))} there, {_short(params.get(k))} here" for k in differ)
+            raise MechbookError(f"checkpoint {path} was written by a pruning with other parameters ({shown}); "
+                                "pass the same ones to resume it, or delete it to start afresh")
+        return cls(path, params, data)
+
+    def prime(self, runner: _CircuitRunner, start: Circuit) -> None:
+        """Give ``runner`` every score the checkpoint holds, keyed by the circuit it was computed against."""
+        if self.full_metric is not None and abs(runner.full - self.full_metric) > FLOAT_NOISE * abs(self.full_metric):
+            raise MechbookError(f"checkpoint {self.path} was written for a full-model metric of {self.full_metric!r}, "
+                                f"this run's is {runner.full!r}: another metric or model; delete it to start afresh")
+        alive = set(start.labels())
+        for row in self.rows:
+            runner.known[(frozenset(alive), row["component"])] = float(row["score_without"])
+            if row["removed"]:
+                alive.discard(row["component"])
+        for label, score in self.pending:
+            runner.known.setdefault((frozenset(alive), label), float(score))
+
+    def record(self, rows: list[dict], rest: Sequence[tuple[Component, float]], runner: _CircuitRunner) -> None:
+        """After a decision: check a replayed one against the file, or write the file with the new one."""
+        step = len(rows)
+        if step <= len(self.rows):
+            if _plain_row(rows[-1]) != _plain_row(self.rows[step - 1]):
+                raise MechbookError(f"checkpoint {self.path} does not replay at step {step} (it logs "
+                                    f"{_plain_row(self.rows[step - 1])}, this run decides {_plain_row(rows[-1])}): "
+                                    "it was altered or written by other code; delete it to start afresh")
+            return
+        self._write(rows, [[c.label, float(s)] for c, s in rest], runner, finished=False)
+
+    def finish(self, rows: list[dict], runner: _CircuitRunner) -> tuple[int, int]:
+        if len(rows) < len(self.rows):
+            raise MechbookError(f"checkpoint {self.path} holds {len(self.rows)} decisions, this run ended after "
+                                f"{len(rows)}: it was altered or written by other code; delete it to start afresh")
+        self._write(rows, [], runner, finished=True)
+        return self.earlier[0] + runner.forwards, self.earlier[1] + runner.prompt_blocks
+
+    def _write(self, rows, pending, runner, *, finished: bool) -> None:
+        data = {"format": self.FORMAT, "params": self.params, "full_metric": runner.full,
+                "forward_passes": self.earlier[0] + runner.forwards,
+                "prompt_blocks": self.earlier[1] + runner.prompt_blocks, "finished": finished,
+                "rows": [_plain_row(r) for r in rows], "pending": pending}
+        write_atomically(self.path, json.dumps(data))
+
+
+def _plain_row(row: Mapping) -> dict:
+    """A log row as plain JSON values (numpy and pandas scalars to Python's)."""
+    out = {}
+    for k, v in row.items():
+        if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
+            out[k] = None
+        elif isinstance(v, (bool, np.bool_)):
+            out[k] = bool(v)
+        elif isinstance(v, (int, np.integer)):
+            out[k] = int(v)
+        elif isinstance(v, (float, np.floating)):
+            out[k] = float(v)
+        else:
+            out[k] = v
+    return out
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 
 
 # --- edge pruning -------------------------------------------------------------------------------------
@@ -535,6 +716,30 @@ def _edge_frame(senders: Sequence[Component], receivers: Sequence[str], inputs: 
         "receiver_head": list(receiver_heads),
         "score": list(scores),
     })
+
+
+def edge_cost(n_prompts: int, n_layers: int, receiver_layers: Sequence[int], n_resid: int, *, source: bool,
+              max_rows: int, full_runs: int) -> tuple[int, int]:
+    """Forward passes and prompt-blocks of an edge pruning or its check (:func:`prune_edges`).
+
+    ``receiver_layers`` holds one entry per q/k/v edge: :func:`~mechbook.core.path_patching.patch_paths` runs its
+    circuit once (and the source once) and each receiver layer's edges as stacked
+    variants from that layer on; ``n_resid`` edges to the logits cost one run (and
+    the source's) in all. ``full_runs`` full forwards come on top (the search: the
+    full model and the circuit's score, one each; the check: both stacked in one pass).
+    """
+    runs = 1 + int(source)
+    full = n_prompts * n_layers
+    passes, blocks = full_runs, full_runs * full
+    if receiver_layers:
+        per_pass = max(1, max_rows // n_prompts)
+        counts = pd.Series(list(receiver_layers)).value_counts()
+        passes += runs + sum(math.ceil(c / per_pass) for c in counts)
+        blocks += runs * full + sum(n_prompts * (n_layers - layer) for layer in receiver_layers)
+    if n_resid:
+        passes += runs
+        blocks += runs * full
+    return passes, blocks
 
 
 def prune_edges(
@@ -563,7 +768,11 @@ def prune_edges(
     ``mlp_senders``). As in the paper's code, an edge is kept if removing it leaves
     less than ``threshold`` of the *full model's* metric (``score < 100 x threshold``;
     the paper's ``result < 0.8``), each edge judged on its own. One row per edge;
-    ``attrs`` holds the threshold, the full model's metric and the circuit's own score.
+    ``attrs`` holds what the pruning ran on (model, threshold, circuit, inputs,
+    mlp_senders, to_logits, whether a source was given, digests of the prompts and
+    means), the full model's metric, the circuit's own score and the cost (forward
+    passes and prompt-blocks, :func:`edge_cost`): what
+    :func:`mechbook.core.pruning_checks.check_edge_decisions` needs to re-check any edge.
     """
     threshold = _check_threshold(threshold, "edge", "the paper uses threshold=0.8")
     circuit.validate(model)
@@ -573,10 +782,12 @@ def prune_edges(
     ablated = circuit.complement(model)
     full = full_model_metric(model, batch, metric)
     frames = []
+    receiver_layers, n_resid = [], 0
     qkv = circuit_edges(circuit.heads, circuit.mlps, inputs=inputs, mlp_senders=mlp_senders)
     if qkv:
         values = patch_paths(model, batch, qkv, metric, source=source, means=means, ablate=ablated,
                              max_rows=max_rows, tokens=tokens)
+        receiver_layers = [e.receiver.layer for e in qkv]
         frames.append(_edge_frame([e.sender for e in qkv], [e.receiver.label for e in qkv], [e.input for e in qkv],
                                   [e.receiver.layer for e in qkv], [e.receiver.head for e in qkv],
                                   (100.0 * values.mean(1) / full).tolist()))
@@ -585,6 +796,7 @@ def prune_edges(
         senders += [Component("mlp", l) for l in circuit.mlps] if mlp_senders else []
         values = patch_paths_to_logits(model, batch, senders, metric, source=source, means=means, ablate=ablated,
                                        tokens=tokens)
+        n_resid = len(senders)
         frames.append(_edge_frame(senders, [RESID] * len(senders), ["resid"] * len(senders),
                                   [model.n_layers] * len(senders), [None] * len(senders),
                                   (100.0 * values.mean(1) / full).tolist()))
@@ -594,6 +806,13 @@ def prune_edges(
     edges["receiver_head"] = edges["receiver_head"].astype("Int64")
     edges["sender_head"] = edges["sender_head"].astype("Int64")
     edges["kept"] = edges["score"] < 100.0 * threshold
-    edges.attrs.update({"threshold": threshold, "full_metric": full,
-                        "circuit_score": score_circuit(model, batch, circuit, means, metric, full_metric=full)})
+    passes, blocks = edge_cost(len(batch), model.n_layers, receiver_layers, n_resid, source=source is not None,
+                               max_rows=max_rows, full_runs=2)
+    edges.attrs.update({
+        "model": model.name, "threshold": threshold, "circuit": circuit.to_dict(), "inputs": list(inputs),
+        "mlp_senders": bool(mlp_senders), "to_logits": bool(to_logits), "source": source is not None,
+        "max_rows": int(max_rows), "prompts": digest(batch.input_ids, batch.lengths),
+        "means": digest(*(means[k] for k in sorted(means))), "full_metric": full,
+        "circuit_score": score_circuit(model, batch, circuit, means, metric, full_metric=full),
+        "forward_passes": passes, "prompt_blocks": blocks})
     return edges
