@@ -154,6 +154,6 @@ def test_a_transplant_that_overflows_the_final_norm_is_refused(tiny_model):
     o = torch.randn(tiny_model.d_model)
     table = transplant.run_transplants(tiny_model, targets, [transplant.Transplant("o", o, 0, "add")])
     assert (table.rank_after >= 1).all() and len(table) == 2
-    huge = transplant.Transplant("o x 1e20", o, 0, "add", scale=1e20)
+    huge = transplant.Transplant("o x 1e20", o * 1e20, 0, "add")  # (scale= itself stops at 100: core.checks)
     with pytest.raises(MechbookError, match="logits to rank.*same logit.*smaller scale"):
         transplant.run_transplants(tiny_model, targets, [huge])
