@@ -272,8 +272,9 @@ def test_sweeps_refuse_what_is_not_a_list_of_components_or_a_metric(tiny_gpt2):
         P.patch_head_outputs(tiny_gpt2, corrupt, clean, None, heads=[Component("head", 0, 1)])
     with pytest.raises(MechbookError, match="takes a list"):
         P.patch_mlp_outputs(tiny_gpt2, corrupt, clean, metric, layers=2)
-    with pytest.raises(MechbookError, match="got no components"):
-        P.patch_residual(tiny_gpt2, corrupt, clean, metric, layers=[0], positions=[])
+    for kwargs in ({"layers": [0], "positions": []}, {"layers": []}):
+        with pytest.raises(MechbookError, match="selects nothing to patch"):
+            P.patch_residual(tiny_gpt2, corrupt, clean, metric, **kwargs)
     for sets, match in (([], "no sets"), ([Component("mlp", 0)], "wrap a single component"),
                         (Component("mlp", 0), "list of sets")):
         with pytest.raises(MechbookError, match=match):

@@ -371,6 +371,8 @@ def test_restricted_unembedding_ids_are_checked(tiny_gpt2):
                           (torch.tensor([], dtype=torch.long), "tokens= is empty")):
         with pytest.raises(MechbookError, match=match):
             run_last(tiny_gpt2, batch, tokens=tokens)
+    with pytest.raises(MechbookError, match="wrap it in a list"):  # "no hook named 'b'" before
+        run_last(tiny_gpt2, batch, names="blocks.0.hook_resid_pre")
     logits, _ = run_last(tiny_gpt2, batch, tokens=[3, 4])
     assert torch.isfinite(logits[:, [3, 4]]).all() and logits[:, 5].isnan().all()
 

@@ -285,8 +285,9 @@ def check_vector(model, vector: Float[Tensor, "... d_model"], n: int | None = No
     from mechbook.core.decoding import check_finite
 
     if not isinstance(vector, Tensor) or not vector.dtype.is_floating_point:
-        raise MechbookError(f"{what} must be a float torch tensor [d_model] or [batch, d_model], got "
-                            f"{getattr(vector, 'dtype', type(vector).__name__)}; e.g. torch.as_tensor(v, dtype=torch.float32)")
+        got = vector.dtype if isinstance(vector, Tensor) else type(vector).__name__
+        raise MechbookError(f"{what} must be a float torch tensor [d_model] or [batch, d_model], got {got}; "
+                            "e.g. torch.as_tensor(v, dtype=torch.float32)")
     if vector.dim() not in (1, 2):
         raise MechbookError(f"expected {what} as [d_model] or [batch, d_model], got shape {tuple(vector.shape)}")
     if vector.shape[-1] != model.d_model:

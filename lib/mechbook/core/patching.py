@@ -304,7 +304,10 @@ def _listed(values, what: str) -> list:
     """``values`` (layers, positions) as a list, or a one-line error for a single number or a string."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise MechbookError(f"{what} takes a list, e.g. {what}=[0, 1], got {values!r}; wrap a single one in a list")
-    return list(values)
+    values = list(values)
+    if not values:
+        raise MechbookError(f"{what}=[] selects nothing to patch; pass e.g. {what}=[0, 1], or None for all")
+    return values
 
 
 def check_metric(metric) -> Metric:

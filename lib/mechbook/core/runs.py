@@ -142,6 +142,9 @@ def check_token_ids(model: LoadedModel, batch: TokenBatch) -> None:
 
 def check_hook_names(model: LoadedModel, names: Sequence[str]) -> None:
     """Raise a clear error for a hook name the model does not have, with close matches."""
+    if isinstance(names, (str, bytes)):
+        raise MechbookError(f"names takes a list of hook names, got the string {names!r}; wrap it in a list: "
+                            f"names=[{names!r}]")
     known = model.bridge.hook_dict
     for name in names:
         if name not in known:

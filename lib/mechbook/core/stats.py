@@ -15,7 +15,8 @@ Z95 = 1.96  # the standard normal's 97.5% quantile, to the two decimals the book
 def _count(value, what: str) -> int:
     """A whole count (numpy integers too; bools and floats refused, as 2.5 successes is no count)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise MechbookError(f"{what} must be a whole number (a count), got {value!r}; pass e.g. int(rates.sum())")
+        hint = "; pass e.g. int(correct.sum())" if what in ("successes", "n") else ""
+        raise MechbookError(f"{what} must be a whole number, got {value!r}{hint}")
     return int(value)
 
 

@@ -333,7 +333,11 @@ def single_ablation_effects(
 def top_components(effects: pd.DataFrame, n: int = 5, *, by: Sequence[str] = ("task",)) -> pd.DataFrame:
     """The ``n`` components whose ablation lowers the score most, per group (e.g. per task)."""
     by = list(by)
-    n = check("top_k", n, argument="n")
+    from mechbook.core.names import as_index
+
+    n = as_index(n, "n")
+    if n < 1:
+        raise MechbookError(f"n={n} components per group asked for; pass n >= 1, e.g. n=5")
     _need_columns(effects, [*by, "effect", "layer"])
     ordered = effects.sort_values([*by, "effect", "layer"], kind="stable")
     return ordered.groupby(by, sort=False).head(n).reset_index(drop=True)
