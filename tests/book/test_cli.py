@@ -728,3 +728,17 @@ def test_refresh_and_the_committed_chapters_keep_the_cpu_in_float32() -> None:
         assert (defaults.get("device"), defaults.get("dtype")) == ("cpu", "float32"), chapter.key
         assert "device=device, dtype=dtype)" in code, f"chapter {chapter.key} does not pass device and dtype"
     assert loading >= 13
+
+
+def test_a_root_or_build_folder_that_is_a_file_is_one_line_exit_2(repo: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    assert cli.main(["--root", str(afile), "models"]) == 2  # the models table printed before
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not the mechbook project" in err
+    monkeypatch.setattr(cli.subprocess, "call", lambda *a, **k: pytest.fail("jupyter-book started"))
+    assert cli.main(["--root", str(repo), "build", "--path-output", str(afile)]) == 2  # a Sphinx traceback before
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--path-output" in err and "is a file" in err

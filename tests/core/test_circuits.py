@@ -247,3 +247,45 @@ def test_a_circuit_refuses_negative_fractional_and_out_of_range_indices(tiny_gpt
         Circuit([], [3]).validate(tiny_gpt2)
     with pytest.raises(MechbookError, match="does not fit .*head 4 is out of range"):
         Circuit([(0, 4)], []).complement(tiny_gpt2)
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+
+def test_circuit_functions_refuse_what_is_not_a_circuit_and_bad_full_metrics(tiny_gpt2):
+    from mechbook.core.circuits import circuit_means, circuit_metrics, cross_task_scores, prune_edges, score_circuits
+    from mechbook.core.patching import logit_diff
+    from mechbook.core.runs import tokenize
+
+    clean = tokenize(tiny_gpt2, [[5, 6, 7, 8], [9, 10, 11, 12]])
+    means = circuit_means(tiny_gpt2, tokenize(tiny_gpt2, [[6, 5, 8, 7], [10, 9, 12, 11]]))
+    metric = logit_diff(torch.tensor([3, 4]), torch.tensor([20, 21]))
+    empty = Circuit([], [])
+    for full in (0, -2.0, float("nan"), "1"):  # a ZeroDivisionError, a negative score, nan, a TypeError before
+        with pytest.raises(MechbookError, match="full"):
+            score_circuit(tiny_gpt2, clean, empty, means, metric, full_metric=full)
+    with pytest.raises(MechbookError, match="full"):
+        score_circuits(tiny_gpt2, clean, [empty], means, metric, full_metric=0.0)  # inf before
+    with pytest.raises(MechbookError, match="must be a Circuit"):
+        score_circuit(tiny_gpt2, clean, [(0, 1)], means, metric)
+    with pytest.raises(MechbookError, match="list of Circuit"):
+        circuit_metrics(tiny_gpt2, clean, Circuit([(0, 1)], []), means, metric)
+    with pytest.raises(MechbookError, match="start must be a Circuit"):
+        prune_nodes(tiny_gpt2, clean, means, metric, start=[(0, 1)])
+    with pytest.raises(MechbookError, match="max_rows must be at least 1"):
+        prune_nodes(tiny_gpt2, clean, means, metric, max_rows=0)
+    with pytest.raises(MechbookError, match="max_rows must be at least 1"):
+        prune_edges(tiny_gpt2, clean, Circuit([(0, 1), (1, 1)], []), means, metric, max_rows=0)
+    with pytest.raises(MechbookError, match="size_like must be a Circuit"):
+        random_circuits(tiny_gpt2, [(0, 1)], 2)
+    for seed in (-1, 1.5):
+        with pytest.raises(MechbookError, match="seed"):
+            random_circuits(tiny_gpt2, Circuit([(0, 1)], []), 2, seed=seed)
+    with pytest.raises(MechbookError, match="non-empty dict"):
+        cross_task_scores(tiny_gpt2, {}, {})
+    with pytest.raises(MechbookError, match="clean batch, means over its corrupted set, metric"):
+        cross_task_scores(tiny_gpt2, {"x": empty}, {"t": (clean, means)})
+    with pytest.raises(MechbookError, match="head 99.0 lies past"):
+        Circuit([(99, 0)], []).validate(tiny_gpt2)
+    with pytest.raises(MechbookError, match="could not write the circuit"):
+        Circuit([(0, 1)], []).save("/nonexistent/dir/c.json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformer_lens import patching as tl_patching
@@ -251,3 +252,65 @@ def test_an_edit_that_does_not_fit_the_model_is_refused_naming_it(tiny_model):
         Edit(Component("resid", 1), "replace", [0.0] * tiny_model.d_model)
     with pytest.raises(MechbookError, match="needs a Component"):
         Edit(("head", 0, 1), "zero")
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+
+def test_sweeps_refuse_what_is_not_a_list_of_components_or_a_metric(tiny_gpt2):
+    from mechbook.core.names import act_name
+
+    clean = tokenize(tiny_gpt2, [[5, 6, 7, 8], [9, 10, 11, 12]])
+    corrupt = tokenize(tiny_gpt2, [[6, 5, 8, 7], [10, 9, 12, 11]])
+    metric = logit_diff(torch.tensor([3, 4]), torch.tensor([20, 21]))
+    means = P.mean_activations(tiny_gpt2, corrupt, [Component("mlp", 0)])
+    for heads, match in (([(0, 1)], "takes 'head' components"), ([], "got no components"),
+                         ([Component("mlp", 0)], "takes 'head' components")):
+        with pytest.raises(MechbookError, match=match):
+            P.patch_head_outputs(tiny_gpt2, corrupt, clean, metric, heads=heads)
+    with pytest.raises(MechbookError, match="metric must be a function"):
+        P.patch_head_outputs(tiny_gpt2, corrupt, clean, None, heads=[Component("head", 0, 1)])
+    with pytest.raises(MechbookError, match="takes a list"):
+        P.patch_mlp_outputs(tiny_gpt2, corrupt, clean, metric, layers=2)
+    for kwargs in ({"layers": [0], "positions": []}, {"layers": []}):
+        with pytest.raises(MechbookError, match="selects nothing to patch"):
+            P.patch_residual(tiny_gpt2, corrupt, clean, metric, **kwargs)
+    for sets, match in (([], "no sets"), ([Component("mlp", 0)], "wrap a single component"),
+                        (Component("mlp", 0), "list of sets")):
+        with pytest.raises(MechbookError, match=match):
+            P.ablation_sweep(tiny_gpt2, clean, sets, metric, means=means)
+    with pytest.raises(MechbookError, match="dict of hook name"):
+        P.ablation_sweep(tiny_gpt2, clean, [[Component("mlp", 0)]], metric, means=[1])
+    with pytest.raises(MechbookError, match="got no components"):
+        P.mean_activations(tiny_gpt2, corrupt, [])
+    with pytest.raises(MechbookError, match="scores a torch tensor"):
+        metric(np.zeros((2, tiny_gpt2.d_vocab)))
+    for empty in (lambda: logit_diff(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)),
+                  lambda: P.answer_prob(torch.tensor([], dtype=torch.long))):
+        with pytest.raises(MechbookError, match="no prompts"):
+            empty()
+    assert act_name("mlp_out", 0) in means
+
+
+def test_edits_refuse_bad_masks_rows_lists_and_negative_positions(tiny_gpt2):
+    from mechbook.core.interventions import check_vector, mean_ablation
+    from mechbook.core.names import act_name
+
+    batch = tokenize(tiny_gpt2, [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    d = tiny_gpt2.d_model
+    narrow = Edit(Component("resid", 0), "add", torch.ones(d), mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(MechbookError, match="mask covers 3 positions"):
+        run_last(tiny_gpt2, batch, fwd_hooks=edit_hooks([narrow]))
+    with pytest.raises(MechbookError, match="position -1 is negative"):  # not "past the positions"
+        run_last(tiny_gpt2, batch, fwd_hooks=edit_hooks([Edit(Component("mlp", 0, position=-1), "zero")]))
+    with pytest.raises(MechbookError, match="step of at least 1"):
+        Edit(Component("mlp", 0), "zero", rows=slice(0, 2, 0))
+    for edits in (None, [1], Edit(Component("mlp", 0), "zero")):
+        with pytest.raises(MechbookError, match="list of Edit"):
+            edit_hooks(edits)
+    with pytest.raises(MechbookError, match="dict of hook name"):
+        mean_ablation([Component("mlp", 0)], None)
+    with pytest.raises(MechbookError, match="float torch tensor"):
+        check_vector(tiny_gpt2, np.zeros(d))
+    with pytest.raises(MechbookError, match="negative layer"):
+        act_name("z", -1)  # was 'blocks.-1.attn.hook_z', then "no hook named"

@@ -282,3 +282,30 @@ def test_patch_paths_to_logits_errors(tiny_gpt2):
         patch_paths_to_logits(tiny_gpt2, clean, head, metric, source=corrupted, ablate=[Component("mlp", 1)])
     with pytest.raises(MechbookError, match="pair up"):
         patch_paths_to_logits(tiny_gpt2, clean, head, metric, source=corrupted.select(slice(0, 2)))
+
+
+def test_edges_and_senders_must_be_components(tiny_gpt2):
+    from mechbook.core.circuits import circuit_means
+    from mechbook.core.patching import logit_diff
+    from mechbook.core.path_patching import circuit_edges
+    from mechbook.core.runs import tokenize
+
+    batch = tokenize(tiny_gpt2, [[5, 6, 7, 8], [9, 10, 11, 12]])
+    means = circuit_means(tiny_gpt2, tokenize(tiny_gpt2, [[6, 5, 8, 7], [10, 9, 12, 11]]))
+    metric = logit_diff(torch.tensor([3, 4]), torch.tensor([20, 21]))
+    q = Edge(Component("head", 0, 1), Component("head", 1, 1), "q")
+    with pytest.raises(MechbookError, match="two Components"):
+        Edge((0, 1), Component("head", 1, 1), "q")
+    with pytest.raises(MechbookError, match="list of Edge"):
+        patch_paths(tiny_gpt2, batch, [(q.sender, q.receiver, "q")], metric, means=means)
+    with pytest.raises(MechbookError, match="ablate= takes components"):
+        patch_paths(tiny_gpt2, batch, [q], metric, means=means, ablate=[(0, 1)])
+    with pytest.raises(MechbookError, match="senders"):
+        patch_paths_to_logits(tiny_gpt2, batch, [(0, 1)], metric, means=means)
+    with pytest.raises(MechbookError, match="as \\(layer, head\\) pairs"):
+        circuit_edges([1, 2])
+    # a negative receiver layer counts from the end, as everywhere else (it was "must sit in an earlier layer")
+    last = Edge(Component("head", 0, 1), Component("head", -1, 1), "q")
+    resolved = Edge(Component("head", 0, 1), Component("head", tiny_gpt2.n_layers - 1, 1), "q")
+    assert torch.equal(patch_paths(tiny_gpt2, batch, [last], metric, means=means),
+                       patch_paths(tiny_gpt2, batch, [resolved], metric, means=means))

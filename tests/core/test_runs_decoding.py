@@ -336,3 +336,106 @@ def test_hooks_of_the_wrong_signature_or_return_value_are_one_line(tiny_model):
     before, _ = run_last(tiny_model, batch)
     for fn in (lambda act, hook=None: act * 1, lambda *args, **kwargs: None):  # what transformer-lens accepts works
         assert torch.allclose(run_last(tiny_model, batch, fwd_hooks=[(name, fn)])[0], before)
+
+
+# --- bad input: one-line errors, never a raw traceback or a plausible number -------------------------
+
+
+def test_tokenize_refuses_what_is_not_a_list_of_prompts_of_one_kind(tiny_gpt2):
+    for bad in (None, 123, (p for p in ["a"])):
+        with pytest.raises(MechbookError, match="takes a list of prompts"):
+            tokenize(tiny_gpt2, bad)
+    with pytest.raises(MechbookError, match="bytes prompt"):
+        tokenize(tiny_gpt2, [b"hello"])  # would be read as the token ids 104, 101, ...
+    for mixed in (["hello", [5, 6]], [[5, 6], "hello"]):
+        with pytest.raises(MechbookError, match="another kind than prompt 0"):
+            tokenize(tiny_gpt2, mixed)
+
+
+def test_a_token_batch_whose_lengths_do_not_fit_its_ids_is_refused(tiny_gpt2):
+    batch = tokenize(tiny_gpt2, [[5, 6, 7], [8, 9, 10]])
+    with pytest.raises(MechbookError, match="expected a TokenBatch"):
+        run_last(tiny_gpt2, batch.input_ids)
+    for lengths, match in (([0, 3], "lengths must lie in 1..3"),  # length 0 would read position -1, a pad
+                           ([4, 3], "lengths must lie in 1..3"), ([3], "one integer per prompt"),
+                           ([3.0, 3.0], "one integer per prompt")):
+        with pytest.raises(MechbookError, match=match):
+            run_last(tiny_gpt2, TokenBatch(batch.input_ids, torch.tensor(lengths)))
+
+
+def test_restricted_unembedding_ids_are_checked(tiny_gpt2):
+    batch = tokenize(tiny_gpt2, [[5, 6, 7]])
+    vocab = tiny_gpt2.d_vocab
+    for tokens, match in ((torch.tensor([-1, 3]), "negative token id"),  # would fill column vocab-1
+                          (torch.tensor([vocab]), "past the vocabulary"), (torch.tensor([3.7]), "integer token ids"),
+                          (torch.tensor([], dtype=torch.long), "tokens= is empty")):
+        with pytest.raises(MechbookError, match=match):
+            run_last(tiny_gpt2, batch, tokens=tokens)
+    with pytest.raises(MechbookError, match="wrap it in a list"):  # "no hook named 'b'" before
+        run_last(tiny_gpt2, batch, names="blocks.0.hook_resid_pre")
+    logits, _ = run_last(tiny_gpt2, batch, tokens=[3, 4])
+    assert torch.isfinite(logits[:, [3, 4]]).all() and logits[:, 5].isnan().all()
+
+
+def test_residual_vectors_of_another_type_or_dtype_are_refused(tiny_gpt2):
+    batch = tokenize(tiny_gpt2, [[5, 6, 7]])
+    resid = torch.zeros(1, 3, tiny_gpt2.d_model)
+    for bad in (resid.long(), resid.double(), resid.half()):
+        with pytest.raises(MechbookError, match="pass it as .to"):
+            run_from_layer(tiny_gpt2, bad, 0, batch.last_pos)
+    for bad in (resid.numpy(), resid.tolist()):
+        with pytest.raises(MechbookError, match="must be a torch tensor"):
+            run_from_layer(tiny_gpt2, bad, 0, batch.last_pos)
+    with pytest.raises(MechbookError, match="residual vectors"):
+        decoding.unembed(tiny_gpt2, torch.zeros(tiny_gpt2.d_model + 1))
+    with pytest.raises(MechbookError, match="pass it as .to"):
+        decoding.unembed(tiny_gpt2, torch.zeros(tiny_gpt2.d_model, dtype=torch.long))
+    with pytest.raises(MechbookError, match="must be a torch tensor"):
+        decoding.top_tokens(tiny_gpt2, [0.1] * tiny_gpt2.d_model)
+    with pytest.raises(MechbookError, match="pass it as .to"):
+        decoding.top_tokens(tiny_gpt2, torch.ones(tiny_gpt2.d_model, dtype=torch.long))
+
+
+def test_a_hook_returning_integers_is_refused(tiny_gpt2):
+    from mechbook.core.names import act_name
+
+    batch = tokenize(tiny_gpt2, [[5, 6, 7]])
+    with pytest.raises(MechbookError, match="returned torch.int64 values"):
+        run_last(tiny_gpt2, batch, fwd_hooks=[(act_name("mlp_out", 0), lambda act, hook: act.long())])
+
+
+def test_run_variants_checks_its_count_functions_and_reduction(tiny_gpt2):
+    from mechbook.core.runs import run_variants
+
+    batch = tokenize(tiny_gpt2, [[5, 6, 7], [8, 9, 10]])
+    reduce = lambda logits: logits[..., 0]  # noqa: E731
+    for n, match in ((0, "at least 1"), (-1, "at least 1"), (2.5, "not an integer"), ("2", "not an integer")):
+        with pytest.raises(MechbookError, match=match):
+            run_variants(tiny_gpt2, batch, n, lambda first, count: [], reduce)
+    with pytest.raises(MechbookError, match="both functions"):
+        run_variants(tiny_gpt2, batch, 1, None, reduce)
+    for bad in (lambda logits: logits.sum(), lambda logits: logits[0]):  # a scalar; the prompts' axis first
+        with pytest.raises(MechbookError, match="leading axes"):
+            run_variants(tiny_gpt2, batch, 2, lambda first, count: [], bad)
+
+
+def test_decoding_helpers_refuse_bad_ids_and_empty_input(tiny_gpt2):
+    d, vocab = tiny_gpt2.d_model, tiny_gpt2.d_vocab
+    resid = torch.randn(2, tiny_gpt2.n_layers, d)
+    for targets in ({}, [torch.tensor([1, 2])]):
+        with pytest.raises(MechbookError, match="targets as a dict"):
+            decoding.logit_lens(tiny_gpt2, resid, targets)
+    with pytest.raises(MechbookError, match="no prompt or no layer"):
+        decoding.logit_lens(tiny_gpt2, resid[:0], {"t": torch.tensor([], dtype=torch.long)})
+    with pytest.raises(MechbookError, match="at least one"):
+        decoding.top_tokens_per_layer(tiny_gpt2, torch.randn(0, d))
+    for ids, match in (([vocab, 1], "past the vocabulary"), ([-1, 1], "negative token id"), ([1.7, 1.0], "integer")):
+        with pytest.raises(MechbookError, match=match):
+            decoding.token_logits(tiny_gpt2, torch.randn(2, d), torch.tensor(ids))
+    for token in (vocab + 100, -1):  # '' and an OverflowError before
+        with pytest.raises(MechbookError, match="outside"):
+            decoding.to_str(tiny_gpt2, token)
+    with pytest.raises(MechbookError, match="as a str"):
+        decoding.single_token_id(tiny_gpt2, None)
+    with pytest.raises(MechbookError, match="run with names="):
+        decoding.stack_layers({}, ["blocks.0.hook_resid_post"])

@@ -117,3 +117,34 @@ def test_difference_interval_of_an_empty_group_is_undefined():
     assert stats.verdict(0.1, low, high) == stats.CANNOT_TELL
     with pytest.raises(stats.MechbookError, match="0 <= successes <= n, got 3 of 2"):
         stats.difference_interval(3, 2, 1, 2)
+
+
+def test_counts_quantiles_and_intervals_are_checked():
+    from mechbook.core.errors import MechbookError
+
+    for args, match in (((2.5, 5), "whole number"), (("3", 5), "whole number"), ((None, 5), "whole number"),
+                        ((True, 2), "whole number"), ((1, 5.5), "whole number"), ((1, float("inf")), "whole number")):
+        with pytest.raises(MechbookError, match=match):
+            stats.wilson_interval(*args)
+    for z in (-1.96, 0, float("nan")):
+        with pytest.raises(MechbookError, match="positive quantile"):
+            stats.wilson_interval(1, 5, z=z)
+    assert stats.wilson_interval(np.int64(2), np.int64(5)) == stats.wilson_interval(2, 5)
+    with pytest.raises(MechbookError, match="whole number"):
+        stats.difference_interval(1, 2, "1", 2)
+    for args, match in ((("a", 0, 1), "must be a number"), ((None, 0.4, 0.6), "must be a number"),
+                        ((0.5, 0.9, 0.1), "low end above its high end")):
+        with pytest.raises(MechbookError, match=match):
+            stats.verdict(*args)
+    with pytest.raises(MechbookError, match="positive width"):
+        stats.verdict(0.5, 0.4, 0.6, widest=-1)
+    ones = np.ones(3)
+    for num, den, match in ((np.array([1.0, np.nan, 2]), ones, "NaN or inf"), (np.array([1.0, np.inf, 2]), ones, "NaN"),
+                            (ones, np.zeros(3), "not positive"), (["a", "b"], ["c", "d"], "numbers per prompt")):
+        with pytest.raises(MechbookError, match=match):
+            stats.bootstrap_ratio_interval(num, den)
+    for kwargs in ({"n_boot": 2.5}, {"n_boot": "10"}, {"seed": -1}):
+        with pytest.raises(MechbookError):
+            stats.bootstrap_ratio_interval(ones, ones, **kwargs)
+    with pytest.raises(MechbookError, match="two collections"):
+        stats.jaccard(None, [1])

@@ -663,6 +663,8 @@ def models_table() -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    if args.root is not None:  # not read here, but a --root given must be the project, as for every command
+        project_root(args.root)
     print(models_table())
     return 0
 
@@ -745,6 +747,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     env = dict(os.environ, JUPYTER_PLATFORM_DIRS="1")
     command = [_jupyter_book_executable(), *BUILD_ARGS]
     if args.path_output:
+        writable_folder(args.path_output, "--path-output")  # else Sphinx fails with a traceback
         command += ["--path-output", str(args.path_output)]
     return subprocess.call(command, cwd=root, env=env)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from mechbook.core.path_patching import (
 )
 from mechbook.core.runs import (
     TokenBatch,
+    check_count,
     embeddings,
     run_from_layer,
     run_joining,
@@ -141,7 +143,8 @@ class Circuit:
         for c in self.components:
             try:
                 if c.layer >= model.n_layers:
-                    raise MechbookError(f"{c.label} lies past its {model.n_layers} layers (0..{model.n_layers - 1})")
+                    raise MechbookError(f"{'head ' if c.kind == 'head' else ''}{c.label} lies past its "
+                                        f"{model.n_layers} layers (0..{model.n_layers - 1})")
                 c.validate(model)
             except MechbookError as exc:
                 raise MechbookError(f"this circuit does not fit {model.name}: {exc}") from exc
@@ -158,7 +161,11 @@ class Circuit:
     def save(self, path: str | Path) -> Path:
         """Write ``{"heads": [[l, h], ...], "mlps": [...]}`` (the paper's file shape; score and log are not kept)."""
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=4) + "\n")
+        try:
+            path.write_text(json.dumps(self.to_dict(), indent=4) + "\n")
+        except OSError as exc:
+            raise MechbookError(f"could not write the circuit to {path} ({exc.strerror or exc}); pass a path in a "
+                                "folder that exists and can be written") from None
         return path
 
     @classmethod
@@ -193,8 +200,20 @@ def _check_threshold(threshold: float, what: str, example: str) -> float:
     return float(threshold)
 
 
+def check_circuit(circuit, what: str = "circuit") -> "Circuit":
+    """``circuit`` if it is a :class:`Circuit`, else a one-line error naming ``what``."""
+    if not isinstance(circuit, Circuit):
+        raise MechbookError(f"{what} must be a Circuit, e.g. Circuit(heads=[(0, 1)], mlps=[0]), got "
+                            f"{type(circuit).__name__}")
+    return circuit
+
+
 def _check_full(full: float) -> float:
-    if not full > 0:
+    if isinstance(full, bool) or not isinstance(full, numbers.Real):
+        raise MechbookError(f"full_metric must be the full model's mean metric (a number), got {full!r}; leave it "
+                            "None to compute it (full_model_metric)")
+    full = float(full)
+    if not full > 0 or not math.isfinite(full):
         raise MechbookError(
             f"the full model's mean metric is {full:.4g}, not positive, so scores in percent of it mean nothing; "
             "check that the model solves these prompts (e.g. keep only solved prompts) and the answer tokens"
@@ -212,7 +231,7 @@ def run_circuit(
     model: LoadedModel, batch: TokenBatch, circuit: Circuit, means: Mapping[str, Tensor]
 ) -> Float[Tensor, "batch d_vocab"]:
     """Last-position logits with everything outside the circuit mean-ablated at every position."""
-    ablated = circuit.complement(model)
+    ablated = check_circuit(circuit).complement(model)
     check_means(model, batch, means, ablated)
     logits, _ = run_last(model, batch, fwd_hooks=edit_hooks(mean_ablation(ablated, means)))
     return logits
@@ -234,9 +253,12 @@ def score_circuit(
     cross-task table) or a random one (:func:`random_circuits`). Pass
     ``full_metric`` to skip the full-model run.
     """
+    check_circuit(circuit)
     if full_metric is None:
         circuit.validate(model)
         full_metric = full_model_metric(model, batch, metric)
+    else:
+        full_metric = _check_full(full_metric)
     return 100.0 * float(metric(run_circuit(model, batch, circuit, means)).mean()) / full_metric
 
 
@@ -255,6 +277,9 @@ def circuit_metrics(
     Each copy of the batch gets its own circuit's complement mean-ablated at every
     position. ``tokens`` restricts the unembedding to the ids the metric reads.
     """
+    if isinstance(circuits, Circuit) or not isinstance(circuits, Iterable):
+        raise MechbookError(f"circuits must be a list of Circuit, got {type(circuits).__name__}; wrap one in a list")
+    circuits = [check_circuit(c, "each of circuits") for c in circuits]
     if not circuits:
         raise MechbookError("no circuits to score; pass a list of Circuit")
     complements = [c.complement(model) for c in circuits]
@@ -289,13 +314,15 @@ def score_circuits(
     over prompts, over the full model's mean metric).
     """
     values = circuit_metrics(model, batch, circuits, means, metric, max_rows=max_rows, tokens=tokens)
-    full = full_model_metric(model, batch, metric) if full_metric is None else full_metric
+    full = full_model_metric(model, batch, metric) if full_metric is None else _check_full(full_metric)
     return 100.0 * values.mean(1) / full
 
 
 def random_circuits(model: LoadedModel, size_like: Circuit, n: int, seed: int = 0) -> list[Circuit]:
     """``n`` random circuits with as many heads and MLPs as ``size_like``, drawn uniformly (the control)."""
     n = check("n_random", n, argument="n")
+    seed = check("seed", seed)
+    check_circuit(size_like, "size_like")
     heads = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
     if len(size_like.heads) > len(heads) or len(size_like.mlps) > model.n_layers:
         raise MechbookError(f"{model.name} has fewer heads or MLPs than the circuit to match")
@@ -317,6 +344,15 @@ def cross_task_scores(
 
     ``tasks`` maps a task name to ``(clean batch, means over its corrupted set, metric)``.
     """
+    if not isinstance(circuits, Mapping) or not circuits or not isinstance(tasks, Mapping) or not tasks:
+        raise MechbookError("cross_task_scores needs circuits as a non-empty dict name -> Circuit and tasks as a "
+                            "non-empty dict name -> (clean batch, means, metric)")
+    for task, value in tasks.items():
+        if not isinstance(value, (tuple, list)) or len(value) != 3:
+            raise MechbookError(f"task {task!r} must be (clean batch, means over its corrupted set, metric), got "
+                                f"{type(value).__name__} of {len(value) if hasattr(value, '__len__') else '?'} items")
+    for name, circuit in circuits.items():
+        check_circuit(circuit, f"circuit {name!r}")
     rows = []
     for task, (batch, means, metric) in tasks.items():
         full = full_model_metric(model, batch, metric)
@@ -501,7 +537,9 @@ def prune_nodes(
     """
     threshold = _check_threshold(threshold, "node", "the paper's 20% is threshold=0.2")
     max_rounds = check("max_rounds", max_rounds, none=True)  # None: until nothing changes
-    circuit = Circuit.full(model) if start is None else Circuit(list(start.heads), list(start.mlps))
+    check_count(max_rows, "max_rows")
+    circuit = Circuit.full(model) if start is None else Circuit(list(check_circuit(start, "start").heads),
+                                                                 list(start.mlps))
     circuit.validate(model)
     check_means(model, batch, means, all_heads(model) + all_mlps(model))
     params = pruning_parameters(model, batch, means, threshold=threshold, max_rounds=max_rounds, start=circuit,
@@ -775,7 +813,8 @@ def prune_edges(
     :func:`mechbook.core.pruning_checks.check_edge_decisions` needs to re-check any edge.
     """
     threshold = _check_threshold(threshold, "edge", "the paper uses threshold=0.8")
-    circuit.validate(model)
+    check_circuit(circuit).validate(model)
+    check_count(max_rows, "max_rows")
     if not circuit.heads:
         raise MechbookError("the circuit has no heads, so no edges; check the node circuit")
     check_means(model, batch, means, all_heads(model) + all_mlps(model))

@@ -48,6 +48,11 @@ def unembed(model: LoadedModel, resid: Float[Tensor, "... d_model"], *, normaliz
     so that anything reading them fails loudly (see :func:`check_finite`). A model whose
     weights are not here (``backend="ndif"``) decodes in a forward pass on its server.
     """
+    from mechbook.core.runs import check_resid
+
+    check_resid(model, resid, "the residual vectors to unembed")
+    if tokens is not None:
+        tokens = check_unembed_tokens(model, tokens)
     if not model.weights_here:
         if not normalize:
             model.need_weights("unembed(normalize=False) (the unembedding without the final norm)")
@@ -67,6 +72,28 @@ def unembed(model: LoadedModel, resid: Float[Tensor, "... d_model"], *, normaliz
         return logits
 
 
+def check_unembed_tokens(model: LoadedModel, tokens) -> Int[Tensor, "k"]:
+    """``tokens`` (the vocabulary ids a restricted unembedding computes) as integer ids, or a one-line error.
+
+    Ids held on the host are checked against the vocabulary (negative ones would fill
+    another token's column); a tensor already on an accelerator is checked for its dtype
+    only, so that a pass never waits on the device.
+    """
+    if isinstance(tokens, Tensor) and tokens.device.type != "cpu":
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.dtype.is_complex:
+            raise MechbookError(f"tokens= must be integer token ids, got {tokens.dtype}; pass e.g. metric.answer_ids")
+        ids = tokens
+    else:
+        ids = as_token_ids(tokens, "tokens= (the ids to unembed)", model.d_vocab)
+    if ids.numel() == 0:
+        raise MechbookError("tokens= is empty, so no logit would be computed; pass the ids the metric reads "
+                            "(metric.answer_ids), or None for every logit")
+    if ids.dim() != 1:
+        raise MechbookError(f"tokens= is a flat list of vocabulary ids, got shape {tuple(ids.shape)}; pass e.g. "
+                            "metric.answer_ids")
+    return ids
+
+
 def token_logits(
     model: LoadedModel, resid: Float[Tensor, "... d_model"], token_ids: Int[Tensor, "..."]
 ) -> Float[Tensor, "..."]:
@@ -74,7 +101,10 @@ def token_logits(
 
     Equal to ``unembed(model, resid).gather(-1, ids)`` without the whole vocabulary.
     """
-    ids = torch.as_tensor(token_ids, dtype=torch.long).to(resid.device)
+    from mechbook.core.runs import check_resid
+
+    check_resid(model, resid, "the residual vectors of token_logits")
+    ids = as_token_ids(token_ids, "token_logits's ids", model.d_vocab).to(resid.device)
     if not model.weights_here:  # the ids' columns only, decoded on the server
         wanted = ids.unique()
         logits = unembed(model, resid, tokens=wanted)
@@ -169,7 +199,13 @@ def token_ranks(logits: Float[Tensor, "... d_vocab"], token_ids: Int[Tensor, "..
 
 def to_str(model: LoadedModel, token_id: int) -> str:
     """A token as text, with its leading space visible, for tables."""
-    return model.tokenizer.decode([int(token_id)])
+    from mechbook.core.names import as_index
+
+    token_id = as_index(token_id, "token id")
+    if not 0 <= token_id < model.d_vocab:
+        raise MechbookError(f"token id {token_id} is outside {model.name}'s vocabulary (0..{model.d_vocab - 1}); "
+                            "use ids of this model's tokenizer")
+    return model.tokenizer.decode([token_id])
 
 
 def resid_post_names(model: LoadedModel) -> list[str]:
@@ -192,10 +228,19 @@ def logit_lens(
     """
     from mechbook.core.runs import chunk_starts
 
+    from mechbook.core.runs import check_resid
+
     rows = []
+    check_resid(model, resid, "the logit lens's resid")
     if resid.dim() != 3 or resid.shape[-1] != model.d_model:
         raise MechbookError(f"the logit lens reads resid as [prompt, layer, {model.d_model}], got {tuple(resid.shape)}")
     n_prompts, n_layers = resid.shape[:2]
+    if n_prompts == 0 or n_layers == 0:
+        raise MechbookError(f"the logit lens got resid of shape {tuple(resid.shape)}: no prompt or no layer to read; "
+                            "pass at least one of each")
+    if not isinstance(targets, Mapping) or not targets:
+        raise MechbookError(f"the logit lens needs targets as a dict of names to token ids, e.g. "
+                            f"{{'answer': answer_ids}}, got {targets!r}"[:300])
     check_finite(resid, "the residual vectors given to the logit lens")
     targets = {name: as_token_ids(ids, f"target {name!r}", model.d_vocab) for name, ids in targets.items()}
     for name, ids in targets.items():
@@ -241,6 +286,9 @@ def top_tokens(
     k = as_index(k, "k")
     if not 1 <= k <= model.d_vocab:
         raise MechbookError(f"k={k} top tokens asked for, but {model.name} has {model.d_vocab}; use 1..{model.d_vocab}")
+    if not isinstance(vector, Tensor):
+        raise MechbookError(f"the vector to decode must be a torch tensor [{model.d_model}], got "
+                            f"{type(vector).__name__}; e.g. torch.as_tensor(v, dtype={model.dtype})")
     vector = check_finite(vector.reshape(-1), "the vector to decode")
     if vector.shape[0] != model.d_model:
         raise MechbookError(f"the vector has width {vector.shape[0]}, but {model.name} has d_model={model.d_model}")
@@ -259,9 +307,12 @@ def top_tokens_per_layer(model: LoadedModel, resid: Float[Tensor, "layer d_model
     if not 1 <= k <= model.d_vocab:
         raise MechbookError(f"k={k} top tokens per layer asked for, but {model.name} has {model.d_vocab}; "
                             f"use 1..{model.d_vocab}")
-    if resid.dim() != 2 or resid.shape[-1] != model.d_model:
-        raise MechbookError(f"top_tokens_per_layer reads one prompt's resid as [layer, {model.d_model}], "
-                            f"got {tuple(resid.shape)}")
+    from mechbook.core.runs import check_resid
+
+    check_resid(model, resid, "top_tokens_per_layer's resid")
+    if resid.dim() != 2 or resid.shape[-1] != model.d_model or resid.shape[0] == 0:
+        raise MechbookError(f"top_tokens_per_layer reads one prompt's resid as [layer, {model.d_model}] (at least one "
+                            f"layer), got {tuple(resid.shape)}")
     logits = check_logits(unembed(model, check_finite(resid, "the residual vectors to decode")),
                           "the logit lens's logits")
     probs = logits.softmax(-1)
@@ -278,6 +329,8 @@ def top_tokens_per_layer(model: LoadedModel, resid: Float[Tensor, "layer d_model
 
 def single_token_id(model: LoadedModel, text: str) -> int:
     """The id of ``text`` if it is exactly one token (no BOS), else a clear error."""
+    if not isinstance(text, str):
+        raise MechbookError(f"single_token_id takes the token's text as a str, e.g. ' Paris', got {text!r}")
     ids = model.tokenizer(text, add_special_tokens=False).input_ids
     if len(ids) != 1:
         pieces = model.tokenizer.convert_ids_to_tokens(ids)
@@ -290,4 +343,8 @@ def single_token_id(model: LoadedModel, text: str) -> int:
 
 def stack_layers(cache: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
     """Stack per-layer cached vectors ``[batch, d]`` into ``[batch, layer, d]``."""
+    missing = [n for n in names if n not in cache]
+    if missing or not names:
+        raise MechbookError(f"the cache has no {missing[0]!r}; run with names= including it (e.g. "
+                            "resid_post_names(model))" if missing else "no names to stack; pass the per-layer hook names")
     return torch.stack([cache[n] for n in names], dim=1)

@@ -63,6 +63,12 @@ class Edit:
         if self.rows is not None and not isinstance(self.rows, slice):
             raise MechbookError(f"{self.name}: rows must be a slice of the batch (or None for all rows), "
                                 f"got {type(self.rows).__name__}")
+        if self.rows is not None:
+            try:
+                range(*self.rows.indices(1))
+            except (TypeError, ValueError):
+                raise MechbookError(f"{self.name}: rows {self.rows} is not a slice of whole numbers with a step of "
+                                    "at least 1; pass e.g. slice(0, 8)") from None
         want = {"mean": "[pos, ...] (a per-position mean)", "patch": "[n, pos, ...] (another run's activation)",
                 "add": "[d] or [n, d] (a vector, or one per row)", "replace": "[d] or [n, d] (a vector, or one per row)"}
         if self.value is not None and not (self.value.dim() in ((1, 2) if self.mode in ("add", "replace") else
@@ -89,6 +95,9 @@ class Edit:
                 if n_heads is None or not 0 <= h < n_heads:
                     raise MechbookError(f"{self.name}: head {h} is out of range; this layer has {n_heads} heads "
                                         f"(0..{(n_heads or 1) - 1})")
+        if c.position is not None and c.position < 0:
+            raise MechbookError(f"{self.name}: position {c.position} is negative; positions count from the prompt's "
+                                "start (0 is the first token)")
         if c.position is not None and not 0 <= c.position < act.shape[1]:
             raise MechbookError(f"{self.name}: position {c.position} lies past the {act.shape[1]} positions of the prompts")
         n_rows = len(range(*(self.rows or slice(None)).indices(act.shape[0])))
@@ -103,6 +112,9 @@ class Edit:
                 raise MechbookError(f"{self.name}: {value.shape[0]} vectors for {n_rows} rows; pass one, or one per row")
             if self.mask is not None and self.mask.shape[0] != n_rows:
                 raise MechbookError(f"{self.name}: the mask has {self.mask.shape[0]} rows for {n_rows} rows edited")
+            if self.mask is not None and self.mask.shape[1] < act.shape[1]:
+                raise MechbookError(f"{self.name}: the mask covers {self.mask.shape[1]} positions but the prompts have "
+                                    f"{act.shape[1]}; build it from the same batch, e.g. position_mask(batch, 'last', ...)")
         elif self.mode == "mean":
             if value.shape[1:] != act.shape[2:] or value.shape[0] < act.shape[1]:
                 raise MechbookError(f"{self.name}: the mean has shape {tuple(value.shape)} but the activation is "
@@ -119,6 +131,13 @@ def edit_hooks(edits: Iterable[Edit]) -> list[tuple[str, object]]:
     Edits of whole heads that share mode, rows and value (mean ablation of many heads
     of a layer) are applied as one indexing operation.
     """
+    if isinstance(edits, Edit) or not isinstance(edits, Iterable):
+        raise MechbookError(f"edit_hooks takes a list of Edit, got {type(edits).__name__}; e.g. "
+                            "edit_hooks([Edit(Component('mlp', 0), 'zero')])")
+    edits = list(edits)
+    if not all(isinstance(e, Edit) for e in edits):
+        bad = next(e for e in edits if not isinstance(e, Edit))
+        raise MechbookError(f"edit_hooks takes a list of Edit, got {bad!r} in it; e.g. Edit(Component('mlp', 0), 'zero')")
     by_name: dict[str, list[Edit]] = defaultdict(list)
     for e in edits:
         by_name[e.component.hook_name].append(e)
@@ -229,6 +248,9 @@ def mean_ablation(components: Iterable[Component], means: Mapping[str, Tensor], 
     Components in layers before ``first_layer`` are left out: a run that starts later
     never reaches them.
     """
+    if not isinstance(means, Mapping):
+        raise MechbookError(f"mean ablation needs means as a dict of hook name to mean, got {type(means).__name__}; "
+                            "compute them with mean_activations (or circuit_means)")
     out = []
     for c in components:
         if c.layer < first_layer:
@@ -262,6 +284,10 @@ def check_vector(model, vector: Float[Tensor, "... d_model"], n: int | None = No
     """A ``[d_model]`` vector or one per prompt (``[n, d_model]``), finite and of the model's width."""
     from mechbook.core.decoding import check_finite
 
+    if not isinstance(vector, Tensor) or not vector.dtype.is_floating_point:
+        got = vector.dtype if isinstance(vector, Tensor) else type(vector).__name__
+        raise MechbookError(f"{what} must be a float torch tensor [d_model] or [batch, d_model], got {got}; "
+                            "e.g. torch.as_tensor(v, dtype=torch.float32)")
     if vector.dim() not in (1, 2):
         raise MechbookError(f"expected {what} as [d_model] or [batch, d_model], got shape {tuple(vector.shape)}")
     if vector.shape[-1] != model.d_model:

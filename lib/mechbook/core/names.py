@@ -10,6 +10,7 @@ at one position: the unit that patching, ablation and circuits work with.
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from mechbook.core.errors import MechbookError
@@ -45,7 +46,11 @@ def act_name(kind: str, layer: int | None = None) -> str:
         return _HOOKS[kind]
     if layer is None:
         raise MechbookError(f"act_name({kind!r}) needs a layer, e.g. act_name({kind!r}, 0)")
-    return _HOOKS[kind].format(layer=as_index(layer, "layer"))
+    layer = as_index(layer, "layer")
+    if layer < 0:
+        raise MechbookError(f"act_name({kind!r}, {layer}): hook names take the layer counted from 0; resolve a "
+                            "negative layer with model.check_layer(layer) first")
+    return _HOOKS[kind].format(layer=layer)
 
 
 def parse_act_name(name: str) -> tuple[str, int | None]:
@@ -190,6 +195,21 @@ def all_heads(model) -> list[Component]:
 
 def all_mlps(model) -> list[Component]:
     return [Component("mlp", layer) for layer in range(model.n_layers)]
+
+
+def check_components(components, what: str, kinds: Sequence[str] = COMPONENT_KINDS) -> list[Component]:
+    """``components`` as a non-empty list of :class:`Component` of ``kinds``, or a one-line error naming ``what``."""
+    if isinstance(components, (Component, str, bytes)) or not isinstance(components, Iterable):
+        raise MechbookError(f"{what} takes a list of components, e.g. [Component('head', 0, 1)], "
+                            f"got {type(components).__name__}")
+    components = list(components)
+    if not components:
+        raise MechbookError(f"{what} got no components; pass at least one, e.g. [Component('head', 0, 1)]")
+    for c in components:
+        if not isinstance(c, Component) or c.kind not in kinds:
+            raise MechbookError(f"{what} takes {' or '.join(repr(k) for k in kinds)} components, e.g. "
+                                f"Component({kinds[0]!r}, 0{', 1' if kinds[0] in _HEADED else ''}), got {c!r}")
+    return components
 
 
 def check_positions(components, width: int) -> None:

@@ -36,6 +36,7 @@ from mechbook.core.names import (
     act_name,
     all_heads,
     all_mlps,
+    check_components,
     check_positions,
 )
 from mechbook.core.runs import (
@@ -57,6 +58,8 @@ __all__ = ["Component", "Metric", "ablate", "ablation_sweep", "all_heads", "all_
 
 
 def _rows_of(logits: Tensor, n: int, what: str) -> None:
+    if not isinstance(logits, Tensor):
+        raise MechbookError(f"{what} scores a torch tensor of logits [..., {n}, d_vocab], got {type(logits).__name__}")
     if logits.dim() < 2 or logits.shape[-2] != n:
         raise MechbookError(
             f"{what} was built for {n} prompts but got logits of shape {tuple(logits.shape)}; "
@@ -96,6 +99,8 @@ def logit_diff(correct: Int[Tensor, "batch"], incorrect: Int[Tensor, "batch"]) -
     if correct.shape != incorrect.shape or correct.dim() != 1:
         raise MechbookError(f"logit_diff needs one correct and one incorrect id per prompt; got shapes "
                             f"{tuple(correct.shape)} and {tuple(incorrect.shape)}")
+    if len(correct) == 0:
+        raise MechbookError("logit_diff got no prompts (no ids); build it from at least one prompt's answer ids")
     answer_ids = torch.unique(torch.cat([correct, incorrect]))
     high = int(answer_ids.max()) if len(answer_ids) else -1
 
@@ -124,6 +129,8 @@ def answer_prob(answer: Int[Tensor, "batch"]) -> Metric:
     answer = as_token_ids(answer, "answer_prob's answer ids")
     if answer.dim() != 1:
         raise MechbookError(f"answer_prob needs one answer id per prompt, got shape {tuple(answer.shape)}")
+    if len(answer) == 0:
+        raise MechbookError("answer_prob got no prompts (no ids); build it from at least one prompt's answer id")
     high = int(answer.max()) if len(answer) else -1
     on = _ids_on_device(answer)
 
@@ -142,6 +149,7 @@ def answer_prob(answer: Int[Tensor, "batch"]) -> Metric:
 
 def cache_components(model: LoadedModel, batch: TokenBatch, components: Iterable[Component]) -> dict[str, Tensor]:
     """Cache the activations of the hooks the components live in, on one batch."""
+    components = check_components(components, "cache_components")
     names = sorted({c.validate(model).hook_name for c in components})
     _, cache = run_last(model, batch, names=names)
     return cache
@@ -201,7 +209,8 @@ def _patch_sweep(model, source, target, metric, components, max_rows, tokens, de
     prefix of source and target is computed once (a patch inside it changes nothing).
     """
     check_pair(source, target)
-    components = [c.validate(model) for c in components]
+    check_metric(metric)
+    components = [c.validate(model) for c in check_components(components, f"patching {desc}")]
     check_positions(components, target.input_ids.shape[1])
     names = sorted({c.hook_name for c in components})
     _, src = run_last(model, source, names=names)
@@ -252,9 +261,7 @@ def patch_head_outputs(
     (e.g. ``metric.answer_ids`` of a logit difference) restricts the unembedding to the
     ids the metric reads.
     """
-    heads = list(heads) if heads is not None else all_heads(model)
-    if any(c.kind != "head" for c in heads):
-        raise MechbookError("patch_head_outputs takes head components only")
+    heads = check_components(heads, "patch_head_outputs", ("head",)) if heads is not None else all_heads(model)
     return _patch_sweep(model, source, target, metric, heads, max_rows, tokens, "heads")
 
 
@@ -268,7 +275,7 @@ def patch_mlp_outputs(
     All positions at once, or with ``by_position`` one position at a time (the
     quantity of transformer-lens's ``get_act_patch_mlp_out``).
     """
-    layers = range(model.n_layers) if layers is None else [model.check_layer(l) for l in layers]
+    layers = range(model.n_layers) if layers is None else [model.check_layer(l) for l in _listed(layers, "layers")]
     if by_position:
         comps = [Component("mlp", l, position=p) for l in layers for p in range(target.input_ids.shape[1])]
     else:
@@ -287,10 +294,28 @@ def patch_residual(
     """
     if not target.same_length:
         raise MechbookError("residual patching by position needs prompts of equal token length; group them by length")
-    layers = range(model.n_layers) if layers is None else [model.check_layer(l) for l in layers]
-    positions = range(target.input_ids.shape[1]) if positions is None else positions
+    layers = range(model.n_layers) if layers is None else [model.check_layer(l) for l in _listed(layers, "layers")]
+    positions = range(target.input_ids.shape[1]) if positions is None else _listed(positions, "positions")
     comps = [Component("resid", l, position=p) for l in layers for p in positions]
     return _patch_sweep(model, source, target, metric, comps, max_rows, tokens, "residual")
+
+
+def _listed(values, what: str) -> list:
+    """``values`` (layers, positions) as a list, or a one-line error for a single number or a string."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise MechbookError(f"{what} takes a list, e.g. {what}=[0, 1], got {values!r}; wrap a single one in a list")
+    values = list(values)
+    if not values:
+        raise MechbookError(f"{what}=[] selects nothing to patch; pass e.g. {what}=[0, 1], or None for all")
+    return values
+
+
+def check_metric(metric) -> Metric:
+    """``metric`` if it can be called on logits (e.g. logit_diff(...)), else a one-line error."""
+    if not callable(metric):
+        raise MechbookError(f"metric must be a function of logits, e.g. logit_diff(correct_ids, incorrect_ids), got "
+                            f"{type(metric).__name__}")
+    return metric
 
 
 # --- ablation --------------------------------------------------------------------------------------
@@ -322,7 +347,14 @@ def ablation_sweep(
     """
     if mode not in ("mean", "zero"):
         raise MechbookError(f"unknown ablation mode {mode!r}; use 'mean' or 'zero'")
-    sets = [check_whole([c.validate(model) for c in s]) for s in component_sets]
+    check_metric(metric)
+    if isinstance(component_sets, (Component, str)) or not isinstance(component_sets, Iterable):
+        raise MechbookError(f"ablation_sweep takes a list of sets of components, e.g. [[Component('head', 0, 1)]], "
+                            f"got {type(component_sets).__name__}")
+    component_sets = list(component_sets)
+    if not component_sets:
+        raise MechbookError("ablation_sweep got no sets of components; pass at least one, e.g. [[Component('mlp', 0)]]")
+    sets = [check_whole([c.validate(model) for c in _component_set(s)]) for s in component_sets]
     if mode == "mean":
         if means is None:
             raise MechbookError("mean ablation needs means= (from mean_activations over the corrupted prompts)")
@@ -357,6 +389,18 @@ def ablation_sweep(
     return out
 
 
+def _component_set(s) -> list[Component]:
+    """One set of an ablation sweep: a list of components (possibly empty: the unablated model)."""
+    if isinstance(s, (Component, str)) or not isinstance(s, Iterable):
+        raise MechbookError(f"each set of ablation_sweep is a list of components, got {s!r}; wrap a single component "
+                            "in a list: [[Component('head', 0, 1)]]")
+    s = list(s)
+    if not all(isinstance(c, Component) for c in s):
+        raise MechbookError(f"a set of ablation_sweep holds {next(c for c in s if not isinstance(c, Component))!r}; "
+                            "pass Component('head', l, h) or Component('mlp', l)")
+    return s
+
+
 def check_whole(components: Sequence[Component]) -> list[Component]:
     """Ablation removes whole heads and MLPs at every position; anything else is refused."""
     if any(c.kind not in ("head", "mlp") or c.position is not None for c in components):
@@ -381,6 +425,9 @@ def ablate(
 def check_means(model: LoadedModel, batch: TokenBatch, means: Mapping[str, Tensor],
                 components: Iterable[Component]) -> None:
     """Means must cover every ablated component's hook and every position of the prompts."""
+    if not isinstance(means, Mapping):
+        raise MechbookError(f"means must be a dict of hook name to mean, got {type(means).__name__}; compute them "
+                            "with circuit_means(model, corrupted)")
     width = batch.input_ids.shape[1]
     for c in components:
         name = c.validate(model).hook_name

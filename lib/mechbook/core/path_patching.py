@@ -22,7 +22,7 @@ from mechbook.core.decoding import unembed
 from mechbook.core.errors import MechbookError
 from mechbook.core.interventions import Edit, edit_hooks, mean_ablation
 from mechbook.core.loading import LoadedModel
-from mechbook.core.names import Component, act_name
+from mechbook.core.names import Component, act_name, check_components
 from mechbook.core.patching import Metric, check_means, check_pair
 from mechbook.core.runs import TokenBatch, run_last, run_variants
 
@@ -38,13 +38,17 @@ class Edge:
     input: str  # "q", "k" or "v"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.sender, Component) or not isinstance(self.receiver, Component):
+            raise MechbookError(f"an edge joins two Components, e.g. Edge(Component('head', 0, 1), "
+                                f"Component('head', 2, 3), 'q'), got {self.sender!r} -> {self.receiver!r}")
         if self.input not in QKV:
             raise MechbookError(f"an edge enters a head's 'q', 'k' or 'v'; got {self.input!r}")
         if self.receiver.kind != "head" or self.sender.kind not in ("head", "mlp"):
             raise MechbookError("an edge goes from a head or MLP (sender) to a head (receiver)")
         if self.sender.position is not None or self.receiver.position is not None:
             raise MechbookError("edges patch every position; build the components without position=")
-        if self.sender.layer >= self.receiver.layer:
+        # a negative layer counts from the end: the order is checked once patch_paths has resolved it (validate)
+        if self.sender.layer >= 0 and self.receiver.layer >= 0 and self.sender.layer >= self.receiver.layer:
             raise MechbookError(
                 f"the sender {self.sender.label} must sit in an earlier layer than the receiver {self.receiver.label}"
             )
@@ -57,7 +61,11 @@ class Edge:
 def circuit_edges(heads: Sequence[tuple[int, int]], mlps: Sequence[int] = (), *, inputs: Sequence[str] = QKV,
                   mlp_senders: bool = False) -> list[Edge]:
     """Every edge among ``heads`` (and from ``mlps`` with ``mlp_senders``): each sender into each later head's q, k, v."""
-    senders = [Component("head", l, h) for l, h in heads]
+    try:
+        senders = [Component("head", l, h) for l, h in heads]
+    except (TypeError, ValueError):
+        raise MechbookError(f"circuit_edges takes heads as (layer, head) pairs, e.g. [(0, 1), (2, 3)], got {heads!r}"
+                            ) from None
     if mlp_senders:
         senders += [Component("mlp", l) for l in mlps]
     receivers = [Component("head", l, h) for l, h in heads]
@@ -71,6 +79,8 @@ def _check_inputs(model, target, source, means, ablate, senders) -> list[Compone
         raise MechbookError("ablate= needs means= (from circuit_means) for the ablated components")
     if source is not None:
         check_pair(source, target)
+    if not all(isinstance(c, Component) for c in ablate):
+        raise MechbookError("ablate= takes components, e.g. circuit.complement(model) or [Component('head', 0, 1)]")
     ablate = [c.validate(model) for c in ablate]
     if ablate:
         check_means(model, target, means, ablate)
@@ -135,6 +145,9 @@ def patch_paths(
     """
     if not edges:
         raise MechbookError("no edges to patch")
+    if not all(isinstance(e, Edge) for e in edges):
+        raise MechbookError(f"patch_paths takes a list of Edge, got {next(e for e in edges if not isinstance(e, Edge))!r}"
+                            "; build them with Edge(sender, receiver, 'q') or circuit_edges(heads)")
     edges = [Edge(e.sender.validate(model), e.receiver.validate(model), e.input) for e in edges]
     ablate = _check_inputs(model, target, source, means, ablate, [e.sender for e in edges])
     n, width = len(target), target.input_ids.shape[1]
@@ -204,9 +217,9 @@ def patch_paths_to_logits(
     are mean-ablated in every run (the circuit context). One forward pass in all (two
     with a source): the rest is a matrix product per sender.
     """
-    senders = [c.validate(model) for c in senders]
     if not senders:
         raise MechbookError("no senders to patch; pass heads or MLPs, e.g. circuit.components")
+    senders = [c.validate(model) for c in check_components(senders, "patch_paths_to_logits's senders")]
     if any(c.kind not in ("head", "mlp") or c.position is not None for c in senders):
         raise MechbookError("senders are heads or MLPs at every position (no resid components, no position=)")
     ablate = _check_inputs(model, target, source, means, ablate, senders)

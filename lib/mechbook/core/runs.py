@@ -78,9 +78,18 @@ def tokenize(model: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]
     """
     if isinstance(prompts, str):
         raise MechbookError("tokenize takes a list of prompts; wrap a single prompt in a list")
+    if isinstance(prompts, (bytes, bytearray)) or not hasattr(prompts, "__len__"):
+        raise MechbookError(f"tokenize takes a list of prompts (strings, or lists of token ids), got "
+                            f"{type(prompts).__name__}; e.g. tokenize(model, ['The capital of France is'])")
     if len(prompts) == 0:
         raise MechbookError("no prompts to tokenize; check the task's filters (every prompt was dropped?)")
-    if isinstance(prompts[0], str):
+    texts = [isinstance(p, str) for p in prompts]
+    if any(texts) and not all(texts):
+        raise MechbookError(f"tokenize got prompt {texts.index(not texts[0])} of another kind than prompt 0: pass "
+                            "all strings or all lists of token ids")
+    if any(isinstance(p, (bytes, bytearray)) for p in prompts):
+        raise MechbookError("tokenize got a bytes prompt; decode it to str first (bytes would be read as token ids)")
+    if texts[0]:
         rows = [model.tokenizer(p).input_ids for p in prompts]
     else:
         from mechbook.core.names import as_index
@@ -103,7 +112,11 @@ def tokenize(model: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]
 
 
 def check_token_ids(model: LoadedModel, batch: TokenBatch) -> None:
-    """Refuse a batch whose ids lie outside the model's vocabulary (the embedding would fail, or read another token)."""
+    """Refuse a batch whose ids lie outside the model's vocabulary (the embedding would fail, or read another token),
+    or whose lengths do not fit its ids (each prompt's answer is read at position ``length - 1``)."""
+    if not isinstance(batch, TokenBatch):
+        raise MechbookError(f"expected a TokenBatch of prompts, got {type(batch).__name__}; build it with "
+                            "tokenize(model, prompts)")
     ids = batch.input_ids
     if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise MechbookError(f"a TokenBatch holds integer ids [batch, pos], got {getattr(ids, 'dtype', type(ids))} "
@@ -114,10 +127,24 @@ def check_token_ids(model: LoadedModel, batch: TokenBatch) -> None:
             bad = int(low) if int(low) < 0 else int(high)
             raise MechbookError(f"token id {bad} is outside {model.name}'s vocabulary of {model.d_vocab} tokens "
                                 f"(0..{model.d_vocab - 1}); build prompts with this model's tokenizer")
+    lengths = batch.lengths
+    if (not isinstance(lengths, Tensor) or lengths.dim() != 1 or len(lengths) != ids.shape[0]
+            or lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.dtype.is_complex):
+        raise MechbookError(f"a TokenBatch's lengths are one integer per prompt ({ids.shape[0]} here), got "
+                            f"{getattr(lengths, 'dtype', type(lengths).__name__)} {tuple(getattr(lengths, 'shape', ()))}; "
+                            "build it with tokenize(model, prompts)")
+    if len(lengths):
+        low, high = torch.aminmax(lengths)
+        if int(low) < 1 or int(high) > ids.shape[1]:
+            raise MechbookError(f"a TokenBatch's lengths must lie in 1..{ids.shape[1]} (its width), got "
+                                f"{int(low) if int(low) < 1 else int(high)}; build it with tokenize(model, prompts)")
 
 
 def check_hook_names(model: LoadedModel, names: Sequence[str]) -> None:
     """Raise a clear error for a hook name the model does not have, with close matches."""
+    if isinstance(names, (str, bytes)):
+        raise MechbookError(f"names takes a list of hook names, got the string {names!r}; wrap it in a list: "
+                            f"names=[{names!r}]")
     known = model.bridge.hook_dict
     for name in names:
         if name not in known:
@@ -164,6 +191,9 @@ def check_hook_output(out: object, act: Tensor, name: str) -> None:
     if not isinstance(out, Tensor):
         raise MechbookError(f"the hook on {name} returned a {type(out).__name__}; a hook returns a tensor of the "
                             f"activation's shape {tuple(act.shape)} or None ({HOOK_SIGNATURE})")
+    if act.dtype.is_floating_point and not out.dtype.is_floating_point:
+        raise MechbookError(f"the hook on {name} returned {out.dtype} values for a {act.dtype} activation; return "
+                            f"floats (e.g. torch.zeros_like(act)), or None ({HOOK_SIGNATURE})")
     if out.shape != act.shape:
         raise MechbookError(f"the hook on {name} returned a tensor of shape {tuple(out.shape)} for an activation of "
                             f"shape {tuple(act.shape)}; return one of the same shape, or None ({HOOK_SIGNATURE})")
@@ -475,6 +505,21 @@ def embeddings(model: LoadedModel, batch: TokenBatch) -> Float[Tensor, "batch po
     return box["resid"]
 
 
+def check_resid(model: LoadedModel, resid, what: str) -> Tensor:
+    """``resid`` if it is a tensor of residual vectors of ``model`` (width ``d_model``, the weights' dtype), else a
+    one-line error naming ``what``. Reads the shape and dtype only, never the values: it costs nothing per pass."""
+    if not isinstance(resid, Tensor):
+        raise MechbookError(f"{what} must be a torch tensor of residual vectors [..., {model.d_model}], got "
+                            f"{type(resid).__name__}; e.g. torch.as_tensor(x, dtype={model.dtype})")
+    if resid.dim() == 0 or resid.shape[-1] != model.d_model:
+        raise MechbookError(f"{what} must be residual vectors [..., {model.d_model}] of {model.name}, got shape "
+                            f"{tuple(resid.shape)}; use vectors computed on this model")
+    if not resid.dtype.is_floating_point or (model.weights_here and resid.dtype != model.dtype):  # NDIF: its own
+        raise MechbookError(f"{what} is {resid.dtype} but {model.name}'s weights are {model.dtype}; "
+                            f"pass it as .to({model.dtype})")
+    return resid
+
+
 def check_last_pos(last_pos, n: int, width: int) -> Int[Tensor, "n"]:
     """``last_pos`` as a long tensor of one position per row inside ``0..width-1``, or a one-line error.
 
@@ -528,7 +573,8 @@ def run_from_layer(
     from mechbook.core.decoding import unembed
 
     layer = model.check_layer(layer, allow_end=True)
-    if resid.dim() != 3 or resid.shape[-1] != model.d_model:
+    check_resid(model, resid, "resid")
+    if resid.dim() != 3:
         raise MechbookError(f"resid must be [batch, pos, {model.d_model}], got {tuple(resid.shape)}")
     last_pos = check_last_pos(last_pos, resid.shape[0], resid.shape[1])
     fwd_hooks = check_hook_fns(fwd_hooks)
@@ -637,8 +683,16 @@ def run_variants(
     leading axes ``[count, n]`` (a metric); the results of all passes come back
     concatenated: ``[n_variants, n, ...]``. ``progress`` is a tqdm bar to advance.
     """
+    from mechbook.core.names import as_index
+
     n = len(batch)
     max_rows = check_count(max_rows, "max_rows")
+    n_variants = as_index(n_variants, "n_variants")
+    if n_variants < 1:
+        raise MechbookError(f"n_variants must be at least 1, got {n_variants}: there is nothing to run")
+    if not callable(hooks_for) or not callable(reduce):
+        raise MechbookError("run_variants needs hooks_for(first, count) -> hooks and reduce(logits) -> tensor, both "
+                            f"functions; got {type(hooks_for).__name__} and {type(reduce).__name__}")
     if resid is None:
         if layer != 0:
             raise MechbookError("run_variants from a later layer needs resid= (the residual stream entering it)")
@@ -654,7 +708,12 @@ def run_variants(
             prefix.repeat = count
         logits, _ = run_from_layer(model, resid.repeat(count, 1, 1), layer, last_pos.repeat(count),
                                    fwd_hooks=hooks_for(first, count), tokens=tokens, prefix=prefix)
-        out.append(reduce(logits.reshape(count, n, -1)))
+        reduced = reduce(logits.reshape(count, n, -1))
+        if not isinstance(reduced, Tensor) or reduced.shape[:2] != (count, n):
+            raise MechbookError(f"reduce must map logits [{count}, {n}, d_vocab] to a tensor with leading axes "
+                                f"[{count}, {n}] (variants, prompts), got {type(reduced).__name__} "
+                                f"{tuple(getattr(reduced, 'shape', ()))}")
+        out.append(reduced)
         if progress is not None:
             progress.update(count)
     return torch.cat(out)

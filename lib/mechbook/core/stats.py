@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -11,11 +12,32 @@ from mechbook.core.errors import MechbookError
 Z95 = 1.96  # the standard normal's 97.5% quantile, to the two decimals the book has always used
 
 
+def _count(value, what: str) -> int:
+    """A whole count (numpy integers too; bools and floats refused, as 2.5 successes is no count)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        hint = "; pass e.g. int(correct.sum())" if what in ("successes", "n") else ""
+        raise MechbookError(f"{what} must be a whole number, got {value!r}{hint}")
+    return int(value)
+
+
+def _z(z) -> float:
+    if isinstance(z, bool) or not isinstance(z, numbers.Real) or not math.isfinite(z) or z <= 0:
+        raise MechbookError(f"z must be a positive quantile of the normal distribution, got {z!r}; e.g. z=1.96 for 95%")
+    return float(z)
+
+
+def _real(value, what: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise MechbookError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
 def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     """95% Wilson score interval of a proportion (sensible for small n and for 0 or n successes).
 
     ``(nan, nan)`` for ``n == 0``.
     """
+    successes, n, z = _count(successes, "successes"), _count(n, "n"), _z(z)
     if n < 0 or not 0 <= successes <= n:
         raise MechbookError(f"wilson_interval needs 0 <= successes <= n, got {successes} of {n}; "
                             "pass the count of successes and the number of trials")
@@ -56,6 +78,13 @@ def verdict(paper: float, low: float, high: float, *, widest: float = WIDEST) ->
     "holds" if it does, "does not hold here" if it does not, and "cannot tell" when
     there is no interval or it is ``widest`` or wider.
     """
+    paper, low, high = _real(paper, "paper"), _real(low, "low"), _real(high, "high")
+    widest = _real(widest, "widest")
+    if not widest > 0:
+        raise MechbookError(f"widest must be a positive width on the 0-1 scale, got {widest!r}; e.g. the default {WIDEST}")
+    if low > high:
+        raise MechbookError(f"the interval ({low:.4g}, {high:.4g}) has its low end above its high end; pass "
+                            "verdict(paper, low, high)")
     if not all(np.isfinite([paper, low, high])) or high - low >= widest:
         return CANNOT_TELL
     return HOLDS if low <= paper <= high else DOES_NOT_HOLD
@@ -70,11 +99,23 @@ def bootstrap_ratio_interval(numerator: np.ndarray, denominator: np.ndarray, *, 
     Prompts are resampled with replacement, the same prompts for both means (they are
     paired); ``n_boot`` resamples from ``seed``. ``(nan, nan)`` for fewer than 2 prompts.
     """
-    num, den = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
+    try:
+        num, den = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
+    except (TypeError, ValueError):
+        raise MechbookError(f"numerator and denominator must be numbers per prompt, got {type(numerator).__name__} "
+                            f"and {type(denominator).__name__}") from None
     if num.shape != den.shape or num.ndim != 1:
         raise MechbookError(f"numerator and denominator must be 1-d and paired, got {num.shape} and {den.shape}")
-    if not 0 < level < 1 or n_boot < 1:
-        raise MechbookError(f"level must lie in (0, 1) and n_boot be at least 1, got {level} and {n_boot}")
+    n_boot, seed = _count(n_boot, "n_boot"), _count(seed, "seed")
+    level = _real(level, "level")
+    if not 0 < level < 1 or n_boot < 1 or seed < 0:
+        raise MechbookError(f"level must lie in (0, 1), n_boot be at least 1 and seed at least 0, got {level}, "
+                            f"{n_boot} and {seed}")
+    if not (np.isfinite(num).all() and np.isfinite(den).all()):
+        raise MechbookError("numerator or denominator holds NaN or inf; check the per-prompt metrics that made them")
+    if len(den) and not den.mean() > 0:
+        raise MechbookError(f"the denominator's mean is {den.mean():.4g}, not positive, so a ratio in percent of it "
+                            "means nothing; check that the full model solves these prompts")
     if len(num) < 2:
         return (np.nan, np.nan)
     picks = np.random.default_rng(seed).integers(0, len(num), size=(n_boot, len(num)))
@@ -85,5 +126,9 @@ def bootstrap_ratio_interval(numerator: np.ndarray, denominator: np.ndarray, *, 
 
 def jaccard(a, b) -> float:
     """|a & b| / |a | b| of two sets (1.0 when both are empty: nothing to disagree on)."""
-    a, b = set(a), set(b)
+    try:
+        a, b = set(a), set(b)
+    except TypeError:
+        raise MechbookError(f"jaccard compares two collections (sets, lists of labels), got {type(a).__name__} and "
+                            f"{type(b).__name__}") from None
     return 1.0 if not a | b else len(a & b) / len(a | b)

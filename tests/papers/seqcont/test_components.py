@@ -343,3 +343,19 @@ def test_solved_paper_prompts_mix_templates_and_are_solved(gemma):
     assert len(set(prompts.n_tokens)) == 1
     scores = sc.score_prompts(gemma, prompts)
     assert scores["solved"].all()
+
+
+def test_member_index_and_effect_tables_refuse_bad_input():
+    with pytest.raises(MechbookError, match="not a member of months"):
+        S.member_index("months", "Smarch")
+    wrong = pd.DataFrame({"task": ["a"], "component": ["0.1"], "effect": [1.0]})
+    with pytest.raises(MechbookError, match="needs columns"):
+        S.key_heads(wrong)
+    with pytest.raises(MechbookError, match="needs columns"):
+        S.top_components(wrong)
+    effects = pd.DataFrame({"task": ["a"], "kind": ["head"], "layer": [0], "head": [1], "effect": [1.0]})
+    for n, match in ((0, "n >= 1"), (2.5, "not an integer")):
+        with pytest.raises(MechbookError, match="out of range"):
+            S.key_heads(effects, n=n)
+        with pytest.raises(MechbookError, match=match):
+            S.top_components(effects, n=n)

@@ -301,3 +301,22 @@ def test_gemma_scores_and_filters_32_prompts():
     assert scores.solved.mean() > 0.5
     kept = sc.filter_solved(model, prompts, scores=scores)
     assert len(kept) == int(scores.solved.sum())
+
+
+def test_sequence_members_and_make_prompts_take_whole_numbers_and_lists():
+    for args, match in ((("months", 1, 0), "count >= 1"), (("numerals", 1, -2), "count >= 1"),
+                        (("numerals", 1, 3, 0), "non-zero step"),  # ['1', '1', '1'] before
+                        (("numerals", 1.5, 3), "not an integer"),  # ['1.5', '2.5', '3.5'] before
+                        (("numerals", 1, 3, 1.5), "not an integer"), (("months", "1", 2), "not an integer")):
+        with pytest.raises(MechbookError, match=match):
+            sc.sequence_members(*args)
+    for kwargs, match in (({"step": 0.5}, "not an integer"), ({"step": "2"}, "not an integer"),
+                          ({"starts": []}, "starts=\\[\\] gives no prompt"), ({"starts": [1.5]}, "not an integer"),
+                          ({"starts": 3}, "list of start positions"), ({"separator": None}, "separator"),
+                          ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"), ({"tokenizer": "gpt2"}, "expected a tokenizer")):
+        with pytest.raises(MechbookError, match=match):
+            sc.make_prompts("numerals", n_prompts=2, **kwargs)
+    with pytest.raises(MechbookError, match="wrap a single one in a list"):  # its letters were the names before
+        sc.make_prompts("numerals", template="names", names="Bob", n_prompts=2)
+    with pytest.raises(MechbookError, match="expected a tokenizer"):
+        sc.tokenize_prompts(sc.load_paper_prompts("numerals"), None)

@@ -75,3 +75,13 @@ def test_jaccard():
     assert jaccard([1, 2, 3], [2, 3, 4]) == 0.5
     assert jaccard([], []) == 1.0 and jaccard([1], []) == 0.0
     assert jaccard([(0, 1), (0, 1)], [(0, 1)]) == 1.0
+
+
+def test_agreement_tables_refuse_empty_input():
+    import pandas as pd
+
+    with pytest.raises(MechbookError, match="no circuits to compare"):
+        stability.agreement({})
+    for table in (pd.DataFrame(), pd.DataFrame({"size": [1], "jaccard": [1.0]})):
+        with pytest.raises(MechbookError, match="reads the table of agreement"):
+            stability.smallest_stable_size(table)

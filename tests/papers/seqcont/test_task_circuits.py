@@ -225,3 +225,20 @@ def test_b2s_prompts_are_saved_and_rebuilt_exactly(tiny_model, tmp_path):
     assert all(torch.equal(back.means[k], v) for k, v in original["months"].means.items())
     with pytest.raises(MechbookError, match="--chapters b2"):
         load_task_sets(tiny_model, root=tmp_path / "elsewhere")
+
+
+def test_grids_summaries_and_paper_circuits_refuse_bad_input(tiny_gpt2):
+    from mechbook.papers.seqcont.task_circuits import circuit_grid, circuit_summary, paper_circuits, size_comparison
+
+    with pytest.raises(MechbookError, match="lies outside a grid"):  # dropped silently before
+        circuit_grid(Circuit([(9, 9)], []), 3, 4)
+    with pytest.raises(MechbookError, match="n_layers and n_heads"):
+        circuit_grid(Circuit([(0, 1)], []), 3, 0)
+    for tasks in ([], "numerals"):
+        with pytest.raises(MechbookError, match="non-empty list of tasks"):
+            paper_circuits(tasks)
+    with pytest.raises(MechbookError, match="no circuits"):
+        size_comparison({}, tiny_gpt2)
+    with pytest.raises(MechbookError, match="threshold"):
+        circuit_summary({"a": Circuit([(0, 1)], [])}, threshold=5, n_prompts=4)
+    assert circuit_grid(Circuit([(2, 3)], [1]), 3, 4).loc[2, "3"] == 1.0

@@ -161,3 +161,13 @@ def test_collapse_summary_reads_the_curves():
     assert summary.loc["extractive", "retained_area"] == pytest.approx(0.7)
     with pytest.raises(MechbookError, match="k=0"):
         ablation.collapse_summary(table[table.layers_removed > 0])
+
+
+def test_removal_counts_are_a_list_and_numpy_layer_counts_work(tiny_gpt2):
+    batch = tokenize(tiny_gpt2, [[5, 6, 7, 8]])
+    for ks, match in (([], "removes nothing"), (2, "list of MLP counts")):
+        with pytest.raises(MechbookError, match=match):
+            ablation.logits_without_top_mlps(tiny_gpt2, batch, ks)
+    import numpy as np
+
+    assert ablation.top_down_layer_counts(np.int64(6)) == ablation.top_down_layer_counts(6)

@@ -303,3 +303,16 @@ def test_no_tasks_is_refused_with_the_fix():
         ffn.function_layer_summary([], n_layers=4)
     with pytest.raises(MechbookError, match="no tasks' MLP outputs to compare"):
         ffn.o_cosine_table({})
+
+
+def test_cosines_medians_and_token_tables_refuse_bad_input(tiny_gpt2):
+    for args, match in (((torch.randn(8),), "float vectors \\[n, d\\]"),
+                        ((torch.randn(3, 8), torch.randn(3, 9)), "one width"),
+                        ((torch.randn(1, 8),), "no pair")):  # an empty tensor (a NaN mean) before
+        with pytest.raises(MechbookError, match=match):
+            ffn.pairwise_cosines(*args)
+    with pytest.raises(MechbookError, match="whole numbers"):
+        ffn.lower_median([1.5, 2.5])  # 1 before
+    assert ffn.lower_median(np.array([3, 1, 2, 4])) == 2
+    with pytest.raises(MechbookError, match="non-empty dict"):
+        ffn.top_tokens_table(tiny_gpt2, {})

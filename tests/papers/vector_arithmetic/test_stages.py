@@ -260,3 +260,10 @@ def test_prompts_keep_the_order_of_the_lens_table():
     assert per_prompt[["task", "prompt"]].values.tolist() == [["z", 3], ["z", 1], ["a", 0]]
     summary = stages.summarize_stages(per_prompt, by=["task"])
     assert list(dict.fromkeys(summary.task)) == ["z", "a"]
+
+
+def test_fraction_of_depth_needs_a_layer_count():
+    for n_layers in (0, "12", True):
+        with pytest.raises(MechbookError, match="number of layers"):
+            stages.fraction_of_depth(3, n_layers)
+    assert stages.fraction_of_depth(np.array([0, 11]), np.int64(12)).tolist() == [1 / 12, 1.0]

@@ -187,3 +187,21 @@ def test_a_transplant_weight_outside_the_shared_range_is_refused(scale):
     with pytest.raises(MechbookError, match=r"^scale = .* is out of range: it must be a weight \(>= -100 and <= 100\)"):
         transplant.Transplant("add", torch.ones(4), 1, scale=scale)
     assert transplant.Transplant("add", torch.ones(4), 1, scale=np.float32(2.0)).scale == 2.0
+
+
+def test_transplants_are_checked_and_a_negative_layer_counts_from_the_end(tiny_gpt2):
+    batch = tokenize(tiny_gpt2, [[5, 6, 7, 8], [9, 10, 11, 12]])
+    o = torch.randn(tiny_gpt2.d_model)
+    for bad, match in (([], "non-empty list of Transplant"), (transplant.Transplant("o", o, 0), "list of Transplant"),
+                       (["o"], "Transplant objects only")):
+        with pytest.raises(MechbookError, match=match):
+            transplant.transplant_logits(tiny_gpt2, batch, bad)
+    with pytest.raises(MechbookError, match="unknown transplant method"):
+        transplant.Transplant("o", o, 0, "multiply")
+    with pytest.raises(MechbookError, match="label"):
+        transplant.Transplant(None, o, 0)
+    last = tiny_gpt2.n_layers - 1
+    for method in ("add", "replace"):
+        negative = transplant.transplant_logits(tiny_gpt2, batch, [transplant.Transplant("o", o, -1, method)])[1][0]
+        counted = transplant.transplant_logits(tiny_gpt2, batch, [transplant.Transplant("o", o, last, method)])[1][0]
+        assert torch.equal(negative, counted)

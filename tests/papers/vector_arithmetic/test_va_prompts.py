@@ -219,3 +219,12 @@ def test_numpy_counts_are_counts():
         build_prompts("capitals", tok, n=0, multi_token="first")
     with pytest.raises(MechbookError, match=r"^n_shots = True is out of range"):
         build_prompts("capitals", tok, n_shots=True, multi_token="first")
+
+
+def test_seeds_and_pairs_are_checked():
+    for seed in (-1, 1.5):  # both built prompts before (checked ahead of the tokenizer)
+        with pytest.raises(MechbookError, match="seed"):
+            build_prompts("capitals", None, seed=seed)
+    for argument in (None, ""):
+        with pytest.raises(MechbookError, match="needs a word"):
+            va._check_pairs([Pair(argument, "Paris", "g")])

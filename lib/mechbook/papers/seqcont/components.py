@@ -164,6 +164,8 @@ def member_index(task: str, member: str) -> int:
         return int(member)
     if base not in WORD_SEQUENCES:
         raise MechbookError(f"unknown sequence task {task!r}; known: numerals, {', '.join(WORD_SEQUENCES)}")
+    if member not in WORD_SEQUENCES[base]:
+        raise MechbookError(f"{member!r} is not a member of {base} ({', '.join(WORD_SEQUENCES[base])})")
     return WORD_SEQUENCES[base].index(member)
 
 
@@ -331,12 +333,27 @@ def single_ablation_effects(
 def top_components(effects: pd.DataFrame, n: int = 5, *, by: Sequence[str] = ("task",)) -> pd.DataFrame:
     """The ``n`` components whose ablation lowers the score most, per group (e.g. per task)."""
     by = list(by)
+    from mechbook.core.names import as_index
+
+    n = as_index(n, "n")
+    if n < 1:
+        raise MechbookError(f"n={n} components per group asked for; pass n >= 1, e.g. n=5")
+    _need_columns(effects, [*by, "effect", "layer"])
     ordered = effects.sort_values([*by, "effect", "layer"], kind="stable")
     return ordered.groupby(by, sort=False).head(n).reset_index(drop=True)
 
 
+def _need_columns(effects: pd.DataFrame, columns: Sequence[str]) -> None:
+    if not isinstance(effects, pd.DataFrame) or not set(columns) <= set(effects.columns):
+        have = list(effects.columns) if isinstance(effects, pd.DataFrame) else type(effects).__name__
+        raise MechbookError(f"the effects table needs columns {list(columns)}, has {have}; pass the table of "
+                            "single_ablation_effects")
+
+
 def key_heads(effects: pd.DataFrame, n: int = 4) -> list[Component]:
     """The ``n`` heads whose single ablation hurts most, on average over the tasks in ``effects``."""
+    n = check("n_key_heads", n, argument="n")
+    _need_columns(effects, ["kind", "layer", "head", "effect"])
     heads = effects[effects["kind"] == "head"]
     if heads.empty:
         raise MechbookError("the effects table has no heads; run single_ablation_effects over all_heads(model)")

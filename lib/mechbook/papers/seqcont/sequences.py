@@ -359,6 +359,16 @@ def _leading_whitespace(s: str) -> str:
     return s[: len(s) - len(s.lstrip())]
 
 
+def _check_tokenizer(tokenizer: Any) -> Any:
+    """A tokenizer (a model's ``.tokenizer`` too), or a one-line error: a name or None is no tokenizer."""
+    if isinstance(tokenizer, LoadedModel):
+        return tokenizer.tokenizer
+    if tokenizer is None or isinstance(tokenizer, (str, bytes)) or not callable(tokenizer):
+        raise MechbookError(f"expected a tokenizer, got {type(tokenizer).__name__}; pass model.tokenizer of "
+                            "load_model(name)")
+    return tokenizer
+
+
 def _tokenize(prompts: SeqPromptSet, tokenizer: Any) -> tuple[SeqPromptSet, dict[str, int], pd.DataFrame]:
     """Tokenized set, token count of every answer string, and the prompts dropped here."""
     encode = _encoder(tokenizer)
@@ -430,6 +440,7 @@ def tokenize_prompts(prompts: SeqPromptSet, tokenizer: Any) -> SeqPromptSet:
     """
     if len(prompts) == 0:
         raise MechbookError("no prompts to tokenize; the set is empty (see its .dropped for why)")
+    tokenizer = _check_tokenizer(tokenizer)
     if prompts.is_tokenized:
         if prompts.tokenizer_key == _tokenizer_key(tokenizer):
             return prompts
@@ -446,6 +457,12 @@ def tokenize_prompts(prompts: SeqPromptSet, tokenizer: Any) -> SeqPromptSet:
 
 def sequence_members(task: str, start: int, count: int, step: int = 1) -> list[str]:
     """``count`` members of a task's sequence from ``start`` (1-based: numerals from the value itself)."""
+    from mechbook.core.names import as_index
+
+    start, count, step = as_index(start, "start"), as_index(count, "count"), as_index(step, "step")
+    if count < 1 or step == 0:
+        raise MechbookError(f"sequence_members needs count >= 1 and a non-zero step, got count={count}, step={step}; "
+                            "e.g. sequence_members('months', 1, 4)")
     if task == "numerals":
         values = [start + step * k for k in range(count)]
         if min(values) < 0:
@@ -485,6 +502,9 @@ def _check_template(template: str) -> tuple[str, str]:
 
 
 def _filler_pool(given: Sequence[str] | None, default: Sequence[str], what: str, members: set[str]) -> list[str]:
+    if isinstance(given, str) or (given is not None and not all(isinstance(w, str) for w in given)):
+        raise MechbookError(f"{what} must be a list of words, got {given!r}; wrap a single one in a list: "
+                            f"{what}=[{given!r}]" if isinstance(given, str) else f"{what} must be a list of words (str)")
     pool = list(default if given is None else given)
     # A filler that is also a sequence member ("April born in ...") would blur the task.
     pool = [w for w in pool if w.lower() not in members]
@@ -526,6 +546,18 @@ def make_prompts(
     if task not in GENERATOR_TASKS:
         raise MechbookError(f"unknown sequence task {task!r}; known: {', '.join(GENERATOR_TASKS)}")
     n_prompts, n_members = check("n_prompts", n_prompts), check("n_members", n_members)
+    seed = check("seed", seed)
+    from mechbook.core.names import as_index
+
+    step = as_index(step, "step")
+    if not isinstance(separator, str):
+        raise MechbookError(f"separator must be a str (e.g. ' '), got {separator!r}")
+    if starts is not None:
+        if isinstance(starts, (str, bytes)) or not hasattr(starts, "__iter__"):
+            raise MechbookError(f"starts takes a list of start positions, e.g. starts=[1, 2], got {starts!r}")
+        starts = [as_index(s, "start") for s in starts]
+        if not starts:
+            raise MechbookError("starts=[] gives no prompt; pass at least one start, or None for every start that fits")
     if step == 0:
         raise MechbookError("step must be non-zero (1 for consecutive members, 2 for '2 4 6', -1 to count down)")
     if corrupted not in (None, *CORRUPTIONS):
@@ -598,7 +630,7 @@ def make_prompts(
     )
     if tokenizer is None:
         return prompts
-    tokenized, answer_lengths, dropped = _tokenize(prompts, tokenizer)
+    tokenized, answer_lengths, dropped = _tokenize(prompts, _check_tokenizer(tokenizer))
     multi = sorted((m for m, n in answer_lengths.items() if n > 1), key=vocabulary.index)
     if multi:
         warnings.warn(

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from mechbook.core.circuits import Circuit, prune_nodes
 from mechbook.core.checks import check
+from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
 from mechbook.core.stats import bootstrap_ratio_interval, jaccard
 from mechbook.papers.seqcont.task_circuits import circuit_scores_per_prompt, prepare_task
@@ -76,6 +77,8 @@ def agreement(circuits: Mapping[tuple[str, int, int], Circuit]) -> pd.DataFrame:
     mean over pairs of seeds at this size, with the lowest pair) or "with next size"
     (the same seed at this size and the next larger one, mean and lowest over seeds).
     """
+    if not circuits:
+        raise MechbookError("no circuits to compare; pass {(task, n_prompts, seed): Circuit} from circuits_by_size")
     tasks = sorted({t for t, _, _ in circuits}, key=[t for t, _, _ in circuits].index)
     rows = []
     for task in tasks:
@@ -103,6 +106,10 @@ def smallest_stable_size(table: pd.DataFrame, *, at_least: float = STABLE) -> in
     """The smallest size at which every task's circuits agree at least ``at_least`` (lowest pair, heads and MLPs)
     across seeds and with the next size; None if no size measured does (the largest size has no next size to meet).
     """
+    need = {"task", "n_prompts", "comparison", "heads_lowest", "mlps_lowest"}
+    if not isinstance(table, pd.DataFrame) or table.empty or not need <= set(table.columns):
+        raise MechbookError(f"smallest_stable_size reads the table of agreement() (columns {sorted(need)}), got "
+                            f"{'an empty table' if isinstance(table, pd.DataFrame) and table.empty else 'another'}")
     for n in sorted(table.n_prompts.unique()):
         here = table[table.n_prompts == n]
         tasks = table.task.unique()

@@ -39,6 +39,7 @@ from mechbook.core.circuits import (
     run_circuit,
     score_circuits,
 )
+from mechbook.core.checks import check
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
 from mechbook.core.names import all_heads, all_mlps
@@ -163,6 +164,7 @@ def circuit_nodes(circuits: Mapping[str, Circuit]) -> pd.DataFrame:
 def circuit_summary(circuits: Mapping[str, Circuit], *, threshold: float,
                     n_prompts: Mapping[str, int] | int) -> pd.DataFrame:
     """One row per task: n_heads, n_mlps, size, score (% of full model), threshold, n_prompts."""
+    threshold = check("threshold", threshold)
     return pd.DataFrame([
         {"task": task, "n_heads": len(c.heads), "n_mlps": len(c.mlps), "size": len(c),
          "score": None if c.score is None else round(float(c.score), 3), "threshold": threshold,
@@ -201,6 +203,9 @@ def score_intervals(model: LoadedModel, circuits: Mapping[str, Circuit], tasks: 
 
 def paper_circuits(tasks: Sequence[str] = sequences.PAPER_TASKS) -> dict[str, Circuit]:
     """The paper's GPT-2 small node circuits (threshold 20%), shipped with the package."""
+    if isinstance(tasks, str) or not tasks:
+        raise MechbookError(f"paper_circuits takes a non-empty list of tasks, e.g. {list(sequences.PAPER_TASKS)}, "
+                            f"got {tasks!r}")
     out = {}
     for task in tasks:
         raw = sequences.paper_gpt2small_circuit(task)
@@ -210,7 +215,10 @@ def paper_circuits(tasks: Sequence[str] = sequences.PAPER_TASKS) -> dict[str, Ci
 
 def size_comparison(circuits: Mapping[str, Circuit], model: LoadedModel) -> pd.DataFrame:
     """Circuit sizes here beside the paper's GPT-2 small circuits (12 layers x 12 heads), absolute and as a share."""
-    paper = paper_circuits([t for t in circuits if t in sequences.PAPER_TASKS])
+    if not circuits:
+        raise MechbookError("no circuits to compare; load them with load_task_circuits(model)")
+    known = [t for t in circuits if t in sequences.PAPER_TASKS]
+    paper = paper_circuits(known) if known else {}
     rows = []
     for task, c in circuits.items():
         rows.append({"task": task, "model": model.name, "heads": len(c.heads), "of heads": model.n_layers * model.n_heads,
@@ -226,6 +234,16 @@ def size_comparison(circuits: Mapping[str, Circuit], model: LoadedModel) -> pd.D
 
 def circuit_grid(circuit: Circuit, n_layers: int, n_heads: int, *, value: float = 1.0) -> pd.DataFrame:
     """A layer x (head 0..H-1, "MLP") table: ``value`` where the component is in the circuit, else 0."""
+    if isinstance(n_layers, bool) or isinstance(n_heads, bool) or not (isinstance(n_layers, (int, np.integer))
+                                                                       and isinstance(n_heads, (int, np.integer))
+                                                                       and n_layers >= 1 and n_heads >= 1):
+        raise MechbookError(f"circuit_grid needs n_layers and n_heads of the model (whole numbers >= 1), got "
+                            f"{n_layers!r} and {n_heads!r}; pass model.n_layers, model.n_heads")
+    outside = [f"head {l}.{h}" for l, h in circuit.heads if l >= n_layers or h >= n_heads] + \
+        [f"MLP {l}" for l in circuit.mlps if l >= n_layers]
+    if outside:
+        raise MechbookError(f"{outside[0]} lies outside a grid of {n_layers} layers x {n_heads} heads; pass the "
+                            "n_layers and n_heads of the model the circuit was found on")
     columns = [str(h) for h in range(n_heads)] + ["MLP"]
     grid = pd.DataFrame(0.0, index=pd.RangeIndex(n_layers, name="layer"), columns=columns)
     for l, h in circuit.heads:

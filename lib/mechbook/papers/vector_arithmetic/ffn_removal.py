@@ -61,7 +61,9 @@ def top_down_layer_counts(n_layers: int, steps: int = PAPER_STEPS) -> list[int]:
     Rounded up, so BLOOM-176B's 70 layers give 24 at 2/6, the point the paper reports
     ("removing the top 24 FFN sublayers"); 18 layers give 0, 3, ..., 18.
     """
-    if not isinstance(n_layers, int) or n_layers < 1:
+    n_layers = int(n_layers) if isinstance(n_layers, np.integer) else n_layers
+    steps = int(steps) if isinstance(steps, np.integer) else steps
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
         raise MechbookError(f"n_layers must be a positive integer, not {n_layers!r}")
     if not isinstance(steps, int) or steps < 1:
         raise MechbookError(f"steps must be a positive integer (the paper uses {PAPER_STEPS}), not {steps!r}")
@@ -215,6 +217,11 @@ def logits_without_top_mlps(model: LoadedModel, batch: TokenBatch, ks: Sequence[
     One clean pass caches the residual entering each layer where a step starts, and
     each step then runs only its top k layers: the layers below are the same in every step.
     """
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):
+        raise MechbookError(f"ks takes a list of MLP counts, e.g. top_down_layer_counts({model.n_layers}), got {ks!r}")
+    ks = list(ks)
+    if not ks:
+        raise MechbookError(f"ks=[] removes nothing; pass counts of top MLPs, e.g. top_down_layer_counts({model.n_layers})")
     removed = [top_mlps(model, k) for k in ks]
     starts = [model.n_layers - int(k) for k in ks]
     names = sorted({act_name("resid_pre", s) for s in starts if s < model.n_layers})

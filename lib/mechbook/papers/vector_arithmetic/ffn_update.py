@@ -197,6 +197,8 @@ def lower_median(values: Sequence[int] | np.ndarray) -> int:
     values = np.sort(np.asarray(values))
     if len(values) == 0:
         raise MechbookError("no values to take the median of; the prompt set is empty")
+    if values.dtype.kind not in "iu":
+        raise MechbookError(f"lower_median takes whole numbers (layers), got {values.dtype} values; pass layer indices")
     return int(values[(len(values) - 1) // 2])
 
 
@@ -411,6 +413,17 @@ def subtract_o_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 def pairwise_cosines(a: Float[Tensor, "n d"], b: Float[Tensor, "m d"] | None = None) -> Float[Tensor, "pairs"]:
     """Cosine similarity of every pair: i < j within ``a``, or every (i, j) across ``a`` and ``b``."""
+    for x, name in ((a, "a"), (b, "b")):
+        if name == "b" and x is None:
+            continue
+        if not isinstance(x, Tensor) or x.dim() != 2 or not x.dtype.is_floating_point:
+            raise MechbookError(f"pairwise_cosines takes {name} as float vectors [n, d], got "
+                                f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if b is not None and a.shape[1] != b.shape[1]:
+        raise MechbookError(f"pairwise_cosines compares vectors of one width, got {a.shape[1]} and {b.shape[1]}")
+    if (len(a) < 2 if b is None else min(len(a), len(b)) < 1):
+        raise MechbookError(f"pairwise_cosines has no pair to compare ({len(a)} vector(s)"
+                            f"{'' if b is None else f' and {len(b)}'}); pass at least two vectors")
     a_n = torch.nn.functional.normalize(a.float(), dim=-1)
     if b is None:
         sims = a_n @ a_n.T
@@ -456,6 +469,8 @@ def o_cosine_table(mlp_outs: Mapping[str, Float[Tensor, "batch layer d_model"]],
 
 def top_tokens_table(model: LoadedModel, vectors: Mapping[str, Float[Tensor, "d_model"]], k: int = 10) -> pd.DataFrame:
     """The top-k tokens of several vectors side by side, one column per vector (``decoding.top_tokens``)."""
+    if not isinstance(vectors, Mapping) or not vectors:
+        raise MechbookError("top_tokens_table needs a non-empty dict of label -> vector, e.g. {'o': o_vector}")
     return pd.DataFrame(
         {label: decoding.top_tokens(model, v, k=k)["token"].map(repr).tolist() for label, v in vectors.items()},
         index=pd.RangeIndex(1, k + 1, name="rank"),

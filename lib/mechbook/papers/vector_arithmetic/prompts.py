@@ -340,6 +340,7 @@ def build_prompts(
     "first" token. ``pairs`` replaces the task's word list (the template stays).
     """
     spec = _check_task(task)
+    seed = check("seed", seed)
     if variant not in VARIANTS:
         raise MechbookError(f"unknown variant {variant!r}; use one of {list(VARIANTS)}")
     if multi_token not in MULTI_TOKEN_CHOICES:
@@ -424,6 +425,8 @@ def _check_pairs(pairs: Sequence[Pair]) -> None:
     for pair in pairs:
         if not isinstance(pair, Pair):
             raise MechbookError(f"pairs must be Pair(argument, answer, group) objects, got {pair!r}")
+        if not all(isinstance(w, str) and w.strip() for w in (pair.argument, pair.answer)):
+            raise MechbookError(f"{pair!r} needs a word as argument and as answer (non-empty str)")
         if pair.argument in seen:
             raise MechbookError(f"argument {pair.argument!r} appears twice; keep one answer per argument")
         seen.add(pair.argument)

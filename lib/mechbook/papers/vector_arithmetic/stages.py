@@ -79,6 +79,8 @@ PAPER_GPT2_MEDIUM = reported.GPT2_MEDIUM_STAGES
 
 def fraction_of_depth(layer: float | pd.Series | np.ndarray, n_layers: int):
     """Where a layer sits in the network: ``(layer + 1) / n_layers`` (the last layer is 1.0)."""
+    if isinstance(n_layers, bool) or not isinstance(n_layers, (int, np.integer)) or n_layers < 1:
+        raise MechbookError(f"n_layers must be the model's number of layers (a whole number >= 1), got {n_layers!r}")
     return (layer + 1) / n_layers
 
 

@@ -13,7 +13,7 @@ later layers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import torch
@@ -76,6 +76,10 @@ class Transplant:
     scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.label, str) or not self.label:
+            raise MechbookError(f"a Transplant's label names it in tables (a non-empty str), got {self.label!r}")
+        if self.method not in METHODS:
+            raise MechbookError(f"unknown transplant method {self.method!r}; use one of {list(METHODS)}")
         object.__setattr__(self, "scale", check("add_scale", self.scale, argument="scale"))
 
     def start(self) -> tuple[str, int]:
@@ -110,10 +114,13 @@ def transplant_logits(
     starts; each transplant then re-runs only the layers from its own on
     (:func:`mechbook.core.runs.run_from_layer`).
     """
+    if isinstance(transplants, Transplant) or not isinstance(transplants, (list, tuple)) or not transplants:
+        raise MechbookError("transplant_logits takes a non-empty list of Transplant, e.g. [Transplant('o', o, layer)]")
+    if not all(isinstance(t, Transplant) for t in transplants):
+        raise MechbookError("transplant_logits takes Transplant objects only, e.g. [Transplant('o', o, layer)]")
+    # a negative layer counts from the end: resolved here, as everywhere else
+    transplants = [replace(t, layer=model.check_layer(t.layer)) for t in transplants]
     for t in transplants:
-        if t.method not in METHODS:
-            raise MechbookError(f"unknown transplant method {t.method!r}; use one of {list(METHODS)}")
-        model.check_layer(t.layer)
         check_vector(model, t.o, len(batch), f"the o of transplant {t.label!r}")
     names = sorted({t.start()[0] for t in transplants})
     baseline, after = [], [[] for _ in transplants]
