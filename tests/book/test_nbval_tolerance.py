@@ -242,6 +242,23 @@ def test_a_cell_near_zero_is_judged_against_its_columns_scale():
     assert not tables_agree(alone, {**alone, "data": [[1.0], [0.0125]]})
 
 
+def test_numbers_formatted_into_a_table_cell_follow_the_text_rule():
+    """b4 prints "-4.0010 ± 6.8051" into a cell and a1 "'｣' 0.028890": with another SIMD kernel (AVX2 for
+    AVX-512) they read "-4.0011 ± 6.8050" and "'｣' 0.028891", which is float noise; a label beside them is not."""
+    def table(*cells):
+        return {"index_names": [None], "column_names": [None], "index": ["numerals"], "columns": ["random"],
+                "data": [list(cells)]}
+
+    assert tables_agree(table("-4.0010 ± 6.8051"), table("-4.0011 ± 6.8050"))
+    assert tables_agree(table("'｣' 0.028890"), table("'｣' 0.028891"))
+    for changed in ("-4.0010 ± 6.9051", "4.0010 ± 6.8051", "'」' 0.028890", "-4.0 ± 6.8051"):
+        assert not tables_agree(table("-4.0010 ± 6.8051" if "±" in changed else "'｣' 0.028890"), table(changed))
+    head = {**table("x"), "columns": ["head"]}
+    assert not tables_agree({**head, "data": [["4.10"]]}, {**head, "data": [["4.11"]]})  # too few digits: a label
+    labels = {**table(1.0), "index": ["4.10 head"]}
+    assert not tables_agree(labels, {**labels, "index": ["4.11 head"]})  # index labels exactly
+
+
 def test_table_content_keeps_types_and_missing_values():
     frame = pd.DataFrame({"n": np.array([3, 4], dtype=np.int64), "x": np.array([0.5, np.nan], dtype=np.float32),
                           "ok": [True, False], "token": [" Paris", None]})
