@@ -566,6 +566,30 @@ def _parameters_for_kernel(chapter: Chapter, values: dict[str, Any]):
             os.environ[PARAMETERS_ENV] = before
 
 
+@contextlib.contextmanager
+def search_flags(*, recompute: bool, resume: bool):
+    """Tell the chapters' kernels whether to search again (``--recompute``) and to take up the checkpoints of a
+    killed run (``--resume``): :data:`~mechbook.book.searches.RECOMPUTE_ENV`, :data:`~mechbook.book.searches.RESUME_ENV`,
+    set only while the chapters run."""
+    from mechbook.book.searches import RECOMPUTE_ENV, RESUME_ENV
+
+    wanted = {RECOMPUTE_ENV: "1" if recompute else None, RESUME_ENV: "1" if resume else None}
+    before = {name: os.environ.get(name) for name in wanted}
+    for name, value in wanted.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def resume_skips(chapters: Sequence[Chapter], model: str, results_root: Path,
                  parameters: dict[str, dict[str, Any]]) -> list[Chapter]:
     """The chapters ``run --resume`` skips: complete results made with the parameters asked for now.
@@ -691,14 +715,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     done = resume_skips(chapters, args.model, default_root(root), parameters) if args.resume else []
     results = [ChapterResult(c.key, SKIPPED, 0.0, str(default_root(root) / safe_name(args.model) / c.stem))
                for c in done]
-    results += run_chapters(
-        [c for c in chapters if c not in done],
-        book_dir=book_dir,
-        out_dir=out_dir,
-        parameters=parameters,
-        strip=False,
-        stop_on_failure=args.stop_on_failure,
-    )
+    with search_flags(recompute=args.recompute, resume=args.resume):
+        results += run_chapters(
+            [c for c in chapters if c not in done],
+            book_dir=book_dir,
+            out_dir=out_dir,
+            parameters=parameters,
+            strip=False,
+            stop_on_failure=args.stop_on_failure,
+        )
     results.sort(key=lambda r: [c.key for c in chapters].index(r.chapter))
     expected = len(chapters)
     # New results of this model: re-execute the book's across-models chapters in place, so that
@@ -729,9 +754,11 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     _check_parameters(chapters, require_default=True)
     check_results_for(chapters, DEFAULT_MODEL, default_root(root))
     _check_results_writable(root)
-    results = run_chapters(
-        chapters, book_dir=book_dir, out_dir=None, parameters=None, strip=True, stop_on_failure=args.stop_on_failure
-    )
+    with search_flags(recompute=args.recompute, resume=False):
+        results = run_chapters(
+            chapters, book_dir=book_dir, out_dir=None, parameters=None, strip=True,
+            stop_on_failure=args.stop_on_failure,
+        )
     print(summary_table(results))
     return 0 if all(r.status == "ok" for r in results) and len(results) == len(chapters) else 1
 
@@ -842,6 +869,11 @@ def build_parser() -> argparse.ArgumentParser:
         "parameters (after a dropped connection: the run starts at the first chapter with missing results)",
     )
     run.add_argument(
+        "--recompute", action="store_true",
+        help="search again (node and edge pruning, circuits' scores) even where the results for this model hold "
+        "the searches already, made from the same inputs; without it those are loaded and a fixed sample re-checked",
+    )
+    run.add_argument(
         "-p", "--parameter", action="append", metavar="NAME=VALUE",
         help="set a parameter of the chapters whose parameters cell has it, e.g. -p n_prompts=16 (repeatable)",
     )
@@ -864,6 +896,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     refresh.add_argument("--chapters", nargs="+", metavar="CHAPTER", help="e.g. a1 (default: all)")
     refresh.add_argument("--stop-on-failure", action="store_true", help="stop at the first failing chapter")
+    refresh.add_argument("--recompute", action="store_true",
+                         help="search again even where the committed results hold the searches (see run --recompute)")
     refresh.set_defaults(func=cmd_refresh)
 
     fmt = commands.add_parser(

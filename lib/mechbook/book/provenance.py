@@ -331,7 +331,38 @@ def box(saved: Any = None) -> Box:
                    "by an older mechbook; rerun the chapter to record it.")
     note = (f"The results files are the ones this run saved (their sizes and sha256 are in {MARKER}); "
             "the provenance may differ between runs, the results should not.")
-    return Box(_rows(found, until="its results were saved"), files, note)
+    rows = _rows(found, until="its results were saved")
+    if info.get("searches"):
+        rows.insert(1, ("searches", searches_text(info["searches"])))
+    return Box(rows, files, note)
+
+
+def searches_text(searches: dict[str, Any]) -> str:
+    """What a run did with its chapter's searches (:mod:`mechbook.book.searches`): computed them, or checked them
+    against which computation."""
+    units = searches.get("units", [])
+    computed = searches.get("computed", {})
+    parts = []
+    checked = [u for u in units if u.get("outcome") == "checked"]
+    if checked:
+        stamps = [computed.get(u["unit"], {}) for u in checked]
+        dates = sorted({str(s.get("finished", "?"))[:10] for s in stamps})
+        commits = sorted({str(s.get("commit") or "?")[:10] for s in stamps})
+        cpus = sorted({str(s.get("cpu") or "?") for s in stamps})
+        at = sum(u.get("at threshold") or 0 for u in checked)
+        parts.append(
+            f"checked, not recomputed: {len(checked)} searches loaded from the committed results, "
+            f"{sum(u.get('checked') or 0 for u in checked)} of their {sum(u.get('of') or 0 for u in checked)} units "
+            f"recomputed in {duration(searches.get('check_seconds'))}, all agree"
+            + (f" ({at} at the threshold within float noise)" if at else "")
+            + f"; computed on {', '.join(dates)} at commit {', '.join(commits)} on {', '.join(cpus)} in "
+            f"{duration(sum(float(s.get('seconds') or 0) for s in stamps))}")
+    fresh = [u for u in units if u.get("outcome") != "checked"]
+    if fresh:
+        seconds = sum(float(computed.get(u["unit"], {}).get("seconds") or 0) for u in fresh)
+        why = searches.get("why_computed")
+        parts.append(f"computed in this run: {len(fresh)} searches in {duration(seconds)}" + (f" ({why})" if why else ""))
+    return "; ".join(parts) or "none"
 
 
 # ---------------------------------------------------------------------- across models

@@ -134,6 +134,10 @@ class ChapterResults:
         except OSError as exc:
             raise _unwritable(self.final.parent, exc) from None
         self.written: list[str] = []
+        # more for the marker (``searches``: what this run computed or checked, mechbook.book.searches), and what
+        # to do once the results are published (delete the searches' checkpoints)
+        self.extra: dict[str, Any] = {}
+        self.after_publish: list = []
 
     def save(self, name: str, data: pd.DataFrame | dict | list) -> Path:
         """Stage a table (CSV) or a JSON-able object under ``name``."""
@@ -173,12 +177,15 @@ class ChapterResults:
         # The files carry no timestamp: re-running unchanged code leaves them byte for byte the same. What
         # produced them (date, wall time, versions, ...) goes beside the file list, which readers check.
         marker = {"model": self.model_name, "chapter": self.chapter, "format": FORMAT, "mechbook": __version__,
-                  "files": files, "parameters": self.parameters, "provenance": _provenance(self.model_name)}
+                  "files": files, "parameters": self.parameters, **self.extra,
+                  "provenance": _provenance(self.model_name)}
         try:
             (self._staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             self._publish()
         except OSError as exc:
             raise _unwritable(self.final.parent, exc) from None
+        for then in self.after_publish:
+            then()
         return self.final
 
     def _publish(self) -> None:
@@ -414,7 +421,13 @@ def parameter_changes(model_name: str, chapter: str, wanted: dict[str, Any],
         return ["no parameters recorded"]
     wanted = parameters_record(wanted)
     return [f"{name}: {recorded.get(name, '(unset)')!r} -> {wanted.get(name, '(unset)')!r}"
-            for name in sorted(set(recorded) | set(wanted)) if recorded.get(name, _UNSET) != wanted.get(name, _UNSET)]
+            for name in sorted((set(recorded) | set(wanted)) - HOW_NOT_WHAT)
+            if recorded.get(name, _UNSET) != wanted.get(name, _UNSET)]
+
+
+# Parameters that change how a chapter gets its results, not what they are: recompute (search again rather than
+# load and check the committed searches, mechbook.book.searches) gives the same results either way.
+HOW_NOT_WHAT = frozenset({"recompute"})
 
 
 _UNSET = object()

@@ -610,6 +610,27 @@ def digest(*tensors: Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def means_fingerprint(means: Mapping[str, Tensor]) -> list:
+    """Which means a search ran on, robust to float noise: ``[name, sum, sum of magnitudes]`` per hook name.
+
+    Means are activations averaged by a forward pass, so they differ in their last bits
+    between CPUs and thread counts, and a digest of their bytes would too. Two
+    fingerprints name the same means when :func:`same_means` says so.
+    """
+    return [[k, float(means[k].double().sum()), float(means[k].double().abs().sum())] for k in sorted(means)]
+
+
+def same_means(a, b) -> bool:
+    """Whether two :func:`means_fingerprint` values agree within float noise (1e-4 of each tensor's magnitude)."""
+    if not isinstance(a, list) or not isinstance(b, list) or len(a) != len(b):
+        return False
+    for (ka, sa, ma), (kb, sb, mb) in zip(a, b):
+        scale = FLOAT_NOISE * max(abs(ma), abs(mb), 1e-12)
+        if ka != kb or abs(sa - sb) > scale or abs(ma - mb) > scale:
+            return False
+    return True
+
+
 def pruning_parameters(model: LoadedModel, batch: TokenBatch, means: Mapping[str, Tensor], *, threshold: float,
                        max_rounds: int | None, start: Circuit, max_rows: int, tokens: Tensor | None) -> dict:
     """What a node pruning's decisions depend on, as plain JSON values (the metric aside, which is code).
@@ -619,7 +640,7 @@ def pruning_parameters(model: LoadedModel, batch: TokenBatch, means: Mapping[str
     return {"model": model.name, "threshold": float(threshold), "max_rounds": max_rounds, "start": start.to_dict(),
             "max_rows": int(max_rows), "tokens": None if tokens is None else [int(t) for t in tokens.tolist()],
             "prompts": digest(batch.input_ids, batch.lengths),
-            "means": digest(*(means[k] for k in sorted(means)))}
+            "means": means_fingerprint(means)}
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -666,7 +687,8 @@ class _Checkpoint:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise MechbookError(f"{path} is not a node pruning checkpoint ({type(exc).__name__}: {exc}); delete it "
                                 "or pass another checkpoint path") from None
-        differ = [k for k in sorted(set(params) | set(saved)) if saved.get(k) != params.get(k)]
+        differ = [k for k in sorted(set(params) | set(saved))
+                  if not (same_means(saved.get(k), params.get(k)) if k == "means" else saved.get(k) == params.get(k))]
         if differ:
             shown = "; ".join(f"{k} {_short(saved.get(k))} there, {_short(params.get(k))} here" for k in differ)
             raise MechbookError(f"checkpoint {path} was written by a pruning with other parameters ({shown}); "
@@ -851,7 +873,7 @@ def prune_edges(
         "model": model.name, "threshold": threshold, "circuit": circuit.to_dict(), "inputs": list(inputs),
         "mlp_senders": bool(mlp_senders), "to_logits": bool(to_logits), "source": source is not None,
         "max_rows": int(max_rows), "prompts": digest(batch.input_ids, batch.lengths),
-        "means": digest(*(means[k] for k in sorted(means))), "full_metric": full,
+        "means": means_fingerprint(means), "full_metric": full,
         "circuit_score": score_circuit(model, batch, circuit, means, metric, full_metric=full),
         "forward_passes": passes, "prompt_blocks": blocks})
     return edges

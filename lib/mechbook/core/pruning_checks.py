@@ -32,7 +32,8 @@ from jaxtyping import Int
 from torch import Tensor
 
 from mechbook.core.checks import check
-from mechbook.core.circuits import FLOAT_NOISE, Circuit, circuit_metrics, digest, edge_cost, pass_order
+from mechbook.core.circuits import (FLOAT_NOISE, Circuit, circuit_metrics, digest, edge_cost, means_fingerprint,
+                                    pass_order, same_means)
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
 from mechbook.core.names import Component
@@ -136,7 +137,8 @@ def assert_agrees(table: pd.DataFrame, what: str = "the log") -> None:
 
 def _refuse_other_inputs(attrs: Mapping, here: Mapping, what: str) -> None:
     """A log is checked only against the inputs it was made from (those its attrs record)."""
-    differ = [k for k, v in here.items() if k in attrs and attrs[k] != v]
+    differ = [k for k, v in here.items()
+              if k in attrs and not (same_means(attrs[k], v) if k == "means" else attrs[k] == v)]
     if differ:
         shown = "; ".join(f"{k} {attrs[k]!r} in the log, {here[k]!r} here" for k in differ)
         raise MechbookError(f"{what} was made with other inputs ({shown}); check it with the ones it was made from")
@@ -289,7 +291,7 @@ def check_node_decisions(
     threshold = check("threshold", threshold)
     _refuse_other_inputs(log.attrs, {"threshold": threshold, "model": model.name,
                                      "prompts": digest(batch.input_ids, batch.lengths),
-                                     "means": digest(*(means[k] for k in sorted(means)))}, "this node pruning log")
+                                     "means": means_fingerprint(means)}, "this node pruning log")
     start = Circuit(**log.attrs["start"]) if "start" in log.attrs else Circuit.full(model)
     befores, final, problems = _replay_nodes(model, log, start, log.attrs.get("max_rounds"), threshold)
     rows = [_row(u, "replay", status="differs", note=note) for u, note in problems]
@@ -420,7 +422,7 @@ def check_edge_decisions(
     attrs = edges.attrs
     _refuse_other_inputs(attrs, {"threshold": threshold, "model": model.name, "source": source is not None,
                                  "prompts": digest(batch.input_ids, batch.lengths),
-                                 "means": digest(*(means[k] for k in sorted(means)))}, "this edge table")
+                                 "means": means_fingerprint(means)}, "this edge table")
     logged_circuit = Circuit(**attrs["circuit"]) if "circuit" in attrs else None
     if logged_circuit is None and circuit is None:
         raise MechbookError("the edge table's attrs name no circuit; pass circuit= (the node circuit it was pruned in)")

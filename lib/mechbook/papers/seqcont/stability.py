@@ -17,7 +17,7 @@ the circuits agree:
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import combinations
 
 import numpy as np
@@ -42,13 +42,21 @@ def circuits_by_size(
     *,
     threshold: float = 0.2,
     n_corrupted: int = 64,
+    prune: Callable | None = None,
 ) -> tuple[pd.DataFrame, dict[tuple[str, int, int], Circuit]]:
     """Node pruning on each task at each sample size with each seed.
 
     Returns one row per run (task, n_prompts, seed, n_heads, n_mlps, score with its
     95% bootstrap interval over prompts, seconds) and the circuits keyed by
-    ``(task, n_prompts, seed)``.
+    ``(task, n_prompts, seed)``. ``prune(key, task_set, threshold=...)`` runs one pruning
+    (default :func:`~mechbook.core.circuits.prune_nodes`; a chapter passes
+    :meth:`mechbook.book.searches.Searches.node_pruning` to load and re-check committed
+    ones); ``seconds`` is the pruning's, as ``log.attrs["seconds"]`` gives it when set.
     """
+    if prune is None:
+        def prune(key, t, *, threshold):
+            return prune_nodes(model, t.batch, t.means, t.metric, threshold=threshold, tokens=t.tokens)
+
     tasks = check("tasks", list(tasks) if isinstance(tasks, (list, tuple)) else tasks)
     sizes, seeds = check("sizes", sizes), check("seeds", seeds)  # a size of 2 at least: an interval needs two prompts
     threshold = check("threshold", threshold)
@@ -57,8 +65,8 @@ def circuits_by_size(
     for task, n, seed in tqdm(runs, desc="circuits by sample size", disable=None):
         t = prepare_task(model, task, n_prompts=n, n_corrupted=n_corrupted, seed=seed)
         start = time.perf_counter()
-        circuit = prune_nodes(model, t.batch, t.means, t.metric, threshold=threshold, tokens=t.tokens)
-        seconds = time.perf_counter() - start
+        circuit = prune(f"{task}/{n}/{seed}", t, threshold=threshold)
+        seconds = circuit.log.attrs.get("seconds", time.perf_counter() - start)
         num, den = circuit_scores_per_prompt(model, t, circuit)
         low, high = bootstrap_ratio_interval(num, den, seed=seed)
         found[(task, n, seed)] = circuit

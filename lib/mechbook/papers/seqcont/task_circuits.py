@@ -18,7 +18,7 @@ Built on :mod:`mechbook.core.circuits` (the node-pruning engine) for the chapter
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -391,6 +391,7 @@ def cross_task_table(
     *,
     n_random: int = 10,
     seed: int = 0,
+    metrics: Callable | None = None,
 ) -> pd.DataFrame:
     """Each circuit scored on each task, beside random circuits of its size (Paper B's cross-task table plus a control).
 
@@ -399,7 +400,16 @@ def cross_task_table(
     random_mean, random_std (over ``n_random`` random circuits with as many heads and
     MLPs, the same ones on every task), n_random, n_prompts, and the paper's GPT-2
     small score where it gives one.
+
+    ``metrics(eval_task, batch, circuits, means, metric, tokens=...)`` gives every
+    circuit's metric on every prompt of one task (default:
+    :func:`mechbook.core.circuits.circuit_metrics`); a chapter passes
+    :meth:`mechbook.book.searches.Searches.circuit_metrics` to load and re-check them.
     """
+    if metrics is None:
+        def metrics(name, batch, these, means, metric, *, tokens=None):
+            return circuit_metrics(model, batch, these, means, metric, tokens=tokens)
+
     if not circuits or not tasks:
         raise MechbookError("need at least one circuit and one task to score it on")
     controls = {name: random_circuits(model, c, n_random, seed=seed) for name, c in circuits.items()}
@@ -411,7 +421,7 @@ def cross_task_table(
             full_model_metric(model, task.batch, task.metric)  # raises its one-line error
         names = list(circuits)
         batch_circuits = [circuits[nm] for nm in names] + [r for nm in names for r in controls[nm]]
-        per_prompt = circuit_metrics(model, task.batch, batch_circuits, task.means, task.metric, tokens=task.tokens)
+        per_prompt = metrics(eval_task, task.batch, batch_circuits, task.means, task.metric, tokens=task.tokens)
         scores = (100.0 * per_prompt.mean(1) / full.mean()).tolist()
         own, rand = scores[: len(names)], np.array(scores[len(names) :]).reshape(len(names), n_random)
         for i, name in enumerate(names):
