@@ -272,39 +272,53 @@ class Searches:
         self._computed(key, unit)
         return _edge_table(unit)
 
-    # --- many circuits' metrics -------------------------------------------------------------------------
+    # --- many equally costly values ---------------------------------------------------------------------
+
+    def values(self, key: str, inputs: dict, n: int, compute: Callable[[list[int]], Sequence[Tensor]], *,
+               labels: Sequence[str] | None = None) -> list[Tensor]:
+        """``n`` values of equal cost (each a tensor, e.g. one circuit's metric on every prompt): ``compute(list(range(
+        n)))``, or the committed ones with a fixed sample recomputed (:func:`value_sample`) and compared element by
+        element within float noise. ``inputs`` are exactly what the values are made from (prompts, circuits, ...);
+        the values are reused only for the same inputs."""
+        self._start(key)
+        inputs = {"model": self.model.name, **inputs}
+        unit = self._reusable(key, "values", inputs)
+        labels = list(labels) if labels is not None else [str(i) for i in range(n)]
+        if unit is not None and len(unit["values"]) == n:
+            values = [torch.tensor(v, dtype=torch.float32) for v in unit["values"]]
+            began = time.perf_counter()
+            picked = value_sample(n, seed=log_seed(pd.DataFrame({"label": labels}), ["label"]))
+            again = [v.float().cpu() for v in compute(picked)]
+            table = _value_checks(values, again, picked, labels)
+            self._checked(key, unit, table, "values", time.perf_counter() - began)
+            return values
+        unit = self._finished_before(key, "values", inputs)
+        if unit is None:
+            began = time.perf_counter()
+            found = [v.float().cpu() for v in compute(list(range(n)))]
+            if len(found) != n:
+                raise MechbookError(f"compute gave {len(found)} values for {n} items in unit {key!r}; give one each")
+            unit = {"kind": "values", "inputs": _plain(inputs), "size": n, "values": [v.tolist() for v in found],
+                    "computed": _stamp(time.perf_counter() - began)}
+            self._computed(key, unit)
+        else:
+            self._computed(key, unit, resumed=True)
+        return [torch.tensor(v, dtype=torch.float32) for v in unit["values"]]
 
     def circuit_metrics(self, key: str, batch: TokenBatch, circuits: Sequence[Circuit], means: Mapping[str, Tensor],
                         metric, *, tokens: Tensor | None = None, max_rows: int = 256) -> Tensor:
         """:func:`~mechbook.core.circuits.circuit_metrics` (each circuit's metric on each prompt, everything outside it
-        mean-ablated), or the committed values with a fixed sample of circuits recomputed: :func:`value_sample`."""
-        self._start(key)
-        inputs = {"model": self.model.name, "circuits": [c.to_dict() for c in circuits],
-                  "prompts": digest(batch.input_ids, batch.lengths),
+        mean-ablated) as :meth:`values`, one value per circuit: computed, or committed and a sample recomputed."""
+        inputs = {"circuits": [c.to_dict() for c in circuits], "prompts": digest(batch.input_ids, batch.lengths),
                   "means": means_fingerprint(means),
                   "tokens": None if tokens is None else [int(t) for t in tokens.tolist()], "max_rows": int(max_rows)}
-        unit = self._reusable(key, "circuit metrics", inputs)
-        if unit is not None:
-            values = torch.tensor(unit["values"], dtype=torch.float32)
-            began = time.perf_counter()
-            picked = value_sample(len(circuits), seed=log_seed(pd.DataFrame({"c": [json.dumps(c) for c in
-                                                                               inputs["circuits"]]}), ["c"]))
-            again = circuit_metrics(self.model, batch, [circuits[i] for i in picked], means, metric,
-                                    max_rows=max_rows, tokens=tokens).float().cpu()
-            table = _value_checks(values, again, picked, [" ".join(c.labels()) for c in circuits])
-            self._checked(key, unit, table, "circuit metrics", time.perf_counter() - began)
-            return values
-        unit = self._finished_before(key, "circuit metrics", inputs)
-        if unit is not None:
-            self._computed(key, unit, resumed=True)
-            return torch.tensor(unit["values"], dtype=torch.float32)
-        began = time.perf_counter()
-        values = circuit_metrics(self.model, batch, circuits, means, metric, max_rows=max_rows,
-                                 tokens=tokens).float().cpu()
-        unit = {"kind": "circuit metrics", "inputs": _plain(inputs), "size": len(circuits),
-                "values": values.tolist(), "computed": _stamp(time.perf_counter() - began)}
-        self._computed(key, unit)
-        return torch.tensor(unit["values"], dtype=torch.float32)
+
+        def compute(picked: list[int]) -> Tensor:
+            return circuit_metrics(self.model, batch, [circuits[i] for i in picked], means, metric,
+                                   max_rows=max_rows, tokens=tokens)
+
+        labels = [f"circuit {i}: {' '.join(c.labels()) or 'empty'}" for i, c in enumerate(circuits)]
+        return torch.stack(self.values(key, inputs, len(circuits), compute, labels=labels))
 
     # --- reporting and publishing -----------------------------------------------------------------------
 
@@ -380,16 +394,17 @@ def value_sample(n: int, *, seed: int) -> list[int]:
     return sample_units([False] * n, seed, lambda s: SHARE * len(s) <= n)
 
 
-def _value_checks(logged: Tensor, again: Tensor, picked: Sequence[int], names: Sequence[str]) -> pd.DataFrame:
-    """One row per recomputed value (a circuit's mean metric over the prompts), with every prompt's value compared."""
+def _value_checks(logged: Sequence[Tensor], again: Sequence[Tensor], picked: Sequence[int],
+                  names: Sequence[str]) -> pd.DataFrame:
+    """One row per recomputed value (its mean shown), every element compared within float noise of the largest."""
     from mechbook.core.pruning_checks import _row, _table
 
     rows = []
     for k, i in enumerate(picked):
         a, b = logged[i], again[k]
-        tol = FLOAT_NOISE * max(1.0, float(a.abs().max()), float(b.abs().max()))
         worst = float((a - b).abs().max()) if a.shape == b.shape else math.inf
+        tol = FLOAT_NOISE * max(1.0, float(a.abs().max()), float(b.abs().max()) if a.shape == b.shape else 0.0)
         status = "agrees" if worst <= tol and bool(torch.isfinite(b).all()) else "differs"
-        rows.append(_row(f"circuit {i}: {names[i] or 'empty'}", "value", float(a.mean()), float(b.mean()),
+        rows.append(_row(names[i], "value", float(a.float().mean()), float(b.float().mean()),
                          status=status, note="" if status == "agrees" else f"a prompt's value moved by {worst:.3g}"))
     return _table(rows, {"rows_checked": list(picked)})
