@@ -28,7 +28,7 @@ the same templates with the members drawn at random (:func:`family_prompts` with
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from mechbook.book.results import MARKER, chapter_file, default_root, safe_name
-from mechbook.core.circuits import Circuit, random_circuits
+from mechbook.core.circuits import Circuit, digest, random_circuits
 from mechbook.core.checks import check
 from mechbook.core.errors import MechbookError
 from mechbook.core.interventions import edit_hooks, mean_ablation
@@ -230,6 +230,7 @@ def knockout_runs(
     *,
     ratio: float = 2.0,
     max_rows: int = 128,
+    values: Callable | None = None,
 ) -> pd.DataFrame:
     """Each prompt under each condition: nothing ablated ("full") and each named set of components mean-ablated.
 
@@ -237,7 +238,14 @@ def knockout_runs(
     output, per position) over the corrupted prompts of that length, so positions line
     up; clean prompts whose length no corrupted prompt has are left out (counted in
     ``attrs["no_means"]``). One row per condition x prompt: ``logit_diff`` (next member
-    minus last shown), ``top1_is_corr`` and ``solved`` (p(corr) > ``ratio`` x p(incorr)).
+    minus last shown), ``top1_is_corr`` (the next member's logit above every other:
+    ``top1_margin`` > 0) and ``solved`` (p(corr) > ``ratio`` x p(incorr), that is
+    ``logit_diff`` > log ``ratio``).
+
+    A unit is one condition on one length group: its prompts' logit differences and
+    top-1 margins. ``values(inputs, n, compute, labels=...)`` gets them (default: ``compute(
+    list(range(n)))``); a chapter passes :meth:`mechbook.book.searches.Searches.values` to
+    load and re-check committed ones.
     """
     if not prompts.is_tokenized or not corrupted.is_tokenized:
         raise MechbookError("tokenize both prompt sets first: tokenize_prompts(prompts, model.tokenizer)")
@@ -259,45 +267,74 @@ def knockout_runs(
     conditions = [("full", [])] + [(name, c.components) for name, c in ablations.items()]
     corr_ids, incorr_ids = prompts.answer_tensors()
     corrupted_groups = _by_length(corrupted)
-    components = all_heads(model) + all_mlps(model)
-    frames, missing = [], 0
-    for length, rows in _by_length(prompts).items():
-        if length not in corrupted_groups:
-            missing += len(rows)
-            continue
-        means = mean_activations(model, tokenize(model, [corrupted.prompt_ids[i] for i in corrupted_groups[length]]),
-                                 components)
-        batch = tokenize(model, [prompts.prompt_ids[i] for i in rows])
-        n = len(rows)
-        c, i = corr_ids[rows].to(model.device), incorr_ids[rows].to(model.device)
-        idx = torch.arange(n, device=model.device)
-
-        def hooks_for(first: int, count: int):
-            edits = []
-            for v, (_, comps) in enumerate(conditions[first : first + count]):
-                edits += mean_ablation(comps, means, rows=slice(v * n, (v + 1) * n))
-            return edit_hooks(edits)
-
-        def reduce(logits: torch.Tensor) -> torch.Tensor:
-            """[variant, n, vocab] -> [variant, n, 3]: logit difference, top-1 is corr, solved."""
-            logits = logits.float()
-            probs = logits.softmax(-1)
-            return torch.stack([logits[:, idx, c] - logits[:, idx, i], (logits.argmax(-1) == c).float(),
-                                (probs[:, idx, c] > ratio * probs[:, idx, i]).float()], dim=-1).cpu()
-
-        stats = run_variants(model, batch, len(conditions), hooks_for, reduce, max_rows=max_rows)
-        for v, (name, _) in enumerate(conditions):
-            frames.append(pd.DataFrame({
-                "condition": name,
-                "prompt": rows,
-                "n_tokens": length,
-                "logit_diff": stats[v, :, 0].numpy(),
-                "top1_is_corr": stats[v, :, 1].numpy().astype(bool),
-                "solved": stats[v, :, 2].numpy().astype(bool),
-            }))  # fmt: skip
-    if not frames:
+    groups = [(length, rows) for length, rows in _by_length(prompts).items() if length in corrupted_groups]
+    missing = sum(len(rows) for length, rows in _by_length(prompts).items() if length not in corrupted_groups)
+    if not groups:
         raise MechbookError(f"no clean prompt has a token length that a corrupted prompt has ({sorted(_by_length(prompts))} "
                             f"vs {sorted(corrupted_groups)}); build more corrupted prompts (family_prompts(repeats=...))")
+    items = [(g, v) for g in range(len(groups)) for v in range(len(conditions))]
+    components = all_heads(model) + all_mlps(model)
+    prepared: dict[int, tuple] = {}
+
+    def group(g: int) -> tuple:
+        if g not in prepared:
+            length, rows = groups[g]
+            means = mean_activations(model, tokenize(model, [corrupted.prompt_ids[i] for i in corrupted_groups[length]]),
+                                     components)
+            prepared[g] = (means, tokenize(model, [prompts.prompt_ids[i] for i in rows]), rows)
+        return prepared[g]
+
+    def compute(picked: list[int]) -> list[torch.Tensor]:
+        """Each picked (length group, condition): [prompts, 2] of logit difference and top-1 margin."""
+        out: dict[int, torch.Tensor] = {}
+        for g in sorted({items[k][0] for k in picked}):
+            means, batch, rows = group(g)
+            ks = [k for k in picked if items[k][0] == g]
+            chosen = [conditions[items[k][1]][1] for k in ks]
+            n = len(rows)
+            c, i = corr_ids[rows].to(model.device), incorr_ids[rows].to(model.device)
+            idx = torch.arange(n, device=model.device)
+
+            def hooks_for(first: int, count: int):
+                edits = []
+                for v, comps in enumerate(chosen[first : first + count]):
+                    edits += mean_ablation(comps, means, rows=slice(v * n, (v + 1) * n))
+                return edit_hooks(edits)
+
+            def reduce(logits: torch.Tensor) -> torch.Tensor:
+                """[variant, n, vocab] -> [variant, n, 2]: logit difference, margin of the next member over the rest."""
+                logits = logits.float()
+                right = logits[:, idx, c]
+                others = logits.clone()
+                others[:, idx, c] = -torch.inf
+                return torch.stack([right - logits[:, idx, i], right - others.amax(-1)], dim=-1).cpu()
+
+            stats = run_variants(model, batch, len(chosen), hooks_for, reduce, max_rows=max_rows)
+            out.update({k: stats[j] for j, k in enumerate(ks)})
+        return [out[k] for k in picked]
+
+    inputs = {"prompts": [digest(torch.tensor([prompts.prompt_ids[i] for i in rows])) for _, rows in groups],
+              "answers": digest(corr_ids, incorr_ids),
+              "corrupted": [digest(torch.tensor([corrupted.prompt_ids[i] for i in corrupted_groups[length]]))
+                            for length, _ in groups],
+              "conditions": [[name, [x.label for x in comps]] for name, comps in conditions],
+              "max_rows": int(max_rows)}
+    labels = [f"{conditions[v][0]}, {groups[g][0]} tokens" for g, v in items]
+    found = (values(inputs, len(items), compute, labels=labels) if values is not None
+             else compute(list(range(len(items)))))
+    log_ratio = float(np.log(ratio))
+    frames = []
+    for (g, v), stats in zip(items, found):
+        length, rows = groups[g]
+        frames.append(pd.DataFrame({
+            "condition": conditions[v][0],
+            "prompt": rows,
+            "n_tokens": length,
+            "logit_diff": stats[:, 0].numpy(),
+            "top1_margin": stats[:, 1].numpy(),
+            "top1_is_corr": (stats[:, 1] > 0).numpy(),
+            "solved": (stats[:, 0] > log_ratio).numpy(),
+        }))  # fmt: skip
     out = pd.concat(frames, ignore_index=True)
     order = {name: k for k, (name, _) in enumerate(conditions)}
     out = out.sort_values(["condition", "prompt"], key=lambda s: s.map(order) if s.name == "condition" else s,
