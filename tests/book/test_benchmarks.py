@@ -179,3 +179,13 @@ def test_ablated_mlps_benchmark_arguments_and_its_comparisons(tiny_gpt2):
     assert nodes["every"] == nodes["mlps"] == nodes["skipped"] and "speed-up" not in bench.row("x", nodes)
     assert len(edges["seconds"]) == 3 and bench.row("x", edges).count("|") == bench.HEADER.count("|")
     assert bench.row("x", edges).endswith("| yes |")
+
+
+def test_check_cost_arguments(capsys):
+    check_cost = _load("check_cost")
+    args = check_cost.parse_args([])
+    assert args.model == "gemma3-270m" and args.chapters == ["b2", "b3", "b4", "b6", "b7"]
+    assert check_cost.parse_args(["--chapters", "b4", "--model", "smollm2-135m"]).chapters == ["b4"]
+    with pytest.raises(SystemExit):
+        check_cost.parse_args(["--chapters", "a1"])
+    assert check_cost.SHARE == 10

@@ -7,6 +7,7 @@ repository, whose ``parameters`` cell only sets ``model_name``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -742,3 +743,22 @@ def test_a_root_or_build_folder_that_is_a_file_is_one_line_exit_2(repo: Path, tm
     assert cli.main(["--root", str(repo), "build", "--path-output", str(afile)]) == 2  # a Sphinx traceback before
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--path-output" in err and "is a file" in err
+
+
+def test_recompute_and_resume_reach_the_chapters_kernels(repo: Path, capsys: pytest.CaptureFixture) -> None:
+    """--recompute and --resume tell each chapter's kernel (mechbook.book.searches reads them); unset otherwise."""
+    from mechbook.book import searches
+
+    _chapter(repo / "book" / "a1_first.ipynb", body=(
+        "import os\nprint(os.environ.get('MECHBOOK_RECOMPUTE'), os.environ.get('MECHBOOK_RESUME'))"))
+    out = repo / "runs"
+    args = ["--root", str(repo), "run", "--model", DEFAULT_MODEL, "--chapters", "a1", "--out", str(out),
+            "--no-book-update"]
+    assert cli.main([*args, "--recompute"]) == 0
+    assert _cells_output(out / DEFAULT_MODEL / "a1_first.ipynb") == "1 None\n"
+    assert cli.main([*args, "--resume"]) == 0
+    assert _cells_output(out / DEFAULT_MODEL / "a1_first.ipynb") == "None 1\n"
+    assert cli.main(args) == 0
+    assert _cells_output(out / DEFAULT_MODEL / "a1_first.ipynb") == "None None\n"
+    assert searches.RECOMPUTE_ENV not in os.environ and searches.RESUME_ENV not in os.environ
+    assert cli.build_parser().parse_args(["refresh", "--recompute"]).recompute

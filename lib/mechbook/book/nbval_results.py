@@ -100,7 +100,7 @@ class PublishedResults(pytest.Item):
         if self.n_cells < _code_cells(self.parent):
             pytest.skip("only some cells of the notebook ran: no results to compare")
         mine = sorted(p.relative_to(committed).as_posix() for p in committed.glob(f"*/{self.path.stem}")
-                      if p.is_dir())
+                      if p.is_dir() and not p.parent.name.startswith("_"))
         if mine:
             raise ResultsDiffer(f"{self.path.name} ran every cell but re-published none of its committed results "
                                 f"({', '.join(mine)}): it no longer publishes them, or publishes them elsewhere")

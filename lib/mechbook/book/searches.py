@@ -168,6 +168,31 @@ class Searches:
         if not isinstance(key, str) or not key or key in self.units:
             raise MechbookError(f"search key {key!r} is empty or used twice in {self.chapter}; give each unit its own")
 
+    def _unit(self, key: str, kind: str, inputs: dict, *, compute: Callable[[], dict],
+              rebuild: Callable[[dict], Any], check: Callable[[Any], pd.DataFrame]) -> Any:
+        """One unit: the committed one re-checked, one a killed run finished (``--resume``), or computed now.
+
+        ``compute()`` gives the unit's record (its log or values), ``rebuild(unit)`` what the
+        chapter gets from a record, ``check(rebuilt)`` the check's table (one row per unit re-checked).
+        """
+        self._start(key)
+        unit = self._reusable(key, kind, inputs)
+        if unit is not None:
+            found = rebuild(unit)
+            began = time.perf_counter()
+            table = check(found)
+            self._checked(key, unit, table, kind, time.perf_counter() - began)
+            return found
+        unit = self._finished_before(key, kind, inputs)
+        if unit is not None:
+            self._computed(key, unit, resumed=True)
+            return rebuild(unit)
+        began = time.perf_counter()
+        record = compute()
+        unit = {"kind": kind, "inputs": _plain(inputs), **record, "computed": _stamp(time.perf_counter() - began)}
+        self._computed(key, unit)
+        return rebuild(unit)
+
     def _checkpoint(self, key: str, suffix: str) -> Path:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         return self.checkpoints / f"{key.replace('/', '--')}.{suffix}.json"
@@ -209,31 +234,22 @@ class Searches:
                      max_rows: int = 64) -> Circuit:
         """:func:`~mechbook.core.circuits.prune_nodes`, or its committed log re-checked
         (:func:`~mechbook.core.pruning_checks.check_node_decisions`). Either way the circuit with its score and log."""
-        self._start(key)
         start = Circuit.full(self.model) if start is None else start
         inputs = pruning_parameters(self.model, batch, means, threshold=threshold, max_rounds=max_rounds, start=start,
                                     max_rows=max_rows, tokens=tokens)
-        unit = self._reusable(key, "node pruning", inputs)
-        if unit is not None:
-            found = _node_circuit(unit)
-            began = time.perf_counter()
-            table = check_node_decisions(self.model, batch, means, metric, found, threshold=threshold,
-                                         max_rows=max_rows, tokens=tokens)
-            self._checked(key, unit, table, "node pruning", time.perf_counter() - began)
-            return found
-        unit = self._finished_before(key, "node pruning", inputs)
-        if unit is not None:
-            self._computed(key, unit, resumed=True)
-            return _node_circuit(unit)
-        began = time.perf_counter()
-        found = prune_nodes(self.model, batch, means, metric, threshold=threshold, max_rounds=max_rounds, start=start,
-                            max_rows=max_rows, tokens=tokens, checkpoint=self._checkpoint(key, "decisions"))
-        unit = {"kind": "node pruning", "inputs": _plain(inputs), "size": len(found.log),
-                "attrs": _plain({k: v for k, v in found.log.attrs.items() if k not in inputs}),
-                "rows": _records(found.log), "circuit": {**found.to_dict(), "score": found.score},
-                "computed": _stamp(time.perf_counter() - began)}
-        self._computed(key, unit)
-        return _node_circuit(unit)
+
+        def compute() -> dict:
+            found = prune_nodes(self.model, batch, means, metric, threshold=threshold, max_rounds=max_rounds,
+                                start=start, max_rows=max_rows, tokens=tokens,
+                                checkpoint=self._checkpoint(key, "decisions"))
+            return {"size": len(found.log), "attrs": _plain({k: v for k, v in found.log.attrs.items() if k not in inputs}),
+                    "rows": _records(found.log), "circuit": {**found.to_dict(), "score": found.score}}
+
+        def check(found: Circuit) -> pd.DataFrame:
+            return check_node_decisions(self.model, batch, means, metric, found, threshold=threshold,
+                                        max_rows=max_rows, tokens=tokens)
+
+        return self._unit(key, "node pruning", inputs, compute=compute, rebuild=_node_circuit, check=check)
 
     # --- edge pruning -----------------------------------------------------------------------------------
 
@@ -243,34 +259,24 @@ class Searches:
                      max_rows: int = 256) -> pd.DataFrame:
         """:func:`~mechbook.core.circuits.prune_edges`, or its committed table re-checked
         (:func:`~mechbook.core.pruning_checks.check_edge_decisions`). Either way the table with its attrs."""
-        self._start(key)
         inputs = {"model": self.model.name, "threshold": float(threshold), "circuit": circuit.to_dict(),
                   "inputs": list(inputs_of), "mlp_senders": bool(mlp_senders), "to_logits": bool(to_logits),
                   "max_rows": int(max_rows), "prompts": digest(batch.input_ids, batch.lengths),
                   "source": None if source is None else digest(source.input_ids, source.lengths),
                   "means": means_fingerprint(means),
                   "tokens": None if tokens is None else [int(t) for t in tokens.tolist()]}
-        unit = self._reusable(key, "edge pruning", inputs)
-        if unit is not None:
-            edges = _edge_table(unit)
-            began = time.perf_counter()
-            table = check_edge_decisions(self.model, batch, means, metric, edges, threshold=threshold, source=source,
-                                         circuit=circuit, max_rows=max_rows, tokens=tokens)
-            self._checked(key, unit, table, "edge pruning", time.perf_counter() - began)
-            return edges
-        unit = self._finished_before(key, "edge pruning", inputs)
-        if unit is not None:
-            self._computed(key, unit, resumed=True)
-            return _edge_table(unit)
-        began = time.perf_counter()
-        edges = prune_edges(self.model, batch, circuit, means, metric, threshold=threshold, source=source,
-                            inputs=inputs_of, mlp_senders=mlp_senders, to_logits=to_logits, max_rows=max_rows,
-                            tokens=tokens)
-        unit = {"kind": "edge pruning", "inputs": _plain(inputs), "size": len(edges), "attrs": _plain(edges.attrs),
-                "columns": list(edges.columns), "rows": _records(edges),
-                "computed": _stamp(time.perf_counter() - began)}
-        self._computed(key, unit)
-        return _edge_table(unit)
+        def compute() -> dict:
+            edges = prune_edges(self.model, batch, circuit, means, metric, threshold=threshold, source=source,
+                                inputs=inputs_of, mlp_senders=mlp_senders, to_logits=to_logits, max_rows=max_rows,
+                                tokens=tokens)
+            return {"size": len(edges), "attrs": _plain(edges.attrs), "columns": list(edges.columns),
+                    "rows": _records(edges)}
+
+        def check(edges: pd.DataFrame) -> pd.DataFrame:
+            return check_edge_decisions(self.model, batch, means, metric, edges, threshold=threshold, source=source,
+                                        circuit=circuit, max_rows=max_rows, tokens=tokens)
+
+        return self._unit(key, "edge pruning", inputs, compute=compute, rebuild=_edge_table, check=check)
 
     # --- many equally costly values ---------------------------------------------------------------------
 
@@ -280,30 +286,21 @@ class Searches:
         n)))``, or the committed ones with a fixed sample recomputed (:func:`value_sample`) and compared element by
         element within float noise. ``inputs`` are exactly what the values are made from (prompts, circuits, ...);
         the values are reused only for the same inputs."""
-        self._start(key)
-        inputs = {"model": self.model.name, **inputs}
-        unit = self._reusable(key, "values", inputs)
+        inputs = {"model": self.model.name, **inputs, "n": int(n)}
         labels = list(labels) if labels is not None else [str(i) for i in range(n)]
-        if unit is not None and len(unit["values"]) == n:
-            values = [torch.tensor(v, dtype=torch.float32) for v in unit["values"]]
-            began = time.perf_counter()
-            picked = value_sample(n, seed=log_seed(pd.DataFrame({"label": labels}), ["label"]))
-            again = [v.float().cpu() for v in compute(picked)]
-            table = _value_checks(values, again, picked, labels)
-            self._checked(key, unit, table, "values", time.perf_counter() - began)
-            return values
-        unit = self._finished_before(key, "values", inputs)
-        if unit is None:
-            began = time.perf_counter()
+
+        def compute_all() -> dict:
             found = [v.float().cpu() for v in compute(list(range(n)))]
             if len(found) != n:
                 raise MechbookError(f"compute gave {len(found)} values for {n} items in unit {key!r}; give one each")
-            unit = {"kind": "values", "inputs": _plain(inputs), "size": n, "values": [v.tolist() for v in found],
-                    "computed": _stamp(time.perf_counter() - began)}
-            self._computed(key, unit)
-        else:
-            self._computed(key, unit, resumed=True)
-        return [torch.tensor(v, dtype=torch.float32) for v in unit["values"]]
+            return {"size": n, "values": [v.tolist() for v in found]}
+
+        def check(values: list[Tensor]) -> pd.DataFrame:
+            picked = value_sample(n, seed=log_seed(pd.DataFrame({"label": labels}), ["label"]))
+            return _value_checks(values, [v.float().cpu() for v in compute(picked)], picked, labels)
+
+        return self._unit(key, "values", inputs, compute=compute_all, check=check,
+                          rebuild=lambda unit: [torch.tensor(v, dtype=torch.float32) for v in unit["values"]])
 
     def circuit_metrics(self, key: str, batch: TokenBatch, circuits: Sequence[Circuit], means: Mapping[str, Tensor],
                         metric, *, tokens: Tensor | None = None, max_rows: int = 256) -> Tensor:

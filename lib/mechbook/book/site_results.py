@@ -20,11 +20,12 @@ SITE_FOLDER = "results"  # <html>/results/ sits beside <html>/book/, as results/
 
 
 def results_files(root: Path) -> list[Path]:
-    """Every file under ``root`` outside hidden files and folders, relative to ``root``."""
+    """Every file under ``root`` outside hidden files and folders and searches' checkpoints, relative to ``root``."""
     if not root.is_dir():
         return []
     return sorted(p.relative_to(root) for p in root.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+                  if p.is_file() and not any(part.startswith(".") or part == "_checkpoints"
+                                             for part in p.relative_to(root).parts))
 
 
 def copy_results(root: Path, outdir: Path) -> int:
