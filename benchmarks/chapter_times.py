@@ -12,7 +12,11 @@ Two parts, one model:
   chapters' saved results to a temporary folder too, which starts with a copy of the
   committed results of the chapters not run, for the ones that read them (b7 alone reads
   b2's circuits) (``--in-place``: as ``python -m mechbook refresh`` does, into book/ and
-  results/, so the timed run is the one committed).
+  results/, so the timed run is the one committed). With ``--on-committed`` the
+  temporary folder starts with the committed results of the chapters run too, as
+  ``scripts/test.sh`` and a fresh clone's ``build_book.sh`` see them: chapters whose
+  results hold their searches (b2, b3, b4, b6, b7: :mod:`mechbook.book.searches`) load and
+  re-check them instead of searching again. Without it, every chapter run here computes.
   Each chapter's wall time is printed, then each paper's total against its budget on
   gemma3-270m (Paper A, all chapters: 10 min; Paper B, b1-b6: 20 min), and the total of
   every chapter against the budget of a full rerun on smollm2-135m (30 min).
@@ -24,6 +28,7 @@ Usage:
     python benchmarks/chapter_times.py --chapters b1 b2 b3 b4 b5 b6 --model smollm2-135m
     python benchmarks/chapter_times.py --skip-throughput --keep runs/timed   # keep the executed notebooks
     python benchmarks/chapter_times.py --skip-throughput --chapters b2 b3 --in-place  # refresh, timed
+    python benchmarks/chapter_times.py --skip-throughput --chapters b2 b3 b4 b5 b6 b7 --on-committed  # as CI runs them
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--in-place", action="store_true",
                         help="execute as `python -m mechbook refresh` does: the default model only, outputs into "
                              "book/ and results into results/ (what gets committed)")
+    parser.add_argument("--on-committed", action="store_true",
+                        help="start from the committed results of the chapters run too: their searches are loaded and "
+                             "re-checked, as in CI, instead of computed")
     args = parser.parse_args(argv)
     if args.prompts < 1:
         parser.error("--prompts must be at least 1")
@@ -108,7 +116,8 @@ def throughput(model_name: str, n_prompts: int) -> None:
           f"({tokens / cpu:,.0f} per CPU second)")
 
 
-def time_chapters(model_name: str, wanted: list[str] | None, keep: Path | None, in_place: bool = False) -> int:
+def time_chapters(model_name: str, wanted: list[str] | None, keep: Path | None, in_place: bool = False,
+                  on_committed: bool = False) -> int:
     """Execute the chapters as `mechbook run` does, into a temporary folder; print times against the budgets."""
     from mechbook.book import cli
     from mechbook.book import results as results_mod
@@ -125,9 +134,11 @@ def time_chapters(model_name: str, wanted: list[str] | None, keep: Path | None, 
         out = keep if keep is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chapter-times-")))
         out.mkdir(parents=True, exist_ok=True)
         os.environ[results_mod.RESULTS_ENV] = str(out / "results")  # the kernels inherit it: results/ stays untouched
-        borrowed = borrow_results(root / "results", out / "results", model_name, [c.key for c in chapters])
+        borrowed = borrow_results(root / "results", out / "results", model_name,
+                                  [] if on_committed else [c.key for c in chapters])
         if borrowed:
-            print(f"chapters not run here, read from results/ by the ones that are: {', '.join(borrowed)}")
+            print(f"committed results copied for the chapters to read{' and check' if on_committed else ''}: "
+                  f"{', '.join(borrowed)}")
         print(f"\nexecuting {', '.join(c.key for c in chapters)} on {model_name} into {out}")
         results = cli.run_chapters(chapters, book_dir=book_dir, out_dir=out / "runs",
                                    parameters=cli.chapter_parameters(chapters, model_name, []), strip=False,
@@ -192,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         throughput(args.model, args.prompts)
     if args.skip_chapters:
         return 0
-    return time_chapters(args.model, args.chapters, args.keep, args.in_place)
+    return time_chapters(args.model, args.chapters, args.keep, args.in_place, args.on_committed)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,12 @@ def test_chapter_times_borrows_the_committed_results_of_chapters_not_run(monkeyp
     assert seen["b2"] == {p.name: p.read_bytes() for p in (committed / "b2_node_pruning").iterdir()}
     assert "b2_node_pruning" in seen["folders"] and "a1_logit_lens_capitals" in seen["folders"]
     assert not {"b3_path_patching", "b7_circuit_stability"} & set(seen["folders"])
-    assert "read from results/ by the ones that are: a1, a2" in capsys.readouterr().out
+    assert "committed results copied for the chapters to read: a1, a2" in capsys.readouterr().out
+    # --on-committed: the chapters run find their own committed results too, and check their searches
+    assert chapter_times.time_chapters("gemma3-270m", ["b3", "b7"], tmp_path / "on", on_committed=True) == 0
+    assert {"b3_path_patching", "b7_circuit_stability"} <= set(seen["folders"])
+    assert "committed results copied for the chapters to read and check: a1" in capsys.readouterr().out
+    assert chapter_times.parse_args(["--on-committed"]).on_committed
     # a model with no committed results borrows nothing
     assert chapter_times.borrow_results(tmp_path / "none", tmp_path / "out", "gemma3-270m", ["b7"]) == []
 

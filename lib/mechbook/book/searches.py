@@ -26,7 +26,6 @@ them up; without it a run starts afresh. The checkpoints go when the chapter pub
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import math
@@ -37,7 +36,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
