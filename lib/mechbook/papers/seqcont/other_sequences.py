@@ -320,6 +320,8 @@ def knockout_runs(
               "conditions": [[name, [x.label for x in comps]] for name, comps in conditions],
               "max_rows": int(max_rows)}
     labels = [f"{conditions[v][0]}, {groups[g][0]} tokens" for g, v in items]
+    for g in range(len(groups)):  # the means first, whichever units are run: a check then costs only its runs
+        group(g)
     found = (values(inputs, len(items), compute, labels=labels) if values is not None
              else compute(list(range(len(items)))))
     log_ratio = float(np.log(ratio))
