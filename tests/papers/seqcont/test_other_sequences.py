@@ -201,3 +201,26 @@ def test_heads_only_controls_are_their_own_kind(tiny_gpt2):
     assert all(len(c.heads) == 2 and not c.mlps for c in controls.values())
     assert [condition_kind(c) for c in ["random 3", "random heads 12", "shared heads", "full"]] == \
         ["random", "random heads", "shared heads", "full"]
+
+
+def test_knockouts_through_searches_are_the_same_computed_or_checked(tiny_gpt2, numerals, tmp_path, monkeypatch):
+    """b6's knockouts as Searches.values units: the same table computed, then loaded and a sample re-run."""
+    from functools import partial
+
+    from mechbook.book.results import ChapterResults
+    from mechbook.book.searches import RECOMPUTE_ENV, Searches
+
+    monkeypatch.delenv(RECOMPUTE_ENV, raising=False)
+    prompts, corrupted = numerals
+    sets = {"shared": Circuit([(0, 1)], [1]), **random_ablations(tiny_gpt2, Circuit([(0, 1)], [1]), 3, seed=0)}
+    plain = knockout_runs(tiny_gpt2, prompts, corrupted, sets)
+    # top-1 and solved follow from the margin and the logit difference: log p(corr) - log p(incorr) = the difference
+    assert (plain.solved == (plain.logit_diff > np.log(2.0))).all() and (plain.top1_is_corr == (plain.top1_margin > 0)).all()
+    for outcome in ("computed", "checked"):
+        s = Searches("b6_test", tiny_gpt2, root=tmp_path)
+        runs = knockout_runs(tiny_gpt2, prompts, corrupted, sets, values=partial(s.values, "numerals"))
+        assert s.outcome == outcome
+        pd.testing.assert_frame_equal(runs, plain, check_exact=False, atol=1e-5)
+        saved = ChapterResults("b6_test", tiny_gpt2.name, tmp_path)
+        s.save(saved)
+        saved.finish()

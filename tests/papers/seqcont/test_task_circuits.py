@@ -242,3 +242,23 @@ def test_grids_summaries_and_paper_circuits_refuse_bad_input(tiny_gpt2):
     with pytest.raises(MechbookError, match="threshold"):
         circuit_summary({"a": Circuit([(0, 1)], [])}, threshold=5, n_prompts=4)
     assert circuit_grid(Circuit([(2, 3)], [1]), 3, 4).loc[2, "3"] == 1.0
+
+
+def test_cross_task_table_through_searches_is_the_same_computed_or_checked(tiny_gpt2, tmp_path, monkeypatch):
+    """b4's scores as Searches.circuit_metrics units: the same table computed, then loaded and a sample re-scored."""
+    from mechbook.book.results import ChapterResults
+    from mechbook.book.searches import RECOMPUTE_ENV, Searches
+
+    monkeypatch.delenv(RECOMPUTE_ENV, raising=False)
+    tasks = {"a": _taskset(tiny_gpt2, "a", 0), "b": _taskset(tiny_gpt2, "b", 1)}
+    circuits = {"a": Circuit.full(tiny_gpt2), "b": Circuit([(0, 0), (1, 1)], [0])}
+    plain = cross_task_table(tiny_gpt2, circuits, tasks, n_random=12, seed=0)
+    for outcome in ("computed", "checked"):
+        s = Searches("b4_test", tiny_gpt2, root=tmp_path)
+        table = cross_task_table(tiny_gpt2, circuits, tasks, n_random=12, seed=0, metrics=s.circuit_metrics)
+        assert s.outcome == outcome and set(s.units) == {"a", "b"}
+        pd.testing.assert_frame_equal(table, plain)
+        saved = ChapterResults("b4_test", tiny_gpt2.name, tmp_path)
+        s.save(saved)
+        saved.finish()
+    assert list(s.report().checked) == [2, 2]  # 26 circuits a task: a tenth allows two, the first and the last
