@@ -382,6 +382,7 @@ def runs(root: str | Path | None = None) -> list[dict[str, Any]]:
         rows.append({
             "model": info["model"], "chapter": info["chapter"], "date": str(found.get("finished", "–"))[:10],
             "wall time": duration(found.get("wall_seconds")),
+            "searches": (info.get("searches") or {}).get("outcome", "–"),
             "weights sha256": (model.get("sha256") or model.get("revision") or "–")[:12],
             "commit": (code.get("commit") or "–")[:10] + (" (dirty)" if code.get("dirty") else ""),
             **{name: software.get(name) or "–" for name in PACKAGES},
@@ -398,7 +399,7 @@ class RunsTable:
 
     rows: list[dict[str, Any]]
 
-    COLUMNS = ("chapter", "date", "wall time", "commit", *PACKAGES, "CPU")
+    COLUMNS = ("chapter", "date", "wall time", "searches", "commit", *PACKAGES, "CPU")
 
     def _repr_html_(self) -> str:
         parts = []
