@@ -311,10 +311,10 @@ def test_without_resume_a_run_starts_afresh(sharp, task, tmp_path, no_flags):
     assert not folder.exists()
 
 
-def test_value_sample_is_a_tenth_with_both_ends():
+def test_value_sample_is_a_twentieth_with_both_ends():
     assert searches.value_sample(26, seed=0) == [0, 25]
     picked = searches.value_sample(100, seed=3)
-    assert picked[0] == 0 and picked[-1] == 99 and len(picked) == 10
+    assert picked[0] == 0 and picked[-1] == 99 and len(picked) == 5
     assert searches.value_sample(1, seed=0) == [0]
 
 

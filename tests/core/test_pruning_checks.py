@@ -113,11 +113,12 @@ def test_the_sample_takes_both_ends_both_verdicts_and_a_tenth_of_the_search():
     assert picked[0] == 0 and picked[-1] == 299
     assert set(log.removed.iloc[picked]) == {True, False}
     variants = len(picked) + 1  # and the full model
-    assert 10 * variants * n_prompts * n_layers <= log.attrs["prompt_blocks"]
-    assert 10 * -(-variants // (64 // n_prompts)) <= log.attrs["forward_passes"]
-    assert len(picked) >= 10  # the budget is used: a tenth of 150 full forwards holds 15 variants
+    assert 20 * variants * n_prompts * n_layers <= log.attrs["prompt_blocks"]  # a twentieth of the work
+    assert 20 * -(-variants // (64 // n_prompts)) <= log.attrs["forward_passes"]
+    assert len(picked) >= 6  # the budget is used: a twentieth of 150 full forwards holds 7 variants
     gaps = np.diff(picked)
-    assert gaps.max() < 3 * 300 / len(picked)  # spread over the log, not bunched
+    # spread over the log, not bunched: k = len - 4 runs of the other units, one drawn from each
+    assert gaps.max() <= 2 * 300 / (len(picked) - 4) + 1
     other = log.copy()
     other.loc[5, "removed"] = not other.loc[5, "removed"]
     assert node_sample(other, n_prompts=n_prompts, n_layers=n_layers) != picked  # seeded by the log's content

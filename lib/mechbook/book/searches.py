@@ -47,7 +47,7 @@ from mechbook.core.circuits import (FLOAT_NOISE, Circuit, circuit_metrics, diges
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
 from mechbook.core.path_patching import QKV
-from mechbook.core.pruning_checks import (SHARE, assert_agrees, check_edge_decisions, check_node_decisions,
+from mechbook.core.pruning_checks import (BUDGET, assert_agrees, check_edge_decisions, check_node_decisions,
                                           log_seed, sample_units)
 from mechbook.core.runs import TokenBatch
 
@@ -385,8 +385,9 @@ def _edge_table(unit: dict) -> pd.DataFrame:
 
 
 def value_sample(n: int, *, seed: int) -> list[int]:
-    """Which of ``n`` equally costly values to recompute: the first, the last and a spread within a tenth of ``n``."""
-    return sample_units([False] * n, seed, lambda s: SHARE * len(s) <= n)
+    """Which of ``n`` equally costly values to recompute: the first, the last and a spread within a twentieth of ``n``
+    (:data:`~mechbook.core.pruning_checks.BUDGET`: a tenth of the wall time, with room for each run's own overhead)."""
+    return sample_units([False] * n, seed, lambda s: BUDGET * len(s) <= n)
 
 
 def _value_checks(logged: Sequence[Tensor], again: Sequence[Tensor], picked: Sequence[int],

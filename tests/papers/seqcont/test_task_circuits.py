@@ -261,4 +261,4 @@ def test_cross_task_table_through_searches_is_the_same_computed_or_checked(tiny_
         saved = ChapterResults("b4_test", tiny_gpt2.name, tmp_path)
         s.save(saved)
         saved.finish()
-    assert list(s.report().checked) == [2, 2]  # 26 circuits a task: a tenth allows two, the first and the last
+    assert list(s.report().checked) == [2, 2]  # 26 circuits a task: a twentieth allows one; the first and the last all the same
