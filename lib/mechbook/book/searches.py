@@ -48,7 +48,7 @@ from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
 from mechbook.core.path_patching import QKV
 from mechbook.core.pruning_checks import (BUDGET, assert_agrees, check_edge_decisions, check_node_decisions,
-                                          log_seed, sample_units)
+                                          check_row, checks_table, log_seed, sample_units)
 from mechbook.core.runs import TokenBatch
 
 RECORD = "searches"  # searches.json among the chapter's results
@@ -393,14 +393,12 @@ def value_sample(n: int, *, seed: int) -> list[int]:
 def _value_checks(logged: Sequence[Tensor], again: Sequence[Tensor], picked: Sequence[int],
                   names: Sequence[str]) -> pd.DataFrame:
     """One row per recomputed value (its mean shown), every element compared within float noise of the largest."""
-    from mechbook.core.pruning_checks import _row, _table
-
     rows = []
     for k, i in enumerate(picked):
         a, b = logged[i], again[k]
         worst = float((a - b).abs().max()) if a.shape == b.shape else math.inf
         tol = FLOAT_NOISE * max(1.0, float(a.abs().max()), float(b.abs().max()) if a.shape == b.shape else 0.0)
         status = "agrees" if worst <= tol and bool(torch.isfinite(b).all()) else "differs"
-        rows.append(_row(names[i], "value", float(a.float().mean()), float(b.float().mean()),
+        rows.append(check_row(names[i], "value", float(a.float().mean()), float(b.float().mean()),
                          status=status, note="" if status == "agrees" else f"a prompt's value moved by {worst:.3g}"))
-    return _table(rows, {"rows_checked": list(picked)})
+    return checks_table(rows, {"rows_checked": list(picked)})

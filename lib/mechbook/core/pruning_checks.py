@@ -107,14 +107,16 @@ def _status(logged: float, recomputed: float, tol: float, *, boundary: float | N
     return "agrees"
 
 
-def _row(unit: str, check: str, logged=None, recomputed=None, *, verdicts=(None, None), status: str,
-         note: str = "") -> dict:
+def check_row(unit: str, check: str, logged=None, recomputed=None, *, verdicts=(None, None), status: str,
+              note: str = "") -> dict:
+    """One checked unit as a row of :data:`COLUMNS` (the difference computed when both values are given)."""
     diff = recomputed - logged if logged is not None and recomputed is not None else None
     return {"unit": unit, "check": check, "logged": logged, "recomputed": recomputed, "difference": diff,
             "verdict_logged": verdicts[0], "verdict_recomputed": verdicts[1], "status": status, "note": note}
 
 
-def _table(rows: list[dict], attrs: dict) -> pd.DataFrame:
+def checks_table(rows: list[dict], attrs: dict) -> pd.DataFrame:
+    """The rows of :func:`check_row` as a check's table, typed, with ``attrs`` (what was checked, its cost)."""
     table = pd.DataFrame(rows, columns=COLUMNS)
     for c in ("logged", "recomputed", "difference"):
         table[c] = table[c].astype(float)
@@ -299,9 +301,9 @@ def check_node_decisions(
                                      "means": means_fingerprint(means)}, "this node pruning log")
     start = Circuit(**log.attrs["start"]) if "start" in log.attrs else Circuit.full(model)
     befores, final, problems = _replay_nodes(model, log, start, log.attrs.get("max_rounds"), threshold)
-    rows = [_row(u, "replay", status="differs", note=note) for u, note in problems]
+    rows = [check_row(u, "replay", status="differs", note=note) for u, note in problems]
     if not problems:
-        rows.append(_row("decision log", "replay", status="agrees",
+        rows.append(check_row("decision log", "replay", status="agrees",
                          note=f"{len(log)} decisions replay: visiting order, verdicts, circuit sizes"))
     if found is not None:
         rows.append(_final_circuit_row(found, final, log))
@@ -328,7 +330,7 @@ def check_node_decisions(
     logged_full = log.attrs.get("full_metric")
     if logged_full is not None:
         tol = FLOAT_NOISE * max(abs(logged_full), abs(full))
-        rows.append(_row("full model", "metric", float(logged_full), full, status=_status(logged_full, full, tol)))
+        rows.append(check_row("full model", "metric", float(logged_full), full, status=_status(logged_full, full, tol)))
     if not full > 0:
         raise MechbookError(f"the full model's mean metric is {full:.4g} on these prompts, not positive: scores in "
                             "percent of it mean nothing; check the prompts and metric")
@@ -337,11 +339,11 @@ def check_node_decisions(
         r = records[i]
         logged, score = float(r["score_without"]), 100.0 * value / full
         verdicts = (bool(r["removed"]), (100.0 - score) < 100.0 * threshold)
-        rows.append(_row(_node_unit(r), "score_without", logged, score, verdicts=verdicts,
+        rows.append(check_row(_node_unit(r), "score_without", logged, score, verdicts=verdicts,
                          status=_status(logged, score, _score_tol(logged, score), boundary=boundary,
                                         verdicts=verdicts)))
     n, per_pass = len(batch), max(1, max_rows // len(batch))
-    return _table(rows, {
+    return checks_table(rows, {
         "steps_checked": [int(records[i]["step"]) for i in picked], "decisions": len(log),
         "forward_passes": math.ceil(len(variants) / per_pass), "prompt_blocks": len(variants) * n * model.n_layers,
         "search_forward_passes": log.attrs.get("forward_passes"),
@@ -359,7 +361,7 @@ def _final_circuit_row(found: Circuit, final: Circuit, log: pd.DataFrame) -> dic
         last = float(removed["score_without"].iloc[-1])
         if found.score != last:
             notes.append(f"score {found.score!r}, but the log's last removal left {last!r}")
-    return _row("final circuit", "members", status="differs" if notes else "agrees",
+    return check_row("final circuit", "members", status="differs" if notes else "agrees",
                 note="; ".join(notes) or f"{len(final)} components, as the log's replay")
 
 
@@ -437,10 +439,10 @@ def check_edge_decisions(
     circuit = (logged_circuit or circuit).validate(model)
 
     records = edges.to_dict("records")
-    rows = [_row(u, "replay", status="differs", note=note) for u, note in _edge_problems(records, circuit, attrs,
+    rows = [check_row(u, "replay", status="differs", note=note) for u, note in _edge_problems(records, circuit, attrs,
                                                                                        threshold)]
     if not rows:
-        rows.append(_row("edge table", "replay", status="agrees",
+        rows.append(check_row("edge table", "replay", status="agrees",
                          note=f"{len(edges)} edges: the circuit's edges in order, verdicts from scores"))
     if isinstance(sample, str) and sample == "rule":
         picked = edge_sample(edges, n_prompts=len(batch), n_layers=model.n_layers, max_rows=max_rows)
@@ -458,7 +460,7 @@ def check_edge_decisions(
                              tokens=tokens).mean(1)
     full = float(values[0])
     if "full_metric" in attrs:
-        rows.append(_row("full model", "metric", float(attrs["full_metric"]), full,
+        rows.append(check_row("full model", "metric", float(attrs["full_metric"]), full,
                          status=_status(attrs["full_metric"], full, FLOAT_NOISE * max(abs(attrs["full_metric"]),
                                                                                        abs(full)))))
     if not full > 0:
@@ -467,7 +469,7 @@ def check_edge_decisions(
     own = 100.0 * float(values[1]) / full
     if "circuit_score" in attrs:
         logged = float(attrs["circuit_score"])
-        rows.append(_row("circuit", "circuit_score", logged, own, status=_status(logged, own, _score_tol(logged, own))))
+        rows.append(check_row("circuit", "circuit_score", logged, own, status=_status(logged, own, _score_tol(logged, own))))
 
     ablate = circuit.complement(model)
     qkv = [i for i in picked if records[i]["input"] != "resid"]
@@ -486,14 +488,14 @@ def check_edge_decisions(
         r = records[i]
         logged, score = float(r["score"]), scores[i]
         verdicts = (bool(r["kept"]), score < boundary)
-        rows.append(_row(_edge_unit(r), "score", logged, score, verdicts=verdicts,
+        rows.append(check_row(_edge_unit(r), "score", logged, score, verdicts=verdicts,
                          status=_status(logged, score, _score_tol(logged, score), boundary=boundary,
                                         verdicts=verdicts)))
     passes, blocks = edge_cost(len(batch), model.n_layers, [records[i]["receiver_layer"] for i in qkv], len(resid),
                                source=source is not None, max_rows=max_rows, full_runs=0)
     passes += math.ceil(2 / max(1, max_rows // len(batch)))
     blocks += 2 * len(batch) * model.n_layers
-    return _table(rows, {
+    return checks_table(rows, {
         "rows_checked": picked, "decisions": len(edges), "forward_passes": passes, "prompt_blocks": blocks,
         "search_forward_passes": attrs.get("forward_passes"), "search_prompt_blocks": attrs.get("prompt_blocks"),
         "seconds": time.perf_counter() - began})
