@@ -326,3 +326,12 @@ def test_recompute_is_how_not_what(tmp_path):
     assert results.parameter_changes("m", CHAPTER, {"threshold": 0.2, "recompute": True}, tmp_path) == []
     assert results.parameter_changes("m", CHAPTER, {"threshold": 0.3, "recompute": False}, tmp_path) == [
         "threshold: 0.2 -> 0.3"]
+
+
+def test_results_without_searches_compute(sharp, tmp_path, no_flags):
+    """Complete results written before the chapter had searches: everything is computed, and the reason said."""
+    saved = ChapterResults(CHAPTER, sharp.name, tmp_path)
+    saved.save("summary", {"a": 1})
+    saved.finish()
+    s = Searches(CHAPTER, sharp, root=tmp_path)
+    assert s.committed == {} and s.why_not == "the committed results hold no searches"

@@ -144,10 +144,11 @@ class Searches:
             return {}, "recompute asked for"
         if not is_complete(self.model.name, self.chapter, self.root):
             return {}, f"no complete results of {self.chapter} for {self.model.name}"
-        marker = json.loads((self.root / safe_name(self.model.name) / self.chapter / "_complete.json").read_text())
-        if f"{RECORD}.json" not in marker.get("files", {}):
+        try:  # the results are complete and intact (is_complete): the only refusal left is a marker without the file
+            path = chapter_file(self.chapter, f"{RECORD}.json", self.model.name, self.root)
+        except MechbookError:
             return {}, "the committed results hold no searches"
-        record = json.loads(chapter_file(self.chapter, f"{RECORD}.json", self.model.name, self.root).read_text())
+        record = json.loads(path.read_text())
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             return {}, f"the committed searches are of another format ({record.get('format')!r})"
         if self.lock is None or record.get("lock") != self.lock:
