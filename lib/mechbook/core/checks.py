@@ -88,6 +88,7 @@ PARAMETERS: dict[str, Allowed] = {
     "top_k": Allowed(1, whole=True, what="a count of tokens"),
     "seed": Allowed(0, whole=True, what="a seed"),
     "threshold": Allowed(0, 1, low_open=True, what="a fraction of the full model's score", e_g=0.2),
+    "stable_share": Allowed(0, 1, low_open=True, what="a share of draws", e_g=0.6),
     "saturation_threshold": Allowed(0, 1, what="a share of the final probability", e_g=0.5),
     "ratio": Allowed(0, what="a ratio of probabilities", e_g=2.0),
     # Past about 100 the added vector swamps the residual stream, and far past it float32 overflows in the

@@ -11,7 +11,10 @@ the circuits agree:
 - :func:`agreement`: Jaccard indices of heads and of MLPs between seeds at one size,
   and between a size and the next one (same seed);
 - :func:`smallest_stable_size`: the smallest size at which every task's circuit
-  agrees at least ``at_least`` across seeds and with the next size.
+  agrees at least ``at_least`` across seeds and with the next size;
+- :func:`inclusion_frequency` and :func:`stable_circuits`: stability selection
+  (Meinshausen & Bühlmann 2010) over draws at one size: how often each head and MLP
+  is kept, and the circuit of the components kept in at least a stated share of draws.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from mechbook.core.circuits import Circuit, prune_nodes
 from mechbook.core.checks import check
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
+from mechbook.core.names import Component
 from mechbook.core.stats import bootstrap_ratio_interval, jaccard
 from mechbook.papers.seqcont.task_circuits import circuit_scores_per_prompt, prepare_task
 
@@ -125,3 +129,55 @@ def smallest_stable_size(table: pd.DataFrame, *, at_least: float = STABLE) -> in
         if complete and (here[["heads_lowest", "mlps_lowest"]] >= at_least).all().all():
             return int(n)
     return None
+
+
+def inclusion_frequency(circuits: Mapping[tuple[str, int], Circuit]) -> pd.DataFrame:
+    """How often each head and MLP is kept across draws, per task: stability selection's frequencies.
+
+    ``circuits`` maps ``(task, seed)`` to the circuit pruning found on that seed's draw
+    of prompts (clean prompts and the corrupted prompts behind the means). One row per
+    task and component kept at least once: task, component (``4.10`` / ``MLP 3``), kind,
+    layer, head, kept (draws that kept it), draws, frequency (kept / draws), sorted by
+    task, then frequency (highest first), then position in the model. Meinshausen and
+    Bühlmann (2010) select the variables whose frequency over subsamples reaches a
+    threshold; :func:`stable_circuits` does that here.
+    """
+    if not circuits:
+        raise MechbookError("no circuits; pass {(task, seed): Circuit}, one pruning per task and draw")
+    tasks = list(dict.fromkeys(task for task, _ in circuits))
+    rows = []
+    for task in tasks:
+        draws = [c for (t, _), c in circuits.items() if t == task]
+        counts: dict[Component, int] = {}
+        for c in draws:
+            for comp in c.components:
+                counts[comp] = counts.get(comp, 0) + 1
+        for comp, kept in counts.items():
+            rows.append({"task": task, "component": comp.label, "kind": comp.kind, "layer": comp.layer,
+                         "head": comp.head, "kept": kept, "draws": len(draws), "frequency": kept / len(draws)})
+    df = pd.DataFrame(rows, columns=["task", "component", "kind", "layer", "head", "kept", "draws", "frequency"])
+    df["order"] = df.task.map({t: k for k, t in enumerate(tasks)})
+    df["is_mlp"] = df.kind == "mlp"
+    df = df.sort_values(["order", "frequency", "layer", "is_mlp", "head"], ascending=[True, False, True, True, True],
+                        kind="stable").drop(columns=["order", "is_mlp"]).reset_index(drop=True)
+    df["head"] = df["head"].astype("Int64")
+    return df
+
+
+def stable_circuits(frequency: pd.DataFrame, *, share: float) -> dict[str, Circuit]:
+    """Per task, the circuit of the components kept in at least ``share`` of the draws (stability selection).
+
+    ``frequency`` is :func:`inclusion_frequency`'s table. The circuits carry no score:
+    they were not found by one pruning, so they are scored on prompts by the caller.
+    """
+    need = {"task", "kind", "layer", "head", "frequency"}
+    if not isinstance(frequency, pd.DataFrame) or not need <= set(frequency.columns):
+        raise MechbookError(f"stable_circuits reads the table of inclusion_frequency() (columns {sorted(need)})")
+    share = check("stable_share", share, argument="share")
+    out = {}
+    for task in dict.fromkeys(frequency.task):
+        kept = frequency[(frequency.task == task) & (frequency.frequency >= share - 1e-12)]
+        heads = kept[kept.kind == "head"]
+        out[task] = Circuit([(int(l), int(h)) for l, h in zip(heads["layer"], heads["head"])],
+                            [int(l) for l in kept[kept.kind == "mlp"]["layer"]])
+    return out

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Paper B's searches at the paper's sample size: hours of node pruning, run once, then checked on
+# every run of the book (README, "Searched once, checked on every run").
+#
+#   bash scripts/paper_size.sh MODEL CHAPTER      e.g. bash scripts/paper_size.sh gemma3-270m b2
+#
+# Runs `python -m mechbook run --resume` with the plan's parameters for MODEL and CHAPTER (below)
+# into searching/results/ (or $MECHBOOK_RESULTS). Every finished pruning and every decision of the
+# one under way is checkpointed in searching/results/MODEL/_checkpoints/CHAPTER/; those files are
+# the partial logs that are committed as they grow. Stopped anywhere (Ctrl-C, a lost machine),
+# the same command takes up the checkpoints and ends with the logs of an uninterrupted run. When
+# the chapter completes, its results in searching/results/MODEL/CHAPTER/ replace
+# results/MODEL/CHAPTER/ and the chapter's defaults become the plan's parameters, so that every
+# later run loads these searches and re-checks a sample of them.
+# Threads: OMP_NUM_THREADS (default 2, this machine's cores); the searches' records note them.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+model="${1:?usage: bash scripts/paper_size.sh MODEL CHAPTER}"
+chapter="${2:?usage: bash scripts/paper_size.sh MODEL CHAPTER}"
+
+# The plan: the paper prunes on 512 prompts per task (its run_node_ablation.py); five draws at that
+# size give each component's inclusion frequency (stability selection, chapter b2).
+case "$model:$chapter" in
+  gemma3-270m:b2) params=(-p n_prompts=512 -p n_corrupted=512 -p "seeds=[0, 1, 2, 3, 4]") ;;
+  *) echo "no plan for $model $chapter; plans: gemma3-270m b2" >&2; exit 2 ;;
+esac
+
+export MECHBOOK_RESULTS="${MECHBOOK_RESULTS:-$PWD/searching/results}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+mkdir -p "$MECHBOOK_RESULTS"
+"${PYTHON:-.venv/bin/python}" -m mechbook run --model "$model" --chapters "$chapter" --resume \
+    --no-book-update --out searching/runs "${params[@]}"
