@@ -11,8 +11,8 @@ prompts and circuit for one task, this script times
 - ``mechbook.core.path_patching.patch_paths`` on the circuit's edges (chapter b3's edge
   pruning; ``--edges`` of them drawn at random, 0 for all),
 
-each three ways: everything computed (``mechbook.core.runs.every_mlp_computed`` and
-``every_head_computed``, the engine before both changes), ablated MLPs skipped, and
+each three ways: everything computed (``LocalRunner(skip_mlps=False, skip_heads=False)``,
+the engine before both changes), ablated MLPs skipped, and
 ablated MLPs and heads skipped (the default), and checks that all three give the same
 numbers, bit for bit. Prints seconds (wall and CPU) and the speed-up of each skip over
 computing everything. Needs chapter b2's results for the model. Usage:
@@ -25,6 +25,7 @@ computing everything. Needs chapter b2's results for the model. Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import time
 import warnings
@@ -34,7 +35,7 @@ import torch
 import mechbook
 from mechbook.core.circuits import prune_nodes
 from mechbook.core.path_patching import circuit_edges, patch_paths
-from mechbook.core.runs import every_head_computed, every_mlp_computed
+from mechbook.core.runs import LocalRunner
 from mechbook.papers.seqcont import sequences, task_circuits
 
 
@@ -63,26 +64,23 @@ def timed(fn) -> tuple[object, float, float]:
 WAYS = ("every", "mlps", "skipped")  # everything computed; ablated MLPs skipped; ablated MLPs and heads skipped
 
 
-def three_ways(fn) -> dict:
-    """``fn()`` with everything computed, with ablated MLPs skipped, then with ablated MLPs and heads skipped."""
+RUNNERS = {"every": LocalRunner(skip_mlps=False, skip_heads=False), "mlps": LocalRunner(skip_heads=False),
+           "skipped": LocalRunner()}
+
+
+def three_ways(model, fn) -> dict:
+    """``fn(model)`` with everything computed, with ablated MLPs skipped, then with ablated MLPs and heads skipped."""
     out: dict = {"seconds": []}
-    with every_mlp_computed(), every_head_computed():
-        result, wall, cpu = timed(fn)
-    out["every"] = result
-    out["seconds"].append((wall, cpu))
-    with every_head_computed():
-        result, wall, cpu = timed(fn)
-    out["mlps"] = result
-    out["seconds"].append((wall, cpu))
-    result, wall, cpu = timed(fn)
-    out["skipped"] = result
-    out["seconds"].append((wall, cpu))
+    for way in WAYS:
+        result, wall, cpu = timed(lambda: fn(dataclasses.replace(model, runner=RUNNERS[way])))
+        out[way] = result
+        out["seconds"].append((wall, cpu))
     return out
 
 
 def compare_nodes(model, task: task_circuits.TaskSet) -> dict:
     """Node pruning three ways; ``same``: the same decisions and scores."""
-    out = three_ways(lambda: prune_nodes(model, task.batch, task.means, task.metric, tokens=task.tokens))
+    out = three_ways(model, lambda on: prune_nodes(on, task.batch, task.means, task.metric, tokens=task.tokens))
     logs = [out[w].log for w in WAYS]
     out["same"] = all(a[["component", "removed"]].equals(b[["component", "removed"]])
                       and a.score_without.tolist() == b.score_without.tolist() for a, b in zip(logs, logs[1:]))
@@ -91,8 +89,8 @@ def compare_nodes(model, task: task_circuits.TaskSet) -> dict:
 
 def compare_edges(model, task: task_circuits.TaskSet, circuit, edges) -> dict:
     """Path patching of ``edges`` inside ``circuit`` three ways; ``same``: equal bit for bit."""
-    out = three_ways(lambda: patch_paths(model, task.batch, edges, task.metric, means=task.means,
-                                         ablate=circuit.complement(model), tokens=task.tokens))
+    out = three_ways(model, lambda on: patch_paths(on, task.batch, edges, task.metric, means=task.means,
+                                                   ablate=circuit.complement(model), tokens=task.tokens))
     out["same"] = torch.equal(out["every"], out["mlps"]) and torch.equal(out["every"], out["skipped"])
     return out
 

@@ -29,7 +29,7 @@ import time
 import torch
 
 import mechbook
-from mechbook.core.backends import use_backend
+from mechbook.backends import use_backend
 from mechbook.core.interventions import Edit, edit_hooks
 from mechbook.core.names import Component, act_name, layer_names
 from mechbook.core.runs import run_from_layer, run_last, tokenize

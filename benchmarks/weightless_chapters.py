@@ -42,11 +42,14 @@ def run_one(key: str) -> None:
     from transformers import AutoTokenizer
 
     from mechbook.book.results import MARKER, RESULTS_ENV
-    from mechbook.core import backends, loading
+    from mechbook.core import loading
+    from mechbook import backends
+    from mechbook.nnsight_backend import ndif
+    from mechbook.store.cache import cached_model_dir
 
-    folder = loading.cached_model_dir(MODEL)
+    folder = cached_model_dir(MODEL)
     loading.load_model(MODEL)  # builds the cached copy if it is missing
-    backends.NDIF_MODELS[MODEL] = "google/gemma-3-270m"
+    ndif.NDIF_MODELS[MODEL] = "google/gemma-3-270m"
     loading.config_folder = lambda hub_id: folder  # config and tokenizer files only are read from it
     stand_in = server_stand_in(folder, AutoTokenizer.from_pretrained(str(folder)))
     Remotable._remote_backend = lambda self, remote, *args: stand_in

@@ -16,15 +16,6 @@ def _results_root_from_the_test(monkeypatch):
     monkeypatch.delenv("MECHBOOK_RESULTS", raising=False)
 
 
-@pytest.fixture(autouse=True)
-def _no_backend_in_use(monkeypatch):
-    """Each test starts as a fresh chapter kernel: no model put on a backend yet (what provenance records)."""
-    from mechbook.core import backends
-
-    monkeypatch.setattr(backends, "_in_use", None)
-    monkeypatch.setattr(backends, "_placed", None)
-
-
 CORPUS = [
     "The capital of France is Paris. The capital of Poland is Warsaw.",
     "Q: What is the capital of Spain?\nA: Madrid",

@@ -30,12 +30,11 @@ from nbformat.v4 import new_code_cell, new_notebook
 
 import mechbook
 from conftest import build_tiny_model
-from mechbook.book import across_models, cli, results
+from mechbook.book import across_models, cli, o_vectors, results
+from mechbook.book.saved_circuits import load_shared_circuit, load_task_circuits
 from mechbook.core import loading as models
 from mechbook.core.errors import MechbookError
-from mechbook.papers.seqcont.other_sequences import load_shared_circuit
-from mechbook.papers.seqcont.task_circuits import load_task_circuits
-from mechbook.papers.vector_arithmetic import ffn_update as ffn
+from mechbook.store import cache, hub
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +79,7 @@ def packaged(tmp_path, monkeypatch, tiny_source):
 
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF" + bytes(12))
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     reads: list[Path] = []
 
     def read(path, spec):
@@ -92,7 +91,7 @@ def packaged(tmp_path, monkeypatch, tiny_source):
                             package="tiny-pkg", locate_gguf=lambda: gguf)
     monkeypatch.setitem(models.REGISTRY, "tiny-packaged", spec)
     return types.SimpleNamespace(name="tiny-packaged", spec=spec, reads=reads,
-                                 folder=models.cached_model_dir("tiny-packaged"))
+                                 folder=cache.cached_model_dir("tiny-packaged"))
 
 
 def _fake_hub_cache(root: Path, repo: str, model_dir: Path) -> Path:
@@ -131,9 +130,9 @@ def test_a_pickle_in_a_poisoned_cache_never_runs(tmp_path, packaged):
     mechbook.load_model(packaged.name)
     _plant_pickle(packaged.folder, tmp_path / "ran")
     # the attacker also lists the pickle in the manifest and rehashes it, so the cache checks out
-    manifest = json.loads((packaged.folder / models.CACHE_MANIFEST).read_text())
-    manifest["files"] = models._file_list(packaged.folder)
-    models.write_manifest(packaged.folder, manifest)
+    manifest = json.loads((packaged.folder / cache.CACHE_MANIFEST).read_text())
+    manifest["files"] = cache.file_list(packaged.folder)
+    cache.write_manifest(packaged.folder, manifest)
     mechbook.load_model(packaged.name)
     assert not (tmp_path / "ran").exists() and len(packaged.reads) == 1
 
@@ -251,9 +250,9 @@ def test_the_cache_records_every_file_with_size_and_sha256(packaged, tiny_source
     from transformers import AutoTokenizer
 
     model = mechbook.load_model(packaged.name)
-    manifest = json.loads((packaged.folder / models.CACHE_MANIFEST).read_text())
-    assert manifest["format"] == models.CACHE_FORMAT and packaged.folder.name.endswith(f"-v{models.CACHE_FORMAT}")
-    on_disk = sorted(p.name for p in packaged.folder.iterdir() if p.name != models.CACHE_MANIFEST)
+    manifest = json.loads((packaged.folder / cache.CACHE_MANIFEST).read_text())
+    assert manifest["format"] == cache.CACHE_FORMAT and packaged.folder.name.endswith(f"-v{cache.CACHE_FORMAT}")
+    on_disk = sorted(p.name for p in packaged.folder.iterdir() if p.name != cache.CACHE_MANIFEST)
     assert sorted(manifest["files"]) == on_disk and "model.safetensors" in on_disk
     weights = (packaged.folder / "model.safetensors").read_bytes()
     assert manifest["files"]["model.safetensors"] == {"bytes": len(weights), "sha256": hashlib.sha256(weights).hexdigest()}
@@ -279,14 +278,14 @@ def test_a_damaged_cache_is_rebuilt(packaged, damage):
     elif damage == "zeroed MLP weights":
         _zero_tensor(weights, "model.layers.1.mlp.down_proj.weight")
     elif damage == "manifest not JSON":
-        (packaged.folder / models.CACHE_MANIFEST).write_text("{cut")
+        (packaged.folder / cache.CACHE_MANIFEST).write_text("{cut")
     else:
         (packaged.folder / "tokenizer.json").unlink()
     with pytest.warns(UserWarning, match=rf"cached copy of tiny-packaged in .* is damaged .*rebuilding it"):
         after = _logits(mechbook.load_model(packaged.name))
     assert len(packaged.reads) == 2
     torch.testing.assert_close(after, before, rtol=0, atol=0)
-    models.verify_cache(packaged.folder)
+    cache.verify_cache(packaged.folder)
 
 
 def test_a_damaged_cache_that_cannot_be_rebuilt_names_the_folder_to_delete(packaged, monkeypatch):
@@ -368,16 +367,16 @@ def test_a_table_the_marker_does_not_list_is_refused(two_models):
 
 def test_an_altered_o_vector_is_refused(tmp_path, tiny_gpt2):
     saved = results.ChapterResults("a4_ffn_update", tiny_gpt2.name, root=tmp_path)
-    ffn.save_o_vector(saved.staged("o_vectors/capitals.safetensors"), torch.ones(tiny_gpt2.d_model), model=tiny_gpt2,
-                      layer=1, task="capitals", source="test", items=["Poland"])
+    o_vectors.save_o_vector(saved.staged("o_vectors/capitals.safetensors"), torch.ones(tiny_gpt2.d_model),
+                            model=tiny_gpt2, layer=1, task="capitals", source="test", items=["Poland"])
     saved.finish()
-    path = ffn.o_vector_path(tiny_gpt2.name, "capitals", root=tmp_path)
-    assert ffn.load_o_vector(path, tiny_gpt2).vector.sum() == tiny_gpt2.d_model
+    path = o_vectors.o_vector_path(tiny_gpt2.name, "capitals", root=tmp_path)
+    assert o_vectors.load_o_vector(path, tiny_gpt2).vector.sum() == tiny_gpt2.d_model
     marker = json.loads((path.parents[1] / results.MARKER).read_text())
     assert "o_vectors/capitals.safetensors" in marker["files"]
     _zero_tensor(path, "o")
     with pytest.raises(MechbookError, match=r"capitals.safetensors does not match the sha256.*--chapters a4\)"):
-        ffn.load_o_vector(path, tiny_gpt2)
+        o_vectors.load_o_vector(path, tiny_gpt2)
 
 
 def test_altered_circuits_are_refused(tmp_path, tiny_gpt2):
@@ -585,7 +584,7 @@ def test_a_hub_that_does_not_answer_is_given_half_a_second(monkeypatch):
     hanging = types.SimpleNamespace(head=lambda *a, **k: time.sleep(5))
     monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: hanging)
     start = time.perf_counter()
-    assert models.hub_unreachable() == f"{hub_constants.ENDPOINT} did not answer within 0.5 s"
+    assert hub.hub_unreachable() == f"{hub_constants.ENDPOINT} did not answer within 0.5 s"
     assert time.perf_counter() - start < 1.0
 
 

@@ -13,8 +13,8 @@ _IMPORTED_AT = (_time.time(), _time.monotonic())
 _warnings.filterwarnings("ignore", message="IProgress not found")
 
 from mechbook.core.errors import MechbookError
-from mechbook.core.backends import use_backend
-from mechbook.core.loading import DEFAULT_MODEL, LoadedModel, known_models, load_model
+from mechbook.backends import load_model, use_backend
+from mechbook.core.loading import DEFAULT_MODEL, LoadedModel, known_models
 
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "MechbookError", "known_models", "load_model", "use_backend"]
 __version__ = "0.1.0"

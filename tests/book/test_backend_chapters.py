@@ -15,7 +15,7 @@ import pytest
 
 from mechbook.book import cli
 from mechbook.book.results import MARKER, RESULTS_ENV
-from mechbook.core.backends import TRACE_COUNT_ENV
+from mechbook.nnsight_backend.runner import TRACE_COUNT_ENV
 from mechbook.core.loading import DEFAULT_MODEL
 
 pytest.importorskip("nnsight")

@@ -124,18 +124,18 @@ def test_patching_speed_imports_and_parses():
     assert patching_speed.parse_args(["--without-generic", "--prompts", "8"]).prompts == 8
 
 
-def test_generic_only_switches_the_fast_loops_off(tiny_model):
-    from mechbook.core.architectures import generic_only, has_fast_loop
+def test_a_runner_without_fast_loops_takes_the_generic_path(tiny_model):
+    import dataclasses
+
+    from mechbook.core.architectures import has_fast_loop
     from mechbook.core.names import act_name
-    from mechbook.core.runs import run_from_layer, run_last, tokenize
+    from mechbook.core.runs import LocalRunner, run_from_layer, run_last, tokenize
 
     batch = tokenize(tiny_model, ["1 2 3 4 5", "one two"])
     full, cache = run_last(tiny_model, batch, names=[act_name("resid_pre", 1)])
-    fast = has_fast_loop(tiny_model)
-    with generic_only():
-        assert not has_fast_loop(tiny_model)
-        generic, _ = run_from_layer(tiny_model, cache[act_name("resid_pre", 1)], 1, batch.last_pos)
-    assert has_fast_loop(tiny_model) == fast
+    slow = dataclasses.replace(tiny_model, runner=LocalRunner(fast_loops=False))
+    assert not has_fast_loop(slow)
+    generic, _ = run_from_layer(slow, cache[act_name("resid_pre", 1)], 1, batch.last_pos)
     assert (generic - full).abs().max() < 1e-5
 
 
@@ -180,7 +180,7 @@ def test_ablated_mlps_benchmark_arguments_and_its_comparisons(tiny_gpt2):
     circuit = Circuit([(0, 0), (0, 2), (1, 1), (1, 3)], [1])
     edges = bench.compare_edges(tiny_gpt2, task, circuit, circuit_edges(circuit.heads, circuit.mlps))
     nodes = bench.compare_nodes(tiny_gpt2, task)
-    assert edges["same"] and nodes["same"] and runs.SKIP_OVERWRITTEN_MLPS and runs.SKIP_OVERWRITTEN_HEADS
+    assert edges["same"] and nodes["same"] and runs.runner(tiny_gpt2) == runs.LocalRunner()
     assert nodes["every"] == nodes["mlps"] == nodes["skipped"] and "speed-up" not in bench.row("x", nodes)
     assert len(edges["seconds"]) == 3 and bench.row("x", edges).count("|") == bench.HEADER.count("|")
     assert bench.row("x", edges).endswith("| yes |")

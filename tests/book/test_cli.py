@@ -19,7 +19,8 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 from mechbook.book import cli
 from mechbook.core.errors import MechbookError
 from mechbook.book import results
-from mechbook.core.loading import DEFAULT_MODEL, cached_model_dir, known_models
+from mechbook.core.loading import DEFAULT_MODEL, known_models
+from mechbook.store.cache import cached_model_dir
 
 
 def _chapter(path: Path, body: str = "print(model_name)", default: str = DEFAULT_MODEL) -> Path:
@@ -564,18 +565,18 @@ def test_models_says_which_backends_run_each_model(capsys: pytest.CaptureFixture
 
 def _ndif_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("nnsight")
-    from mechbook.core import backends
+    from mechbook.nnsight_backend import ndif
 
     monkeypatch.setenv("NDIF_API_KEY", "test-key")
-    monkeypatch.setattr(backends, "ndif_unreachable", lambda timeout=2.0: None)  # as if NDIF answered
+    monkeypatch.setattr(ndif, "ndif_unreachable", lambda timeout=2.0: None)  # as if NDIF answered
 
 
 def test_ndif_needs_only_the_config_and_tokenizer_here_and_says_so(repo: Path, capsys: pytest.CaptureFixture,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from mechbook.core import loading
+    from mechbook.store import hub
 
     _ndif_answers(monkeypatch)
-    monkeypatch.setattr(loading, "hub_unreachable", lambda: "no network in the tests")
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: "no network in the tests")
     _takes_backend(repo / "book" / "a1_first.ipynb")
     code = cli.main(["--root", str(repo), "run", "--model", "meta-llama/Llama-3.1-405B", "--chapters", "a1",
                      "--out", str(repo / "runs"), "--backend", "ndif"])
@@ -589,13 +590,14 @@ def test_ndif_runs_without_loading_weights_here(repo: Path, capsys: pytest.Captu
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A model NDIF serves but the registry does not know runs; nothing looks for or loads its weights here."""
     from mechbook.core import loading
+    from mechbook.nnsight_backend import weightless
 
     _ndif_answers(monkeypatch)
     config_only = repo / "config-only"
     config_only.mkdir()
     (config_only / "config.json").write_text("{}")
     asked = []
-    monkeypatch.setattr(loading, "config_folder", lambda hub_id: asked.append(hub_id) or config_only)
+    monkeypatch.setattr(weightless, "config_folder", lambda hub_id: asked.append(hub_id) or config_only)
     for name in ("check_model_name", "in_hub_cache", "model_status"):
         monkeypatch.setattr(cli, name, lambda *a, **k: pytest.fail("the CLI looked for the weights"))
     monkeypatch.setattr(loading, "_load_with_weights", lambda *a, **k: pytest.fail("weights were loaded"))
@@ -672,7 +674,7 @@ def test_dtype_reaches_load_model_through_the_chapter(repo: Path, capsys: pytest
     _takes_placement(repo / "book" / "a1_first.ipynb", body=(
         "import mechbook\nfrom mechbook.book import provenance\n"
         "model = mechbook.load_model(model_name, device=device, dtype=dtype)\n"
-        "print(model.device, model.dtype, sorted(provenance.device().items()))"))
+        "print(model.device, model.dtype, sorted(provenance.placement(model).items()))"))
     out = repo / "runs"
     code = cli.main(["--root", str(repo), "run", "--model", str(tiny), "--chapters", "a1", "--out", str(out),
                      "--device", "cpu", "--dtype", "bfloat16", "--no-book-update"])

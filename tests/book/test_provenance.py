@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mechbook.book import lock, provenance, results, site_results, tables
+from mechbook.book import across_models, lock, provenance, results, site_results, tables
 from mechbook.core import loading
 from mechbook.core.errors import MechbookError
+from mechbook.store import cache
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def local_model(tmp_path: Path) -> Path:
 
 
 def test_finish_records_provenance_beside_the_checked_files(tmp_path, local_model, monkeypatch):
-    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     saved = results.ChapterResults("a1_test", str(local_model), root=tmp_path / "results")
     saved.save("table", pd.DataFrame({"x": [1, 2]}))
     saved.finish()
@@ -34,7 +35,7 @@ def test_finish_records_provenance_beside_the_checked_files(tmp_path, local_mode
     found = marker["provenance"]
     assert set(marker["files"]) == {"table.csv"}  # provenance is not one of the checked files
     assert found["model"]["source"] == "local"
-    assert found["model"]["files"]["model.safetensors"] == loading._sha256(local_model / "model.safetensors")
+    assert found["model"]["files"]["model.safetensors"] == cache.sha256(local_model / "model.safetensors")
     assert set(found["versions"]) >= {"python", "torch", "transformers", "transformer-lens"}
     assert found["versions"]["torch"] and found["cpu"]["name"]
     # the lock this checkout holds, every installed package, and how they differ from the lock
@@ -47,7 +48,7 @@ def test_finish_records_provenance_beside_the_checked_files(tmp_path, local_mode
 
 
 def test_box_links_every_saved_file_from_the_chapter_page(tmp_path, local_model, monkeypatch):
-    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     root = tmp_path / "results"
     book = tmp_path / "book"
     book.mkdir()
@@ -79,24 +80,24 @@ def test_box_says_when_results_have_no_provenance(tmp_path):
 
 
 def test_runs_table_lists_each_model_and_chapter(tmp_path, local_model, monkeypatch):
-    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     for chapter in ("a1_test", "b2_test"):
         saved = results.ChapterResults(chapter, str(local_model), root=tmp_path)
         saved.save("table", pd.DataFrame({"x": [1]}))
         saved.finish()
-    rows = provenance.runs(tmp_path)
+    rows = across_models.runs(tmp_path)
     assert [(r["model"], r["chapter"]) for r in rows] == [(str(local_model), "a1_test"), (str(local_model), "b2_test")]
-    assert "a1_test" in provenance.runs_table(tmp_path)._repr_html_()
+    assert "a1_test" in across_models.runs_table(tmp_path)._repr_html_()
 
 
 def test_file_sha256_is_kept_until_the_file_changes(tmp_path, monkeypatch):
-    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     path = tmp_path / "weights.gguf"
     path.write_bytes(b"one")
-    first = loading.file_sha256(path)
-    assert json.loads((tmp_path / "cache" / loading.SHA256_CACHE).read_text())[str(path.resolve())]["sha256"] == first
+    first = cache.file_sha256(path)
+    assert json.loads((tmp_path / "cache" / cache.SHA256_CACHE).read_text())[str(path.resolve())]["sha256"] == first
     path.write_bytes(b"two!")  # another size: hashed again
-    assert loading.file_sha256(path) == loading._sha256(path) != first
+    assert cache.file_sha256(path) == cache.sha256(path) != first
 
 
 def test_the_box_says_whether_the_versions_were_the_locked_ones():
@@ -201,10 +202,10 @@ def test_site_copy_holds_the_results_but_not_runs_in_progress(tmp_path):
 
 
 def test_the_backend_is_recorded_and_shown_only_off_local(tmp_path, local_model, monkeypatch):
-    """load_model / use_backend note the backend; the box shows it off local (committed local boxes stay as they are)."""
-    from mechbook.core import backends
+    """The chapter's model gives the backend; the box shows it off local (committed local boxes stay as they are)."""
+    from types import SimpleNamespace
 
-    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     saved = results.ChapterResults("a1_test", str(local_model), root=tmp_path / "results")
     saved.save("table", pd.DataFrame({"x": [1]}))
@@ -212,9 +213,9 @@ def test_the_backend_is_recorded_and_shown_only_off_local(tmp_path, local_model,
     box = provenance.box(saved)
     assert json.loads((saved.final / results.MARKER).read_text())["provenance"]["backend"] == "local"
     assert [k for k, _ in box.rows] == ["model", "code", "software", "CPU", "run"]
-    monkeypatch.setattr(backends, "_in_use", "ndif")
     monkeypatch.setattr(loading, "weights_origin", lambda name: pytest.fail("the weights here were looked up"))
-    saved = results.ChapterResults("a1_test", "meta-llama/Llama-3.1-8B", root=tmp_path / "results")
+    on_ndif = SimpleNamespace(backend="ndif", weights_here=False)
+    saved = results.ChapterResults("a1_test", "meta-llama/Llama-3.1-8B", root=tmp_path / "results", model=on_ndif)
     saved.save("table", pd.DataFrame({"x": [1]}))
     saved.finish()
     found = json.loads((saved.final / results.MARKER).read_text())["provenance"]
@@ -225,21 +226,19 @@ def test_the_backend_is_recorded_and_shown_only_off_local(tmp_path, local_model,
 
 
 def test_device_dtype_and_gpu_are_recorded_and_shown_off_cpu_float32(tmp_path, local_model, monkeypatch):
-    """What load_model notes (device, dtype) goes into the marker, with the GPU's name on CUDA; the box shows a
-    device row only off the CPU in float32 (the committed chapters' boxes stay as they are)."""
+    """Where the chapter's model's weights are (device, dtype) goes into the marker, with the GPU's name on CUDA; the
+    box shows a device row only off the CPU in float32 (the committed chapters' boxes stay as they are)."""
     from types import SimpleNamespace
 
     import torch
 
-    from mechbook.core import backends
-
-    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"NVIDIA H100 80GB HBM3 #{device.index}")
 
     def published_on(device: str, dtype: torch.dtype):
-        backends._note(SimpleNamespace(backend="local", weights_here=True, device=torch.device(device), dtype=dtype))
-        saved = results.ChapterResults("a1_test", str(local_model), root=tmp_path / "results")
+        here = SimpleNamespace(backend="local", weights_here=True, device=torch.device(device), dtype=dtype)
+        saved = results.ChapterResults("a1_test", str(local_model), root=tmp_path / "results", model=here)
         saved.save("table", pd.DataFrame({"x": [1]}))
         saved.finish()
         found = json.loads((saved.final / results.MARKER).read_text())["provenance"]
@@ -252,5 +251,5 @@ def test_device_dtype_and_gpu_are_recorded_and_shown_off_cpu_float32(tmp_path, l
     found, rows = published_on("cuda:1", torch.float16)
     assert found == {"device": "cuda:1", "dtype": "float16", "gpu": "NVIDIA H100 80GB HBM3 #1"}
     assert rows["device"] == "NVIDIA H100 80GB HBM3 #1 (cuda:1), weights in float16"
-    backends._note(SimpleNamespace(backend="ndif", weights_here=False))
-    assert provenance.device() is None  # NDIF's weights: no device here to record
+    assert provenance.placement(SimpleNamespace(backend="ndif", weights_here=False)) is None  # NDIF's weights
+    assert provenance.placement(None) is None  # a chapter without a model

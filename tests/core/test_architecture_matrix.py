@@ -9,6 +9,8 @@ transformer-lens bridge and its batched, run-from-a-layer engine. All agree with
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -180,9 +182,9 @@ def test_overwritten_mlps_are_not_computed(pair, monkeypatch):
     try:
         runs_of = {}
         for skip in (False, True):
-            monkeypatch.setattr(runs, "SKIP_OVERWRITTEN_MLPS", skip)
+            on = dataclasses.replace(model, runner=runs.LocalRunner(skip_mlps=skip))
             calls.clear()
-            runs_of[skip] = (run_last(model, clean, fwd_hooks=ablation)[0], sorted(calls))
+            runs_of[skip] = (run_last(on, clean, fwd_hooks=ablation)[0], sorted(calls))
         # a hook that reads the MLP's output before the ablation keeps it computed
         seen = []
         reader = [(ablation[0][0], lambda act, hook: seen.append(act.abs().sum()))]
@@ -231,9 +233,9 @@ def test_overwritten_heads_are_not_queried(pair, monkeypatch):
     try:
         runs_of = {}
         for skip in (False, True):
-            monkeypatch.setattr(runs, "SKIP_OVERWRITTEN_HEADS", skip)
+            on = dataclasses.replace(model, runner=runs.LocalRunner(skip_heads=skip))
             outputs.clear()
-            runs_of[skip] = (run_last(model, clean, fwd_hooks=ablation)[0], dict(outputs))
+            runs_of[skip] = (run_last(on, clean, fwd_hooks=ablation)[0], dict(outputs))
         # a hook inside layer 0's attention (its queries) keeps that layer's projections whole
         outputs.clear()
         run_last(model, clean, fwd_hooks=ablation + [(act_name("q", 0), lambda act, hook: None)])
@@ -342,9 +344,9 @@ def test_real_weights_in_another_class_give_the_same_numbers(tmp_path):
     give chapter a4's function layer, MLP effects and o, and chapter a5's transplant ranks, within 1e-4."""
     from conftest import resave_as_qwen2
     from mechbook.core.architectures import has_fast_loop
-    from mechbook.core.loading import cached_model_dir
     from mechbook.papers.vector_arithmetic import ffn_update, transplant
     from mechbook.papers.vector_arithmetic.prompts import build_prompts
+    from mechbook.store.cache import cached_model_dir
 
     smol = mechbook.load_model("smollm2-135m")
     qwen = mechbook.load_model(str(resave_as_qwen2(cached_model_dir("smollm2-135m"), tmp_path / "qwen2")))

@@ -14,7 +14,8 @@ pytest.importorskip("nnsight")
 
 import mechbook  # noqa: E402
 from conftest import build_tiny_model, head_patching_case, random_batch, sharpen  # noqa: E402
-from mechbook.core import backends  # noqa: E402
+from mechbook import backends  # noqa: E402
+from mechbook.nnsight_backend import runner as nn_runner  # noqa: E402
 from mechbook.core.errors import MechbookError  # noqa: E402
 from mechbook.core.interventions import Edit, edit_hooks  # noqa: E402
 from mechbook.core.names import Component, act_name, layer_names  # noqa: E402
@@ -87,8 +88,8 @@ def test_restricted_logits_match_in_values_and_gaps(models, backend):
     got, _ = run_from_layer(other, resid, 1, batch.last_pos, tokens=tokens)
     assert torch.equal(got.isnan(), want.isnan()) and _diff(got[:, tokens], want[:, tokens]) < TOL
     # only the asked-for columns come back from the trace: a smaller request
-    plan = backends._plan(local, (), (), 0)
-    assert backends.request_bytes(local, batch.input_ids, plan, tokens=tokens) < backends.request_bytes(
+    plan = nn_runner._plan(local, (), (), 0)
+    assert nn_runner.request_bytes(local, batch.input_ids, plan, tokens=tokens) < nn_runner.request_bytes(
         local, batch.input_ids, plan)
 
 
@@ -337,10 +338,10 @@ def test_a_request_over_the_cap_is_split_without_edits_and_refused_with_them(tin
     local, remote = tiny, backends.use_backend(tiny, "nnsight", remote="local")
     batch = random_batch(tiny)
     names = [act_name("resid_post", 0), act_name("z", 1)]
-    plan = backends._plan(local, (), names, 0)
-    one = backends.request_bytes(local, batch.select(slice(0, 1)).input_ids, plan, last_only=True)
-    assert backends.request_bytes(local, batch.input_ids, plan, last_only=True) > one
-    monkeypatch.setattr(backends, "MAX_REQUEST_BYTES", one)
+    plan = nn_runner._plan(local, (), names, 0)
+    one = nn_runner.request_bytes(local, batch.select(slice(0, 1)).input_ids, plan, last_only=True)
+    assert nn_runner.request_bytes(local, batch.input_ids, plan, last_only=True) > one
+    monkeypatch.setattr(nn_runner, "MAX_REQUEST_BYTES", one)
     want_logits, want = run_last(local, batch, names=names, last_only=True)
     logits, cache = run_last(remote, batch, names=names, last_only=True)
     assert remote.runner.traces == 3  # split in halves until each request fits: [0] [1 2] -> [1] [2]

@@ -19,11 +19,14 @@ from torch.utils._pytree import tree_flatten
 
 import mechbook
 from conftest import build_tiny_model
-from mechbook.core import backends, loading
+from mechbook.core import loading
+from mechbook.book import provenance
 from mechbook.core.interventions import edit_hooks, mean_ablation, position_mask
 from mechbook.core.names import Component, spans
 from mechbook.core.patching import answer_prob, logit_diff
-from mechbook.core.runs import TokenBatch, _rows_only, run_last, tokenize
+from mechbook.core.architectures import _rows_only
+from mechbook.core.runs import TokenBatch, run_last, tokenize
+from mechbook.store import cache
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def test_bfloat16_reaches_every_weight_and_the_run(tiny_llama_dir):
     model = mechbook.load_model(str(tiny_llama_dir), dtype="bfloat16")
     assert model.dtype == torch.bfloat16
     assert {p.dtype for p in model.hf_model.parameters()} == {torch.bfloat16}
-    assert backends.placement_in_use() == {"device": "cpu", "dtype": "bfloat16"}  # what provenance records
+    assert provenance.placement(model) == {"device": "cpu", "dtype": "bfloat16"}  # what provenance records
     logits, _ = run_last(model, tokenize(model, ["one two three", "January"]))
     assert logits.dtype == torch.bfloat16 and logits.shape == (2, model.d_vocab)
     assert torch.isfinite(logits.float()).all()
@@ -46,20 +49,20 @@ def test_bfloat16_reaches_every_weight_and_the_run(tiny_llama_dir):
 
 def test_a_packaged_model_loads_in_the_dtype_asked_for(tiny_llama_dir, tmp_path, monkeypatch):
     """The dequantized fp32 copy in the cache is cast as it loads (a tiny model stands in for SmolLM2's copy)."""
-    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
-    folder = loading.cached_model_dir("smollm2-135m")
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
+    folder = cache.cached_model_dir("smollm2-135m")
     folder.parent.mkdir(parents=True)
     folder.mkdir()
     for path in tiny_llama_dir.iterdir():
         (folder / path.name).write_bytes(path.read_bytes())
     tokenizer = loading._cached_tokenizer(folder, {})
-    manifest = {"format": loading.CACHE_FORMAT, "model": "smollm2-135m", "gguf": "(a tiny stand-in)",
-                "tokenizer": loading._tokenizer_settings(tokenizer), "files": loading._file_list(folder)}
-    (folder / loading.CACHE_MANIFEST).write_text(json.dumps(manifest))
+    manifest = {"format": cache.CACHE_FORMAT, "model": "smollm2-135m", "gguf": "(a tiny stand-in)",
+                "tokenizer": loading._tokenizer_settings(tokenizer), "files": cache.file_list(folder)}
+    (folder / cache.CACHE_MANIFEST).write_text(json.dumps(manifest))
     half = mechbook.load_model("smollm2-135m", dtype=torch.float16)
     assert half.source == "packaged" and {p.dtype for p in half.hf_model.parameters()} == {torch.float16}
     full = mechbook.load_model("smollm2-135m")
-    assert full.dtype == torch.float32 and backends.placement_in_use()["dtype"] == "float32"
+    assert full.dtype == torch.float32 and provenance.placement(full)["dtype"] == "float32"
     assert torch.equal(half.hf_model.lm_head.weight, full.hf_model.lm_head.weight.half())
 
 

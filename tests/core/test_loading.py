@@ -12,6 +12,7 @@ import torch
 import mechbook
 from mechbook.core import loading as models
 from mechbook.core.errors import MechbookError
+from mechbook.store import cache
 
 PROMPTS = ["The capital of France is Paris. The capital of Poland is", "one two three four five"]
 
@@ -69,14 +70,14 @@ def test_layer_checks_name_the_range(tiny_model):
 
 @pytest.mark.parametrize("content", [b"not a gguf at all", b"GGUF\x03\x00\x00\x00truncated"])
 def test_corrupt_gguf_gives_a_clear_error(monkeypatch, tmp_path, content):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(content)
     spec = models.ModelSpec(name="bad", source="packaged", family="llama", description="test",
                             package="bad-pkg", locate_gguf=lambda: bad)
     with pytest.raises(MechbookError, match="GGUF"):
         models.dequantize_to_cache(spec)
-    assert not models.cached_model_dir("bad").exists()
+    assert not cache.cached_model_dir("bad").exists()
     assert list((tmp_path / "cache" / "models").glob("*")) == [] if (tmp_path / "cache" / "models").exists() else True
 
 
@@ -84,7 +85,7 @@ def test_interrupted_dequantization_leaves_no_cache(monkeypatch, tmp_path):
     """A run killed while writing never leaves a directory that a later load would use."""
     from transformers import PreTrainedModel
 
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     spec = models.REGISTRY["smollm2-135m"]
     try:
         spec.locate_gguf()
@@ -97,7 +98,7 @@ def test_interrupted_dequantization_leaves_no_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", die)
     with pytest.raises(KeyboardInterrupt):
         models.dequantize_to_cache(spec)
-    assert not models.cached_model_dir("smollm2-135m").exists()
+    assert not cache.cached_model_dir("smollm2-135m").exists()
     assert list((tmp_path / "cache" / "models").iterdir()) == []
 
 
@@ -109,7 +110,7 @@ def test_known_models_include_the_papers_models():
 
 @pytest.mark.slow
 def test_gemma_hooked_logits_equal_plain_transformers(gemma):
-    directory = models.cached_model_dir("gemma3-270m")
+    directory = cache.cached_model_dir("gemma3-270m")
     diff = _max_logit_diff(gemma, directory)
     print(f"gemma3-270m: max |hooked - plain| logits = {diff:.2e}")
     assert diff <= 1e-4
@@ -131,7 +132,7 @@ def test_gemma_cached_tokenizer_equals_the_one_transformers_builds(gemma):
     """The fast tokenizer (tokenizers straight from tokenizer.json) encodes and decodes as AutoTokenizer does."""
     from transformers import AutoTokenizer
 
-    reference = AutoTokenizer.from_pretrained(str(models.cached_model_dir("gemma3-270m")))
+    reference = AutoTokenizer.from_pretrained(str(cache.cached_model_dir("gemma3-270m")))
     texts = [*PROMPTS, " leading space", "naïve café 東京 🙂", "<start_of_turn>user\n", "Q: 1 2 3\nA:"]
     assert [gemma.tokenizer(t).input_ids for t in texts] == [reference(t).input_ids for t in texts]
     ids = reference(texts[3]).input_ids
@@ -144,7 +145,7 @@ def test_smollm2_loads_with_its_conventions():
     model = mechbook.load_model("smollm2-135m")
     assert (model.n_layers, model.n_heads, model.n_kv_heads, model.d_model) == (30, 9, 3, 576)
     assert not model.prepend_bos
-    diff = _max_logit_diff(model, models.cached_model_dir("smollm2-135m"))
+    diff = _max_logit_diff(model, cache.cached_model_dir("smollm2-135m"))
     print(f"smollm2-135m: max |hooked - plain| logits = {diff:.2e}")
     assert diff <= 1e-4
 
@@ -192,7 +193,7 @@ def packaged(tmp_path, monkeypatch, tiny_dir):
 
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF" + bytes(12))
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     reads = []
 
     def read(path, spec):
@@ -203,7 +204,7 @@ def packaged(tmp_path, monkeypatch, tiny_dir):
     spec = models.ModelSpec(name="tiny-packaged", source="packaged", family="llama", description="test",
                             package="tiny-pkg", locate_gguf=lambda: gguf)
     monkeypatch.setitem(models.REGISTRY, "tiny-packaged", spec)
-    return types.SimpleNamespace(name="tiny-packaged", reads=reads, folder=models.cached_model_dir("tiny-packaged"))
+    return types.SimpleNamespace(name="tiny-packaged", reads=reads, folder=cache.cached_model_dir("tiny-packaged"))
 
 
 @pytest.mark.parametrize("change", ["tokenizer setting flipped", "manifest without its own hash"])
@@ -211,16 +212,16 @@ def test_a_changed_manifest_is_caught_and_the_cache_rebuilt(packaged, change):
     """No file hash covers the manifest's tokenizer block (flipping add_bos_token there changes gemma's top token):
     the manifest's own sha256 does, and a manifest that no longer matches it is rebuilt."""
     ids = mechbook.load_model(packaged.name).tokenizer("one two").input_ids
-    path = packaged.folder / models.CACHE_MANIFEST
+    path = packaged.folder / cache.CACHE_MANIFEST
     manifest = json.loads(path.read_text())
     if change == "tokenizer setting flipped":
         manifest["tokenizer"]["add_bos_token"] = not manifest["tokenizer"].get("add_bos_token", True)
     else:
-        del manifest[models.MANIFEST_HASH]
+        del manifest[cache.MANIFEST_HASH]
     path.write_text(json.dumps(manifest, indent=2))
-    with pytest.raises(models.DamagedCache, match="changed after it was written|older mechbook"):
-        models.read_manifest(packaged.folder)
+    with pytest.raises(cache.DamagedCache, match="changed after it was written|older mechbook"):
+        cache.read_manifest(packaged.folder)
     with pytest.warns(UserWarning, match="is damaged .*rebuilding it"):
         again = mechbook.load_model(packaged.name)
     assert len(packaged.reads) == 2 and again.tokenizer("one two").input_ids == ids
-    assert models.verify_cache(packaged.folder)["tokenizer"] == json.loads(path.read_text())["tokenizer"]
+    assert cache.verify_cache(packaged.folder)["tokenizer"] == json.loads(path.read_text())["tokenizer"]

@@ -19,10 +19,14 @@ pytest.importorskip("nnsight")
 import mechbook  # noqa: E402
 from conftest import build_tiny_model, head_patching_case, random_batch, sharpen  # noqa: E402
 from ndif_stand_in import serve_from  # noqa: E402
-from mechbook.core import architectures, backends, decoding, loading  # noqa: E402
+from mechbook.core import architectures, decoding, loading  # noqa: E402
+from mechbook.nnsight_backend import ndif  # noqa: E402
+from mechbook.nnsight_backend import weightless as built_here  # noqa: E402
+from mechbook.nnsight_backend import runner as nn_runner  # noqa: E402
 from mechbook.core.errors import MechbookError  # noqa: E402
 from mechbook.core.names import act_name, layer_names  # noqa: E402
 from mechbook.core.runs import run_from_layer, run_last  # noqa: E402
+from mechbook.store import hub  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RTOL, ATOL = 1e-4, 1e-5
@@ -40,7 +44,7 @@ def pair(request, tmp_path_factory):
     local = mechbook.load_model(str(full))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("NDIF_API_KEY", "test-key")
-        patch.setattr(loading, "config_folder", lambda hub_id: config_only)
+        patch.setattr(built_here, "config_folder", lambda hub_id: config_only)
         weightless = mechbook.load_model(POSING_AS[request.param], backend="ndif")
     serve_from(weightless, full)  # its remote traces (remote=True) go to a stand-in server with the weights
     return local, weightless, config_only
@@ -103,8 +107,8 @@ def test_runs_and_patching_match_local(pair):
 def test_decoding_many_vectors_is_split_under_the_request_cap(pair, monkeypatch):
     local, weightless, _ = pair
     resid = torch.randn(5, 2, local.d_model, generator=torch.Generator().manual_seed(3))
-    one = backends.request_bytes(weightless, torch.zeros(1, 1, dtype=torch.long), [], resid=resid[:1, :1])
-    monkeypatch.setattr(backends, "MAX_REQUEST_BYTES", 3 * one)  # three vectors a request: 10 -> 4 requests
+    one = nn_runner.request_bytes(weightless, torch.zeros(1, 1, dtype=torch.long), [], resid=resid[:1, :1])
+    monkeypatch.setattr(nn_runner, "MAX_REQUEST_BYTES", 3 * one)  # three vectors a request: 10 -> 4 requests
     before = weightless.runner.traces
     _close(decoding.unembed(weightless, resid), decoding.unembed(local, resid))
     assert weightless.runner.traces == before + 4
@@ -138,7 +142,7 @@ def test_what_needs_the_weights_here_is_refused_in_one_line(pair, what):
 @pytest.mark.parametrize("kwargs", [{"dtype": torch.float16}, {"device": "cuda"}, {"device_map": "auto"}])
 def test_placement_arguments_are_refused_with_ndif(kwargs, monkeypatch):
     monkeypatch.setenv("NDIF_API_KEY", "test-key")
-    monkeypatch.setattr(loading, "config_folder", lambda hub_id: pytest.fail("the config was fetched"))
+    monkeypatch.setattr(built_here, "config_folder", lambda hub_id: pytest.fail("the config was fetched"))
     with pytest.raises(MechbookError, match=f"{next(iter(kwargs))}= does not apply to backend='ndif'") as exc:
         mechbook.load_model("gpt2", backend="ndif", **kwargs)
     _one_line(exc)
@@ -149,12 +153,12 @@ def test_every_model_ndif_serves_loads_from_its_config_alone(pair, monkeypatch):
     _, _, config_only = pair
     asked = []
     monkeypatch.setenv("NDIF_API_KEY", "test-key")
-    monkeypatch.setattr(loading, "config_folder", lambda hub_id: asked.append(hub_id) or config_only)
+    monkeypatch.setattr(built_here, "config_folder", lambda hub_id: asked.append(hub_id) or config_only)
     monkeypatch.setattr(loading, "_load_with_weights", lambda *a, **k: pytest.fail("weights were loaded"))
-    for name, hub_id in backends.NDIF_MODELS.items():
+    for name, hub_id in ndif.NDIF_MODELS.items():
         model = mechbook.load_model(name, backend="ndif")
         assert model.name == name and not model.weights_here and model.runner.lm.repo_id == hub_id
-    assert asked == [loading.REGISTRY[n].hub_id if n in loading.REGISTRY else h for n, h in backends.NDIF_MODELS.items()]
+    assert asked == [loading.REGISTRY[n].hub_id if n in loading.REGISTRY else h for n, h in ndif.NDIF_MODELS.items()]
     monkeypatch.undo()
     for backend in ("local", "nnsight"):  # the other backends still refuse what they cannot load
         with pytest.raises(MechbookError, match="unknown model 'meta-llama/Llama-3.1-8B'") as exc:
@@ -167,17 +171,17 @@ def test_ndif_refuses_a_model_it_does_not_serve_and_no_network_in_one_line(monke
     with pytest.raises(MechbookError, match="NDIF does not serve 'gemma3-270m'") as exc:
         mechbook.load_model("gemma3-270m", backend="ndif")
     _one_line(exc)
-    monkeypatch.setattr(loading, "hub_unreachable", lambda: "no network in the tests")
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: "no network in the tests")
     with pytest.raises(MechbookError, match=r"needs the config and tokenizer of 'meta-llama/Llama-3.1-405B' \(no "
                                             "weights\\).*huggingface-cli download") as exc:
         mechbook.load_model("meta-llama/Llama-3.1-405B", backend="ndif")
     _one_line(exc)
 
 
-def test_the_backend_in_use_is_noted_for_provenance(pair):
+def test_the_backend_is_recorded_from_the_chapters_model(pair):
+    from mechbook.book import provenance
+
     local, weightless, _ = pair
-    assert backends.backend_in_use() is None  # conftest resets it for every test
-    mechbook.use_backend(local, "local")
-    assert backends.backend_in_use() == "local"
-    mechbook.use_backend(weightless, "ndif")
-    assert backends.backend_in_use() == "ndif"
+    assert provenance.record(None, mechbook.use_backend(local, "local"))["backend"] == "local"
+    found = provenance.record(None, mechbook.use_backend(weightless, "ndif"))
+    assert found["backend"] == "ndif" and "device" not in found  # the weights are NDIF's

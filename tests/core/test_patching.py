@@ -1,4 +1,4 @@
-"""Patching and ablation, checked against transformer-lens's own patching functions."""
+"""Patching and ablation, checked against transformer-lens's own patching functions; the one sweep under them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from conftest import build_tiny_model, random_circuit_task, sharpen
 from mechbook.core import patching as P
 from mechbook.core.patching import logit_diff
 from mechbook.core.errors import MechbookError
-from mechbook.core.interventions import Edit, edit_hooks
+from mechbook.core.interventions import Edit, edit_hooks, mean_ablation
 from mechbook.core.names import Component
 from mechbook.core.runs import run_last, run_variants, tokenize
 
@@ -122,6 +122,31 @@ def test_ablation_sweep_batches_variants_like_separate_runs(tiny_model):
     assert batched.shape == (3, len(clean)) and torch.allclose(batched, separate, atol=1e-5)
 
 
+def test_the_sweep_puts_variants_of_mixed_start_layers_back_in_order(tiny_model):
+    """Variants listed out of layer order, with edits shared per start layer: each equals its own full run."""
+    clean, corrupt, metric = _setup(tiny_model)
+    comps = [P.Component("mlp", 2), P.Component("head", 0, 1), P.Component("mlp", 1), P.Component("head", 0, 3)]
+    context = P.Component("head", 2, 2)  # mean-ablated in every variant that starts at or before its layer
+    means = P.mean_activations(tiny_model, corrupt, comps + [context])
+
+    def edits_for(i, rows):
+        return mean_ablation([comps[i]], means, rows=rows)
+
+    def around(layer):
+        return mean_ablation([context], means, first_layer=layer)
+
+    starts = [c.layer for c in comps]
+    _, base = run_last(tiny_model, clean, names=P.resid_names(tiny_model, starts))
+    swept = P.sweep(tiny_model, clean, starts, edits_for, metric, base=base, context=around, max_rows=2)
+    separate = torch.stack([metric(run_last(tiny_model, clean, fwd_hooks=edit_hooks(
+        mean_ablation([context], means) + mean_ablation([c], means)))[0]) for c in comps])
+    assert swept.shape == (4, len(clean)) and torch.allclose(swept, separate, atol=1e-5)
+    with pytest.raises(MechbookError, match="base cache has no blocks.1.hook_resid_pre"):
+        P.sweep(tiny_model, clean, starts, edits_for, metric, base={k: v for k, v in base.items() if ".1." not in k})
+    with pytest.raises(MechbookError, match="no variants"):
+        P.sweep(tiny_model, clean, [], edits_for, metric, base=base)
+
+
 def test_bad_components_and_pairs_are_explained(tiny_model):
     clean, corrupt, metric = _setup(tiny_model)
     with pytest.raises(MechbookError, match="heads per layer"):
@@ -202,7 +227,7 @@ def test_head_patching_refuses_a_prefix_cache_the_attention_never_saw(sharp, mon
         P.patch_head_outputs(sharp, clean, corrupted, metric)
 
 
-# --- metrics and edits refuse bad input (issue 25) ------------------------------------------------
+# --- metrics and edits refuse bad input ----------------------------------------------------------
 
 
 def test_answer_prob_refuses_negative_ids_and_ids_past_the_vocabulary():
@@ -313,4 +338,4 @@ def test_edits_refuse_bad_masks_rows_lists_and_negative_positions(tiny_gpt2):
     with pytest.raises(MechbookError, match="float torch tensor"):
         check_vector(tiny_gpt2, np.zeros(d))
     with pytest.raises(MechbookError, match="negative layer"):
-        act_name("z", -1)  # was 'blocks.-1.attn.hook_z', then "no hook named"
+        act_name("z", -1)  # not a name of a hook that never fires

@@ -1,4 +1,4 @@
-"""Path patching (Paper B, section 3): sender -> receiver q/k/v paths, and sender -> logits paths."""
+"""Path patching: sender -> receiver q/k/v paths, and sender -> logits paths."""
 
 from __future__ import annotations
 
@@ -304,7 +304,7 @@ def test_edges_and_senders_must_be_components(tiny_gpt2):
         patch_paths_to_logits(tiny_gpt2, batch, [(0, 1)], metric, means=means)
     with pytest.raises(MechbookError, match="as \\(layer, head\\) pairs"):
         circuit_edges([1, 2])
-    # a negative receiver layer counts from the end, as everywhere else (it was "must sit in an earlier layer")
+    # a negative receiver layer counts from the end, as everywhere else
     last = Edge(Component("head", 0, 1), Component("head", -1, 1), "q")
     resolved = Edge(Component("head", 0, 1), Component("head", tiny_gpt2.n_layers - 1, 1), "q")
     assert torch.equal(patch_paths(tiny_gpt2, batch, [last], metric, means=means),

@@ -14,17 +14,20 @@ exist is refused (:func:`mechbook.book.results.existing_root`): a mistyped path 
 
 from __future__ import annotations
 
+import html
 import re
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from mechbook.book.results import load_json, load_table
+from mechbook.book.provenance import PACKAGES, duration, link, weights_text
+from mechbook.book.results import MARKER, complete_markers, default_root, load_json, load_table
 from mechbook.core import stats
 from mechbook.core.errors import MechbookError
 from mechbook.papers.seqcont import reported as seqcont_reported
@@ -517,3 +520,64 @@ def what_held(tables: dict[str, pd.DataFrame | None], first: str | None = None) 
 def _ordered(table: pd.DataFrame, first: str | None) -> pd.DataFrame:
     order = {m: i for i, m in enumerate(order_models(table.model, first))}
     return table.sort_values("model", key=lambda s: s.map(order), kind="stable")
+
+
+# --- what produced each model's results -----------------------------------------------------------
+
+
+def runs(root: str | Path | None = None) -> list[dict[str, Any]]:
+    """One row per model and chapter with complete results: the provenance in its marker, flattened."""
+    root = Path(root) if root else default_root()
+    rows = []
+    for folder, info in complete_markers(root):
+        found = info.get("provenance") or {}
+        model = found.get("model") or {}
+        software = found.get("versions") or {}
+        code = found.get("mechbook") or {}
+        rows.append({
+            "model": info["model"], "chapter": info["chapter"], "date": str(found.get("finished", "–"))[:10],
+            "wall time": duration(found.get("wall_seconds")),
+            "searches": (info.get("searches") or {}).get("outcome", "–"),
+            "weights sha256": (model.get("sha256") or model.get("revision") or "–")[:12],
+            "commit": (code.get("commit") or "–")[:10] + (" (dirty)" if code.get("dirty") else ""),
+            **{name: software.get(name) or "–" for name in PACKAGES},
+            "CPU": (found.get("cpu") or {}).get("name", "–"),
+            "weights": weights_text(model).split(": ", 1)[-1] if model else "not recorded (older results)",
+            "marker": folder / MARKER,
+        })
+    return rows
+
+
+@dataclass
+class RunsTable:
+    """Provenance per model (weights) and per chapter (date, wall time, commit, versions, CPU)."""
+
+    rows: list[dict[str, Any]]
+
+    COLUMNS = ("chapter", "date", "wall time", "searches", "commit", *PACKAGES, "CPU")
+
+    def _repr_html_(self) -> str:
+        parts = []
+        for model in dict.fromkeys(r["model"] for r in self.rows):
+            mine = [r for r in self.rows if r["model"] == model]
+            weights = dict.fromkeys(r["weights"] for r in mine)
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in self.COLUMNS)
+            body = "".join(
+                "<tr>" + "".join(
+                    f'<td><a href="{html.escape(link(r["marker"]))}" download>{html.escape(r[c])}</a></td>'
+                    if c == "chapter" else f"<td>{html.escape(str(r[c]))}</td>" for c in self.COLUMNS) + "</tr>"
+                for r in mine)
+            parts.append(f"<p><strong>{html.escape(model)}</strong>: " + "; ".join(map(html.escape, weights))
+                         + f'</p><table class="dataframe">{f"<thead><tr>{head}</tr></thead>"}<tbody>{body}</tbody></table>')
+        return f'<div class="mechbook-provenance" style="font-size:0.85em">{"".join(parts)}</div>'
+
+    def __repr__(self) -> str:
+        lines = []
+        for r in self.rows:
+            lines.append("  ".join(f"{r[c]}" for c in ("model", *self.COLUMNS)))
+        return "\n".join(lines) or "no complete results"
+
+
+def runs_table(root: str | Path | None = None) -> RunsTable:
+    """What produced each model's results, chapter by chapter (each chapter links to its marker)."""
+    return RunsTable(runs(root))

@@ -62,18 +62,14 @@ from mechbook.book.results import (
     parameters_record,
     safe_name,
 )
-from mechbook.core import backends, checks
+from mechbook import backends
+from mechbook.core import checks
+from mechbook.nnsight_backend import ndif
+from mechbook.nnsight_backend.weightless import ndif_files
 from mechbook.core.errors import MechbookError
-from mechbook.core.loading import (
-    DEFAULT_MODEL,
-    REGISTRY,
-    cached_model_dir,
-    hub_unreachable,
-    in_hub_cache,
-    known_models,
-    ndif_files,
-    unknown_model,
-)
+from mechbook.core.loading import DEFAULT_MODEL, REGISTRY, known_models, unknown_model
+from mechbook.store.cache import cached_model_dir
+from mechbook.store.hub import hub_unreachable, in_hub_cache
 
 KERNEL_NAME = "python3"
 # a<N>: Paper A, b<N>: Paper B, c<N>: across models (reads the other chapters' results).
@@ -665,7 +661,7 @@ def runs_on(name: str) -> str:
     where = [] if spec is None else ["local"]
     if spec is not None and {spec.family, f"{spec.family}_text"} & set(HF_PLACES):
         where.append("nnsight")
-    return ", ".join(where + (["ndif"] if backends.ndif_hub_id(name) else []))
+    return ", ".join(where + (["ndif"] if ndif.ndif_hub_id(name) else []))
 
 
 def models_table() -> str:
@@ -673,7 +669,7 @@ def models_table() -> str:
     for name in known_models():
         source, loadable, note = model_status(name)
         rows.append((name, source, "yes" if loadable else "no", runs_on(name), note))
-    for name in backends.NDIF_MODELS:
+    for name in ndif.NDIF_MODELS:
         if name not in REGISTRY:
             rows.append((name, "ndif", "no", runs_on(name), "served by NDIF: runs with --backend ndif (only its "
                          "config and tokenizer come here)"))
@@ -740,11 +736,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def check_backend(backend: str, model: str) -> None:
-    """Fail fast, before any chapter starts, on a backend that cannot run now (see :mod:`mechbook.core.backends`)."""
+    """Fail fast, before any chapter starts, on a backend that cannot run now (see :mod:`mechbook.backends`)."""
     if backend == "nnsight":
-        backends.require_nnsight("--backend nnsight")
+        ndif.require_nnsight("--backend nnsight")
     if backend == "ndif":
-        backends.check_ndif(model)
+        ndif.check_ndif(model)
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
@@ -754,7 +750,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     _check_parameters(chapters, require_default=True)
     check_results_for(chapters, DEFAULT_MODEL, default_root(root))
     _check_results_writable(root)
-    with search_flags(recompute=args.recompute, resume=False):
+    with search_flags(recompute=args.recompute, resume=args.resume):
         results = run_chapters(
             chapters, book_dir=book_dir, out_dir=None, parameters=None, strip=True,
             stop_on_failure=args.stop_on_failure,
@@ -898,6 +894,9 @@ def build_parser() -> argparse.ArgumentParser:
     refresh.add_argument("--stop-on-failure", action="store_true", help="stop at the first failing chapter")
     refresh.add_argument("--recompute", action="store_true",
                          help="search again even where the committed results hold the searches (see run --recompute)")
+    refresh.add_argument("--resume", action="store_true",
+                         help="take up the searches a killed refresh of these chapters finished or left under way "
+                              "(their checkpoints); without it a refresh starts its searches afresh")
     refresh.set_defaults(func=cmd_refresh)
 
     fmt = commands.add_parser(

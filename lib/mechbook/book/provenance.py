@@ -9,7 +9,7 @@ mechbook commit and whether the library or the lock differs from it, the version
 torch, transformers and transformer-lens shown; recorded too: every installed package, the
 lock files' sha256 and how the packages differ from the lock, :mod:`mechbook.book.lock`),
 the CPU, the date and the chapter's wall time. :func:`box` shows it at the chapter's end with links to the saved
-results; :func:`runs_table` lists it for every model and chapter (the across-models chapter).
+results; :func:`mechbook.book.across_models.runs_table` lists it for every model and chapter.
 
 Wall time runs from the moment the chapter's kernel first imported mechbook
 (``mechbook._IMPORTED_AT``) to the publication of its results. Papermill starts a fresh
@@ -48,23 +48,24 @@ def started() -> tuple[float, float]:
     return mechbook._IMPORTED_AT
 
 
-def record(model_name: str | None) -> dict[str, Any]:
+def record(model_name: str | None, model: Any = None) -> dict[str, Any]:
     """The provenance of this run, now: model and weights, backend, device, commit, versions, CPU, date and wall time.
 
-    The backend is the one this process last put a model on (:func:`mechbook.core.backends.backend_in_use`);
-    on ``ndif`` the weights are NDIF's, so the model is recorded by the hub id NDIF serves it under.
-    The device and dtype are those of that model's weights (:func:`device`).
+    ``model`` is the loaded model the chapter ran on (a chapter that loads none passes
+    none: the local backend, no device). On ``ndif`` the weights are NDIF's, so the model is
+    recorded by the hub id NDIF serves it under. The device and dtype are those of its
+    weights (:func:`placement`).
     """
-    from mechbook.core.backends import backend_in_use
-    from mechbook.core.loading import ndif_origin, weights_origin
+    from mechbook.core.loading import weights_origin
+    from mechbook.nnsight_backend.weightless import ndif_origin
 
     wall_start, mono_start = started()
     now = time.time()
-    info: dict[str, Any] = {"backend": backend_in_use() or "local"}
+    info: dict[str, Any] = {"backend": "local" if model is None else model.backend}
     if model_name is not None:
         origin = ndif_origin(model_name) if info["backend"] == "ndif" else weights_origin(model_name)
         info["model"] = {"name": model_name, **origin}
-    placed = device()
+    placed = placement(model)
     if placed is not None:
         info["device"] = placed
     info["mechbook"] = {"version": mechbook.__version__, **git_state()}
@@ -87,22 +88,19 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def device() -> dict[str, Any] | None:
-    """Where the weights of the model this process last loaded are: device, dtype, and the GPU's name on CUDA.
+def placement(model: Any) -> dict[str, Any] | None:
+    """Where ``model``'s weights are: device, dtype, and the GPU's name on CUDA.
 
-    None when no model with weights here was loaded (a chapter that loads none, a model on NDIF).
+    None without a model, or for a model whose weights are not here (on NDIF).
     """
-    from mechbook.core.backends import placement_in_use
-
-    placed = placement_in_use()
-    if placed is None:
+    if model is None or not model.weights_here:
         return None
-    info: dict[str, Any] = dict(placed)
-    if placed["device"].startswith("cuda"):
+    info: dict[str, Any] = {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
+    if info["device"].startswith("cuda"):
         import torch
 
         with contextlib.suppress(RuntimeError, AssertionError):  # the GPU went away: the rest still stands
-            info["gpu"] = torch.cuda.get_device_name(torch.device(placed["device"]))
+            info["gpu"] = torch.cuda.get_device_name(torch.device(info["device"]))
     return info
 
 
@@ -312,11 +310,9 @@ def box(saved: Any = None) -> Box:
     ``finish()``; without it (a chapter that saves no results), the provenance of this
     run so far, without a model.
     """
-    from mechbook.book.results import MARKER
-
     if saved is None:
         return Box(_rows(record(None), until="this cell ran"), [])
-    marker = Path(saved.final) / MARKER
+    marker = Path(saved.marker)
     if not marker.is_file():
         from mechbook.core.errors import MechbookError
 
@@ -324,12 +320,12 @@ def box(saved: Any = None) -> Box:
                             "provenance.box(saved)")
     info = json.loads(marker.read_text())
     files = [Download(name, meta.get("bytes"), link(marker.parent / name)) for name, meta in info["files"].items()]
-    files.append(Download(MARKER, marker.stat().st_size, link(marker)))
+    files.append(Download(marker.name, marker.stat().st_size, link(marker)))
     found = info.get("provenance")
     if not found:
         return Box([("model", info.get("model", "?"))], files, "No provenance recorded: these results were written "
                    "by an older mechbook; rerun the chapter to record it.")
-    note = (f"The results files are the ones this run saved (their sizes and sha256 are in {MARKER}); "
+    note = (f"The results files are the ones this run saved (their sizes and sha256 are in {marker.name}); "
             "the provenance may differ between runs, the results should not.")
     rows = _rows(found, until="its results were saved")
     if info.get("searches"):
@@ -363,66 +359,3 @@ def searches_text(searches: dict[str, Any]) -> str:
         why = searches.get("why_computed")
         parts.append(f"computed in this run: {len(fresh)} searches in {duration(seconds)}" + (f" ({why})" if why else ""))
     return "; ".join(parts) or "none"
-
-
-# ---------------------------------------------------------------------- across models
-
-
-def runs(root: str | Path | None = None) -> list[dict[str, Any]]:
-    """One row per model and chapter with complete results: the provenance in its marker, flattened."""
-    from mechbook.book.results import MARKER, _complete, default_root
-
-    root = Path(root) if root else default_root()
-    rows = []
-    for folder, info in _complete(root):
-        found = info.get("provenance") or {}
-        model = found.get("model") or {}
-        software = found.get("versions") or {}
-        code = found.get("mechbook") or {}
-        rows.append({
-            "model": info["model"], "chapter": info["chapter"], "date": str(found.get("finished", "–"))[:10],
-            "wall time": duration(found.get("wall_seconds")),
-            "searches": (info.get("searches") or {}).get("outcome", "–"),
-            "weights sha256": (model.get("sha256") or model.get("revision") or "–")[:12],
-            "commit": (code.get("commit") or "–")[:10] + (" (dirty)" if code.get("dirty") else ""),
-            **{name: software.get(name) or "–" for name in PACKAGES},
-            "CPU": (found.get("cpu") or {}).get("name", "–"),
-            "weights": weights_text(model).split(": ", 1)[-1] if model else "not recorded (older results)",
-            "marker": folder / MARKER,
-        })
-    return rows
-
-
-@dataclass
-class RunsTable:
-    """Provenance per model (weights) and per chapter (date, wall time, commit, versions, CPU)."""
-
-    rows: list[dict[str, Any]]
-
-    COLUMNS = ("chapter", "date", "wall time", "searches", "commit", *PACKAGES, "CPU")
-
-    def _repr_html_(self) -> str:
-        parts = []
-        for model in dict.fromkeys(r["model"] for r in self.rows):
-            mine = [r for r in self.rows if r["model"] == model]
-            weights = dict.fromkeys(r["weights"] for r in mine)
-            head = "".join(f"<th>{html.escape(c)}</th>" for c in self.COLUMNS)
-            body = "".join(
-                "<tr>" + "".join(
-                    f'<td><a href="{html.escape(link(r["marker"]))}" download>{html.escape(r[c])}</a></td>'
-                    if c == "chapter" else f"<td>{html.escape(str(r[c]))}</td>" for c in self.COLUMNS) + "</tr>"
-                for r in mine)
-            parts.append(f"<p><strong>{html.escape(model)}</strong>: " + "; ".join(map(html.escape, weights))
-                         + f'</p><table class="dataframe">{f"<thead><tr>{head}</tr></thead>"}<tbody>{body}</tbody></table>')
-        return f'<div class="mechbook-provenance" style="font-size:0.85em">{"".join(parts)}</div>'
-
-    def __repr__(self) -> str:
-        lines = []
-        for r in self.rows:
-            lines.append("  ".join(f"{r[c]}" for c in ("model", *self.COLUMNS)))
-        return "\n".join(lines) or "no complete results"
-
-
-def runs_table(root: str | Path | None = None) -> RunsTable:
-    """What produced each model's results, chapter by chapter (each chapter links to its marker)."""
-    return RunsTable(runs(root))

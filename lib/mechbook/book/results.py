@@ -35,7 +35,7 @@ from typing import Any
 import pandas as pd
 
 from mechbook.core.errors import MechbookError
-from mechbook.core.loading import process_alive
+from mechbook.store.cache import process_alive
 
 RESULTS_ENV = "MECHBOOK_RESULTS"
 # Set by ``mechbook run`` for each chapter's kernel: {"chapter": notebook stem, "parameters": every papermill
@@ -113,14 +113,22 @@ class ChapterResults:
 
     ``parameters`` are recorded in the marker; by default, the ones ``mechbook run``
     started the chapter with (none when it ran another way).
+    ``model`` is the loaded model the chapter ran on: the provenance records its backend
+    and where its weights are (without it: the local backend, no device).
     """
 
+    @property
+    def marker(self) -> Path:
+        """The marker of the published results (``<root>/<model>/<chapter>/_complete.json``), once finished."""
+        return self.final / MARKER
+
     def __init__(self, chapter: str, model_name: str, root: str | Path | None = None, *,
-                 parameters: dict[str, Any] | None = None) -> None:
+                 parameters: dict[str, Any] | None = None, model: Any = None) -> None:
         if not chapter or chapter.startswith(".") or any(c in chapter for c in "/\\\0"):
             raise MechbookError(f"chapter {chapter!r} is not a folder name; use the notebook's name, e.g. 'a2_tasks_accuracy'")
         self.chapter = chapter
         self.model_name = model_name
+        self.model = model  # the loaded model the chapter ran on: its backend and device go into the provenance
         self.root = Path(root) if root else default_root()
         if ".." in self.root.parts:
             raise MechbookError(f"results root {str(self.root)!r} contains '..', which would publish outside it; pass "
@@ -178,7 +186,7 @@ class ChapterResults:
         # produced them (date, wall time, versions, ...) goes beside the file list, which readers check.
         marker = {"model": self.model_name, "chapter": self.chapter, "format": FORMAT, "mechbook": __version__,
                   "files": files, "parameters": self.parameters, **self.extra,
-                  "provenance": _provenance(self.model_name)}
+                  "provenance": _provenance(self.model_name, self.model)}
         try:
             (self._staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             self._publish()
@@ -239,12 +247,12 @@ def tidy(model_dir: Path, *, wait: float = 2.0) -> None:
                 shutil.rmtree(path)
 
 
-def _provenance(model_name: str) -> dict[str, Any]:
+def _provenance(model_name: str, model: Any = None) -> dict[str, Any]:
     """What produced the results (:func:`mechbook.book.provenance.record`); a failure to tell is recorded, not raised."""
     from mechbook.book import provenance
 
     try:
-        return provenance.record(model_name)
+        return provenance.record(model_name, model)
     except Exception as exc:  # provenance describes the results; it must never cost them
         return {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
 
@@ -364,7 +372,7 @@ def existing_root(root: str | Path | None) -> Path:
     return root
 
 
-def _complete(root: Path, chapter: str | None = None) -> list[tuple[Path, dict[str, Any]]]:
+def complete_markers(root: Path, chapter: str | None = None) -> list[tuple[Path, dict[str, Any]]]:
     """(folder, marker) of every complete chapter under ``root``; the files of ``chapter`` (all if None) checked."""
     if not root.is_dir():
         return []
@@ -388,7 +396,7 @@ def complete_runs(root: str | Path | None = None, chapter: str | None = None) ->
     checked against theirs.
     """
     found: dict[str, list[str]] = {}
-    for _, info in _complete(existing_root(root), chapter):
+    for _, info in complete_markers(existing_root(root), chapter):
         found.setdefault(info["model"], []).append(info["chapter"])
     return found
 
@@ -462,7 +470,7 @@ def load_table(chapter: str, name: str, root: str | Path | None = None) -> pd.Da
     """One table from every model's complete results of a chapter, stacked with a ``model`` column."""
     root = existing_root(root)
     frames = [pd.read_csv(_check_file(folder, f"{name}.csv", info)).assign(model=info["model"])
-              for folder, info in _complete(root, chapter) if folder.name == chapter]
+              for folder, info in complete_markers(root, chapter) if folder.name == chapter]
     if not frames:
         raise MechbookError(f"no complete results of chapter {chapter!r} ({name}) under {root}; run the chapter first")
     return pd.concat(frames, ignore_index=True)
@@ -472,7 +480,7 @@ def load_json(chapter: str, name: str, root: str | Path | None = None) -> dict[s
     """One JSON result of a chapter for every model that has complete results: model -> content."""
     root = existing_root(root)
     return {info["model"]: json.loads(_check_file(folder, f"{name}.json", info).read_text())
-            for folder, info in _complete(root, chapter) if folder.name == chapter}
+            for folder, info in complete_markers(root, chapter) if folder.name == chapter}
 
 
 def sort_safetensors_header(path: str | Path) -> None:

@@ -25,8 +25,8 @@ architectures, and is handled here:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import inspect
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -38,23 +38,40 @@ from mechbook.core.names import act_name
 
 # model_type -> hand-written decoder loop; each is checked against a full forward in the tests.
 FAST_LOOPS = ("gpt2", "llama", "gemma3_text")
-_GENERIC_ONLY = contextvars.ContextVar("mechbook_generic_only", default=False)
 
 
 def has_fast_loop(model) -> bool:
-    """Whether :func:`run_layers` uses a hand-written loop (and can share a prefix cache) for ``model``."""
-    local = getattr(model, "backend", "local") == "local"  # other backends run their own forward
-    return local and model.hf_model.config.model_type in FAST_LOOPS and not _GENERIC_ONLY.get()
+    """Whether :func:`run_layers` uses a hand-written loop (and can share a prefix cache) for ``model``.
+
+    Its runner says whether it may (``runner.fast_loops``: a local runner unless built with
+    ``fast_loops=False``, the generic path the loops are compared with; never a runner that
+    runs the model's own forward elsewhere), and the model's type whether there is one.
+    """
+    fast = model.runner is None or model.runner.fast_loops  # no runner: the local default
+    return fast and model.hf_model.config.model_type in FAST_LOOPS
 
 
 @contextlib.contextmanager
-def generic_only():
-    """Inside this block every model runs from a layer through the generic path (to compare it with the fast loops)."""
-    token = _GENERIC_ONLY.set(True)
+def replaced_forwards(replacements):
+    """Each module's ``forward`` replaced by the given function for the ``with`` block, and restored after.
+
+    ``replacements`` is a sequence of ``(module, forward)``. The function is set on the
+    module object itself (``object.__setattr__``: a bridge wrapper would pass a plain
+    ``setattr`` on to the module it wraps), so ``module(...)`` calls it with the
+    module's hooks still firing; errors included, every module gets its own forward back.
+    """
+    replacements = list(replacements)
+    saved = [module.__dict__.get("forward") for module, _ in replacements]
+    for module, forward in replacements:
+        object.__setattr__(module, "forward", forward)
     try:
         yield
     finally:
-        _GENERIC_ONLY.reset(token)
+        for (module, _), before in zip(replacements, saved):
+            if before is None:
+                object.__delattr__(module, "forward")
+            else:
+                object.__setattr__(module, "forward", before)
 
 
 def _first(output):
@@ -72,9 +89,10 @@ class SharedPrefix:
 
     It reaches the attention as the ``layer_past`` keyword: the decoder layers pass
     unknown keywords on to their attention untouched, and transformer-lens's attention
-    reads ``layer_past`` when ``past_key_values`` is absent. (transformers 5.24 renamed
-    the layers' ``past_key_values`` argument to ``cache``, which transformer-lens 4.3
-    does not read, so a cache handed over by either of those names is silently dropped.)
+    reads ``layer_past`` when ``past_key_values`` is absent. (transformers 5.24's layers
+    take their cache as ``cache``, not ``past_key_values``, and transformer-lens 4.3's
+    attention does not read ``cache``: a cache handed over by either name is silently
+    dropped.)
     ``used`` records the layers that called ``update``, so a run can check that.
     """
 
@@ -144,7 +162,7 @@ def _mask_args(model, hidden: Tensor, prefix: SharedPrefix | None) -> tuple[dict
     width = offset + hidden.shape[1]
     positions = torch.arange(width, device=hidden.device)[None]
     shape_only = hidden.new_empty(hidden.shape[0], width, hidden.shape[2]) if offset else hidden
-    # the mask builders' cache argument: ``past_key_values`` until transformers 5.24, ``cache`` since
+    # the mask builders' cache argument: ``cache`` from transformers 5.24 on, ``past_key_values`` in earlier releases
     cache_arg = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
     args = {"config": model.hf_model.config, "inputs_embeds": shape_only, "attention_mask": None, cache_arg: None,
             "position_ids": positions}
@@ -199,30 +217,33 @@ def _rotary_loop(model, hidden, start, prefix, stop):
 _FAST = {"gpt2": _gpt2_loop, "llama": _rotary_loop, "gemma3_text": _rotary_loop}
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by a hook to end a forward pass early (nothing after it is computed)."""
 
 
+_TUPLE_BLOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()  # a memo
+
+
 def _block_returns_tuple(model) -> bool:
-    """Whether the model's decoder blocks return a tuple (BLOOM) or a tensor; probed once on one token."""
-    known = getattr(model, "_block_returns_tuple", None)
+    """Whether the model's decoder blocks return a tuple (BLOOM) or a tensor; probed once per Hugging Face model."""
+    known = _TUPLE_BLOCKS.get(model.hf_model)
     if known is not None:
         return known
     seen = {}
 
     def grab(module, args, output):
         seen["tuple"] = isinstance(output, tuple)
-        raise _Stop
+        raise StopForward
 
     handle = model.bridge.blocks[0].register_forward_hook(grab)
     try:
         with torch.inference_mode():
             model.hf_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.device), use_cache=False)
-    except _Stop:
+    except StopForward:
         pass
     finally:
         handle.remove()
-    model._block_returns_tuple = seen["tuple"]
+    _TUPLE_BLOCKS[model.hf_model] = seen["tuple"]
     return seen["tuple"]
 
 
@@ -250,13 +271,11 @@ def _generic(model, hidden: Tensor, start: int, stop: int | None = None) -> Tens
 
     def leave(module, args, output):
         out["final"] = output
-        raise _Stop
+        raise StopForward
 
-    for block in blocks[:start]:  # set on the wrapper itself: the bridge forwards plain setattr to the HF module
-        object.__setattr__(block, "forward", skip)
     def leave_early(module, args, kwargs):
         out["final"] = args[0] if args else kwargs["hidden_states"]
-        raise _Stop
+        raise StopForward
 
     end = (model.bridge.hook_dict[act_name("final")].register_forward_hook(leave)
            if stop is None or stop >= len(blocks) else blocks[stop].register_forward_pre_hook(leave_early,
@@ -264,14 +283,13 @@ def _generic(model, hidden: Tensor, start: int, stop: int | None = None) -> Tens
     handles = [blocks[start].register_forward_pre_hook(enter, with_kwargs=True), end]
     placeholder = torch.full(hidden.shape[:2], placeholder_token(model), dtype=torch.long, device=hidden.device)
     try:
-        model.hf_model(input_ids=placeholder, use_cache=False)
-    except _Stop:
+        with replaced_forwards((block, skip) for block in blocks[:start]):
+            model.hf_model(input_ids=placeholder, use_cache=False)
+    except StopForward:
         pass
     finally:
         for handle in handles:
             handle.remove()
-        for block in blocks[:start]:
-            object.__delattr__(block, "forward")
     return out["final"]
 
 
@@ -306,13 +324,16 @@ def head_projections(model, layer: int) -> dict[str, torch.nn.Linear] | None:
     projections (GPT-2, GPT-NeoX, BLOOM), for a bridge computing from its own weights and
     for weights offloaded to disk.
     """
-    places = HF_PLACES.get(model.hf_model.config.model_type)
-    if places is None or any(len(places[kind]) > 2 for kind in ("q", "k", "v")):
-        return None
     attn = model.bridge.blocks[layer].attn
+    # the model's own attention calls q, k and v as sub-modules of its own; a fused projection (GPT-2's c_attn,
+    # GPT-NeoX's and BLOOM's query_key_value) computes all three in one map, which the bridge splits afterwards
+    hf_attention = attn.original_component
+    called = set() if hf_attention is None else {id(child) for child in hf_attention.children()}
     out = {}
     for kind, heads in (("q", model.n_heads), ("k", model.n_kv_heads), ("v", model.n_kv_heads)):
         bridge = getattr(attn, kind, None)
+        if id(bridge) not in called:
+            return None
         linear = getattr(bridge, "original_component", None)
         if (getattr(bridge, "_use_processed_weights", False) or not isinstance(linear, torch.nn.Linear)
                 or linear.out_features != heads * model.d_head):
@@ -321,6 +342,60 @@ def head_projections(model, layer: int) -> dict[str, torch.nn.Linear] | None:
             return None  # offloaded by accelerate: its weights arrive only through its own forward
         out[kind] = linear
     return out
+
+
+def skip_forwards(model, plan) -> list[tuple[torch.nn.Module, object]]:
+    """The forwards that carry out a :class:`~mechbook.core.runs.Skips` plan, for :func:`replaced_forwards`.
+
+    An MLP left out returns zeros (its hook then writes over them: :func:`skippable_mlp`);
+    the q, k and v projections of a layer with heads left out compute only the rows of
+    the heads still read (:func:`head_projections`). Where the architecture allows
+    neither, nothing is replaced and the run computes everything.
+    """
+
+    def zeros(hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states)
+
+    out = [(m, zeros) for m in (skippable_mlp(model, layer) for layer in plan.mlps) if m is not None]
+    d, group = model.d_head, model.n_heads // model.n_kv_heads
+    for layer, gone in plan.heads.items():
+        projections = head_projections(model, layer)
+        if projections is None:
+            continue
+        keep = {"q": [h for h in range(model.n_heads) if h not in gone]}
+        keep["k"] = keep["v"] = [g for g in range(model.n_kv_heads)
+                                 if any(h not in gone for h in range(g * group, (g + 1) * group))]
+        for kind, linear in projections.items():
+            if len(keep[kind]) * d < linear.out_features:
+                out.append((linear, _rows_only(linear, keep[kind], d)))
+    return out
+
+
+def _rows_only(linear: torch.nn.Linear, heads, d_head: int):
+    """A forward for ``linear`` computing the output rows of ``heads`` only (zeros elsewhere).
+
+    The kept rows are computed from the same weights and input, as their own matrix
+    product; an overwritten head's zero query gives a finite attention pattern whose
+    output the hook then writes over. The rows are taken as slices, runs of consecutive
+    heads (:func:`~mechbook.core.names.spans`): no index tensor is built, so a run on a
+    GPU copies nothing from the host.
+    """
+    from mechbook.core.names import spans
+
+    parts = [slice(a * d_head, b * d_head) for a, b in spans(heads)]
+    weight = torch.cat([linear.weight.detach()[p] for p in parts]) if parts else None
+    bias = None if linear.bias is None or not parts else torch.cat([linear.bias.detach()[p] for p in parts])
+
+    def forward(x, *args, **kwargs):
+        out = x.new_zeros(*x.shape[:-1], linear.out_features)
+        if parts:
+            kept, start = torch.nn.functional.linear(x, weight, bias), 0
+            for p in parts:
+                out[..., p] = kept[..., start : start + p.stop - p.start]
+                start += p.stop - p.start
+        return out
+
+    return forward
 
 
 def placeholder_token(model) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Collection
 
 from mechbook.core.errors import MechbookError
+from mechbook.core.names import as_index
 
 
 @dataclass(frozen=True)
@@ -130,3 +131,16 @@ def check(name: str, value: Any, *, argument: str | None = None, none: bool = Fa
 
 def _plain(value: Any, allowed: Allowed) -> int | float:
     return int(value) if allowed.whole else float(value)
+
+
+def check_count(value, what: str) -> int:
+    """A positive whole number (batch sizes, row limits), or a one-line error."""
+    value = as_index(value, what)
+    if value < 1:
+        raise MechbookError(f"{what} must be at least 1, got {value}")
+    return value
+
+
+def chunk_starts(n: int, size: int, what: str = "batch_size") -> range:
+    """Start indices of chunks of ``size`` over ``n`` items; a size below 1 is a one-line error naming ``what``."""
+    return range(0, n, check_count(size, what))

@@ -1,17 +1,15 @@
-"""Circuits (Paper B: Lan, Torr & Barez 2024, section 3): scores, node pruning, edge pruning, random controls.
+"""Circuits: scores, iterative node pruning, edge pruning, random controls.
 
 A *circuit* is a set of attention heads and MLPs; everything outside it is
 mean-ablated (its output replaced, at every position, by its mean over the corrupted
 prompts) and the circuit's *score* is ``100 x mean metric(circuit) / mean
-metric(full model)``, the metric being the logit difference of the next member over
-the last shown member at the final position.
+metric(full model)``, for whatever metric the caller passes (e.g. a logit difference at
+the last position).
 
 - :func:`score_circuit` / :func:`score_circuits`: one circuit, or many stacked in few passes;
-- :func:`prune_nodes` finds a circuit by iterative node pruning, as the paper's code
-  (``apartresearch/seqcont_circuits``, ``src/iter_node_pruning``) does it, with the
-  same sequential decisions but far fewer forward passes (see its docstring);
-- :func:`prune_edges` removes each edge of a circuit alone by path patching
-  (:mod:`mechbook.core.path_patching`), the paper's ``run_edge_ablation.py``;
+- :func:`prune_nodes`: iterative node pruning, its sequential decisions in few batched passes;
+- :func:`prune_edges`: each edge of a circuit removed alone by path patching
+  (:mod:`mechbook.core.path_patching`);
 - :func:`random_circuits`: the control, random circuits of a given size.
 
 Both prunings record, with their results, what it takes to re-check each decision
@@ -57,6 +55,7 @@ from mechbook.core.runs import (
     run_joining,
     run_last,
     run_variants,
+    runner,
 )
 
 # Float noise, relative: how far two runs of the same computation on different CPUs, thread counts or batch
@@ -66,7 +65,7 @@ from mechbook.core.runs import (
 # the notebooks' output check (mechbook.book.nbval_tolerance.RTOL).
 FLOAT_NOISE = 1e-4
 
-RESID = "resid_post"  # the receiver of a sender's direct path to the logits (the paper's name)
+RESID = "resid_post"  # the receiver of a sender's direct path to the logits: the final residual stream
 INPUTS = (*QKV, "resid")  # what an edge enters: a head's q, k or v, or the final residual stream
 
 
@@ -78,8 +77,8 @@ class Circuit:
     """Heads ``(layer, head)`` and MLP layers kept un-ablated; everything else is mean-ablated.
 
     ``score`` is the circuit's score in percent of the full model (if known) and
-    ``log`` the decision log of the pruning run that found it. Saved as JSON in the
-    shape of the paper's files: ``{"heads": [[l, h], ...], "mlps": [...]}``.
+    ``log`` the decision log of the pruning run that found it. Saved as JSON:
+    ``{"heads": [[l, h], ...], "mlps": [...]}``.
     """
 
     heads: list[tuple[int, int]]
@@ -159,7 +158,7 @@ class Circuit:
         return {"heads": [[l, h] for l, h in self.heads], "mlps": list(self.mlps)}
 
     def save(self, path: str | Path) -> Path:
-        """Write ``{"heads": [[l, h], ...], "mlps": [...]}`` (the paper's file shape; score and log are not kept)."""
+        """Write ``{"heads": [[l, h], ...], "mlps": [...]}`` (score and log are not kept)."""
         path = Path(path)
         try:
             path.write_text(json.dumps(self.to_dict(), indent=4) + "\n")
@@ -170,7 +169,7 @@ class Circuit:
 
     @classmethod
     def load(cls, path: str | Path) -> "Circuit":
-        """Read a circuit file, ours or the paper's ``*_circuit_thres_0.8.json``."""
+        """Read a circuit file ``{"heads": [[l, h], ...], "mlps": [...]}``, as :meth:`save` writes it."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -182,7 +181,7 @@ class Circuit:
             ) from exc
 
     def labels(self) -> list[str]:
-        """Heads as the paper writes them (``4.4``), then ``MLP l``."""
+        """Heads as ``layer.head`` (``4.4``), then ``MLP l``."""
         return [c.label for c in self.components]
 
 
@@ -246,12 +245,11 @@ def score_circuit(
     *,
     full_metric: float | None = None,
 ) -> float:
-    """A circuit's score: ``100 x mean metric(circuit) / mean metric(full model)``, in percent (Paper B, section 3).
+    """A circuit's score: ``100 x mean metric(circuit) / mean metric(full model)``, in percent.
 
     Everything outside the circuit is mean-ablated at every position. Works for any
-    circuit that fits the model, e.g. one found on another task (the paper's
-    cross-task table) or a random one (:func:`random_circuits`). Pass
-    ``full_metric`` to skip the full-model run.
+    circuit that fits the model, e.g. one found on another task or a random one
+    (:func:`random_circuits`). Pass ``full_metric`` to skip the full-model run.
     """
     check_circuit(circuit)
     if full_metric is None:
@@ -340,7 +338,7 @@ def cross_task_scores(
     circuits: Mapping[str, Circuit],
     tasks: Mapping[str, tuple[TokenBatch, Mapping[str, Tensor], Metric]],
 ) -> pd.DataFrame:
-    """Score every circuit on every task (Paper B's cross-task table): one row per circuit x task.
+    """Score every circuit on every task: one row per circuit x task.
 
     ``tasks`` maps a task name to ``(clean batch, means over its corrupted set, metric)``.
     """
@@ -390,7 +388,7 @@ class _CircuitRunner:
         self.forwards = 1
         self.prompt_blocks = self.n * model.n_layers  # prompts x transformer blocks run: the work, however stacked
         self.reused = 0
-        self.joining = model.backend == "local"
+        self.joining = runner(model).joins_rows
         self.known: dict[tuple[frozenset, str], float] = {}
         value = float(metric(logits).mean())
         # starting from the full model, this run is the full model: no separate denominator run
@@ -467,8 +465,8 @@ class _CircuitRunner:
 
 
 def pass_order(circuit: Circuit, model: LoadedModel, direction: str) -> list[Component]:
-    """The paper's visiting order: backward = layers last to first, MLP then heads 0..H-1;
-    forward = layers first to last, heads 0..H-1 then MLP."""
+    """The order a pruning pass visits the circuit's components: backward = layers last to first, MLP then
+    heads 0..H-1; forward = layers first to last, heads 0..H-1 then MLP."""
     order = []
     layers = range(model.n_layers - 1, -1, -1) if direction == "backward" else range(model.n_layers)
     for l in layers:
@@ -491,51 +489,37 @@ def prune_nodes(
     tokens: Int[Tensor, "k"] | None = None,
     checkpoint: str | Path | None = None,
 ) -> Circuit:
-    """Iterative node pruning (Paper B, section 3; the paper's ``run_node_ablation.py``).
+    """Iterative node pruning: remove, one at a time, each head or MLP the circuit scores well without.
 
     Start from the full model (or ``start``). A *backward pass* visits layers from
     last to first (the MLP, then heads 0..H-1), a *forward pass* first to last (heads,
     then the MLP). Each component still in the circuit is tentatively mean-ablated on
-    top of the current circuit; it is removed for good if the circuit without it
-    still scores more than ``100 x (1 - threshold)`` percent of the full model, i.e.
-    if ``100 - score_without < 100 x threshold``. This is the paper's code exactly
-    (``if (100 - new_perc) < threshold``, threshold 20): the drop is counted in
-    absolute percentage points *from the full model's 100*, not from the current
-    circuit's score. A round is a backward then a forward pass; rounds repeat until
-    a pass changes nothing (the paper's loop), or ``max_rounds`` rounds
-    (``max_rounds=1`` is the paper's ``--one_iter``).
+    top of the current circuit and removed for good if ``100 - score_without < 100 x
+    threshold``: the drop is counted in percentage points from the full model's 100,
+    not from the current circuit's score. A round is a backward then a forward pass;
+    rounds repeat until a pass changes nothing, or for ``max_rounds`` rounds.
 
-    Decisions are sequential, as in the paper, and come out identical; only the
-    forward passes are fewer and cheaper: ``circuit - c`` is scored for a window of
-    the next candidates in one batched run in which each candidate's rows join at
-    its own layer, from the cached residual stream of the current circuit (nothing
-    before a component's layer changes when it is ablated), and a score already
-    computed for the same circuit and candidate is reused. Walking the window in
-    order, every score up to and including the first removal is exactly what the
-    sequential algorithm computes (the circuit has not changed); after a removal the
-    rest of the window is re-scored against the new circuit. The window doubles after a window without
-    removals and drops back to one candidate after a removal (at most
-    ``max_rows // len(batch)`` candidates: the default 64 rows keep a pass within
-    the CPU's caches, and ran 1.3x faster than 256 at 32 prompts).
+    The decisions are sequential; only the forward passes are fewer. A window of the
+    next candidates is scored in one batched run, each candidate's rows joining at its
+    own layer from the cached residual stream of the current circuit (nothing before a
+    component's layer changes when it is ablated). Scores up to and including the first
+    removal are what the one-at-a-time loop computes; after it the rest of the window is
+    scored again against the new circuit. The window doubles after a window without
+    removals, up to ``max_rows // len(batch)`` candidates (64 rows keep a pass within the
+    CPU's caches), and drops back to one after a removal; a score already computed for
+    the same circuit and candidate is reused.
 
-    ``tokens`` (the answer ids a logit difference reads) restricts the unembedding
-    of the tentative runs to those ids. Returns the :class:`Circuit` with its score
-    and a log of every decision (round, pass, step, component, score_without,
-    removed, circuit_size); ``log.attrs`` holds what the search ran on (model name,
-    threshold, max_rounds, start circuit, max_rows, tokens, digests of the prompts and
-    means: :func:`pruning_parameters`), the full model's metric, and its cost: forward
-    passes, prompt-blocks (prompts x transformer blocks run) and scores reused. That is
-    what :func:`mechbook.core.pruning_checks.check_node_decisions` needs to re-check
-    any decision alone.
-
-    With ``checkpoint`` (a JSON file), the log is written there after every decision
-    (to a temporary file, then renamed, so a killed run leaves the last complete
-    version). A run given an existing checkpoint replays its decisions without
-    forward passes and goes on from the last one, ending with the log an
-    uninterrupted run writes; a checkpoint written with other parameters is refused.
-    The forward passes and prompt-blocks of a resumed run add up those of every run that wrote it.
+    ``tokens`` (the ids the metric reads) restricts the unembedding of the tentative
+    runs. Returns the :class:`Circuit` with its score and a log of every decision;
+    ``log.attrs`` holds the search's inputs (:func:`pruning_parameters`), the full
+    model's metric and its cost (forward passes, prompt-blocks, scores reused): what
+    :func:`mechbook.core.pruning_checks.check_node_decisions` needs to re-check any
+    decision alone. ``checkpoint`` (a JSON file) is rewritten atomically after every
+    decision; a run given an existing one replays it and goes on from its last
+    decision (one written with other parameters is refused), its cost adding up that
+    of every run that wrote it.
     """
-    threshold = _check_threshold(threshold, "node", "the paper's 20% is threshold=0.2")
+    threshold = _check_threshold(threshold, "node", "e.g. threshold=0.2 (20 points of the full model's score)")
     max_rounds = check("max_rounds", max_rounds, none=True)  # None: until nothing changes
     check_count(max_rows, "max_rows")
     circuit = Circuit.full(model) if start is None else Circuit(list(check_circuit(start, "start").heads),
@@ -817,7 +801,7 @@ def prune_edges(
     max_rows: int = 256,
     tokens: Int[Tensor, "k"] | None = None,
 ) -> pd.DataFrame:
-    """Edge pruning inside a node circuit (Paper B, section 3; the paper's ``run_edge_ablation.py``).
+    """Edge pruning inside a node circuit: each edge removed alone by path patching, kept if it matters.
 
     In the circuit model (everything outside ``circuit`` mean-ablated), each edge is
     removed alone by path patching: sender -> receiver head (q, k or v,
@@ -825,16 +809,16 @@ def prune_edges(
     final residual stream (``resid_post``, :func:`~mechbook.core.path_patching.patch_paths_to_logits`).
     The sender's value comes from ``source`` (paired row by row) or, without a
     source, is its mean. Senders are the circuit's heads (and MLPs with
-    ``mlp_senders``). As in the paper's code, an edge is kept if removing it leaves
-    less than ``threshold`` of the *full model's* metric (``score < 100 x threshold``;
-    the paper's ``result < 0.8``), each edge judged on its own. One row per edge;
+    ``mlp_senders``). An edge is kept if removing it leaves less than ``threshold`` of
+    the *full model's* metric (``score < 100 x threshold``), each edge judged on its
+    own. One row per edge;
     ``attrs`` holds what the pruning ran on (model, threshold, circuit, inputs,
     mlp_senders, to_logits, whether a source was given, digests of the prompts and
     means), the full model's metric, the circuit's own score and the cost (forward
     passes and prompt-blocks, :func:`edge_cost`): what
     :func:`mechbook.core.pruning_checks.check_edge_decisions` needs to re-check any edge.
     """
-    threshold = _check_threshold(threshold, "edge", "the paper uses threshold=0.8")
+    threshold = _check_threshold(threshold, "edge", "e.g. threshold=0.8 (80% of the full model)")
     check_circuit(circuit).validate(model)
     check_count(max_rows, "max_rows")
     if not circuit.heads:

@@ -1,10 +1,10 @@
 """Reading vectors as tokens: the logit lens and top tokens of any residual-space vector.
 
-The logit lens (nostalgebraist 2020; Merullo et al. 2024, section 3) decodes the
-residual stream after a layer with the model's own final norm and unembedding, as
-if the network stopped there. Both pieces come from the model itself, so the lens
-is right for every architecture: LayerNorm for GPT-2, RMSNorm with (1 + w) for
-Gemma, and Gemma 2's final-logit softcapping where the config sets it.
+The logit lens (nostalgebraist 2020) decodes the residual stream after a layer with
+the model's own final norm and unembedding, as if the network stopped there. Both
+pieces come from the model itself, so the lens is right for every architecture:
+LayerNorm for GPT-2, RMSNorm with (1 + w) for Gemma, and Gemma 2's final-logit
+softcapping where the config sets it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,21 @@ from torch import Tensor
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
 from mechbook.core.names import layer_names
+
+
+def check_resid(model: LoadedModel, resid, what: str) -> Tensor:
+    """``resid`` if it is a tensor of residual vectors of ``model`` (width ``d_model``, the weights' dtype), else a
+    one-line error naming ``what``. Reads the shape and dtype only, never the values: it costs nothing per pass."""
+    if not isinstance(resid, Tensor):
+        raise MechbookError(f"{what} must be a torch tensor of residual vectors [..., {model.d_model}], got "
+                            f"{type(resid).__name__}; e.g. torch.as_tensor(x, dtype={model.dtype})")
+    if resid.dim() == 0 or resid.shape[-1] != model.d_model:
+        raise MechbookError(f"{what} must be residual vectors [..., {model.d_model}] of {model.name}, got shape "
+                            f"{tuple(resid.shape)}; use vectors computed on this model")
+    if not resid.dtype.is_floating_point or (model.weights_here and resid.dtype != model.dtype):  # NDIF: its own
+        raise MechbookError(f"{what} is {resid.dtype} but {model.name}'s weights are {model.dtype}; "
+                            f"pass it as .to({model.dtype})")
+    return resid
 
 
 def final_norm(model: LoadedModel, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
@@ -45,20 +60,21 @@ def unembed(model: LoadedModel, resid: Float[Tensor, "... d_model"], *, normaliz
     """Logits of residual vectors: final norm (unless ``normalize=False``), unembedding, softcap.
 
     With ``tokens`` only those vocabulary columns are computed; the others come back NaN,
-    so that anything reading them fails loudly (see :func:`check_finite`). A model whose
-    weights are not here (``backend="ndif"``) decodes in a forward pass on its server.
+    so that anything reading them fails loudly (see :func:`check_finite`). The model's
+    runner computes them (:func:`unembed_here`, or, for a model whose weights are on
+    NDIF, a forward pass on its server).
     """
-    from mechbook.core.runs import check_resid
-
     check_resid(model, resid, "the residual vectors to unembed")
     if tokens is not None:
         tokens = check_unembed_tokens(model, tokens)
-    if not model.weights_here:
-        if not normalize:
-            model.need_weights("unembed(normalize=False) (the unembedding without the final norm)")
-        from mechbook.core import backends
+    if model.runner is not None:  # a runner of another backend: it decodes where the weights are
+        return model.runner.unembed(model, resid, normalize=normalize, tokens=tokens)
+    return unembed_here(model, resid, normalize=normalize, tokens=tokens)
 
-        return backends.unembed(model, resid, tokens=tokens)
+
+def unembed_here(model: LoadedModel, resid: Float[Tensor, "... d_model"], *, normalize: bool = True,
+                 tokens: Int[Tensor, "k"] | None = None) -> Float[Tensor, "... d_vocab"]:
+    """:func:`unembed` with the weights held here (arguments checked by the caller)."""
     with torch.inference_mode():
         x = final_norm(model, resid) if normalize else resid
         if tokens is None:
@@ -101,14 +117,16 @@ def token_logits(
 
     Equal to ``unembed(model, resid).gather(-1, ids)`` without the whole vocabulary.
     """
-    from mechbook.core.runs import check_resid
-
     check_resid(model, resid, "the residual vectors of token_logits")
     ids = as_token_ids(token_ids, "token_logits's ids", model.d_vocab).to(resid.device)
-    if not model.weights_here:  # the ids' columns only, decoded on the server
-        wanted = ids.unique()
-        logits = unembed(model, resid, tokens=wanted)
-        return logits.gather(-1, ids.expand(resid.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    if model.runner is not None:
+        return model.runner.token_logits(model, resid, ids)
+    return token_logits_here(model, resid, ids)
+
+
+def token_logits_here(model: LoadedModel, resid: Float[Tensor, "... d_model"],
+                      ids: Int[Tensor, "..."]) -> Float[Tensor, "..."]:
+    """:func:`token_logits` with the weights held here (arguments checked by the caller)."""
     linear = _unembedding(model)
     with torch.inference_mode():
         x = final_norm(model, resid)
@@ -226,9 +244,7 @@ def logit_lens(
     position's ``hook_resid_post``); ``targets`` names token ids per prompt, e.g.
     ``{"argument": ..., "answer": ...}``. Returns one row per prompt x layer x target.
     """
-    from mechbook.core.runs import chunk_starts
-
-    from mechbook.core.runs import check_resid
+    from mechbook.core.checks import chunk_starts
 
     rows = []
     check_resid(model, resid, "the logit lens's resid")
@@ -300,15 +316,13 @@ def top_tokens(
 
 
 def top_tokens_per_layer(model: LoadedModel, resid: Float[Tensor, "layer d_model"], k: int = 5) -> pd.DataFrame:
-    """For one prompt: the top-k tokens of the logit lens after every layer (a table like the paper's)."""
+    """For one prompt: the top-k tokens of the logit lens after every layer, one row per layer and rank."""
     from mechbook.core.names import as_index
 
     k = as_index(k, "k")
     if not 1 <= k <= model.d_vocab:
         raise MechbookError(f"k={k} top tokens per layer asked for, but {model.name} has {model.d_vocab}; "
                             f"use 1..{model.d_vocab}")
-    from mechbook.core.runs import check_resid
-
     check_resid(model, resid, "top_tokens_per_layer's resid")
     if resid.dim() != 2 or resid.shape[-1] != model.d_model or resid.shape[0] == 0:
         raise MechbookError(f"top_tokens_per_layer reads one prompt's resid as [layer, {model.d_model}] (at least one "

@@ -3,16 +3,16 @@
 An :class:`Edit` says what happens to one component's activation, in some rows of a
 (possibly stacked) batch; :func:`edit_hooks` turns any list of edits into
 transformer-lens hooks, one per hook name. Patching (values from another run), mean
-ablation (per-position means over corrupted prompts, Paper B), zero ablation (FFN
-removal, Paper A) and adding or writing a vector (the o transplant, Paper A) are all
-edits, so every sweep in the library runs through this one mechanism.
+ablation (per-position means over corrupted prompts), zero ablation (removing an FFN)
+and adding or writing a vector (transplanting an FFN's update) are all edits, so every
+sweep in the library runs through this one mechanism.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Bool, Float
@@ -141,7 +141,7 @@ def edit_hooks(edits: Iterable[Edit]) -> list[tuple[str, object]]:
     by_name: dict[str, list[Edit]] = defaultdict(list)
     for e in edits:
         by_name[e.component.hook_name].append(e)
-    return [(name, _hook(todo)) for name, todo in by_name.items()]
+    return [(name, EditHook(tuple(todo))) for name, todo in by_name.items()]
 
 
 def _groups(todo: Sequence[Edit]) -> list[tuple[Edit, list[int] | None]]:
@@ -171,10 +171,23 @@ def _overwrites(e: Edit, heads: list[int] | None) -> bool:
     return e.mode in ("zero", "mean", "patch") and e.rows is None and e.component.position is None and heads is None
 
 
-def _hook(todo: Sequence[Edit]):
-    groups = _groups(todo)
+@dataclass(frozen=True, eq=False)
+class EditHook:
+    """The hook that applies ``edits`` (all on one hook name) to an activation, in order.
 
-    def hook(act: Tensor, hook: object) -> Tensor:
+    Called as transformer-lens calls hooks, ``hook(act, hook=hook_point)``. Its edits are
+    its data: :func:`overwritten` reads from them what the hook writes over, which
+    :func:`mechbook.core.runs.skips` uses to leave that work out of a run.
+    """
+
+    edits: tuple[Edit, ...]
+    groups: list = field(init=False, repr=False)  # the edits merged once (:func:`_groups`), not on every call
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "groups", _groups(self.edits))
+
+    def __call__(self, act: Tensor, hook: object) -> Tensor:
+        groups = self.groups
         for e, heads in groups:
             e.check(act, heads)
         act = act.clone()
@@ -195,16 +208,22 @@ def _hook(todo: Sequence[Edit]):
                     act[(rows, pos, *part)] = value[(slice(None), pos, *part)].to(act.dtype)
         return act
 
-    # the result does not depend on the activation's values: the run may skip computing them
-    # (runs.temporary_hooks skips an MLP whose whole output is overwritten)
-    hook.overwrites = any(_overwrites(e, heads) for e, heads in groups)
-    # the heads whose slice the hook writes over in every row and position (hook_z: runs.temporary_hooks skips
-    # their query rows); only when every edit is such a write, so no edit reads what another one leaves
+
+def overwritten(edits: Sequence[Edit]) -> tuple[bool, frozenset[int]]:
+    """What edits on one hook name write over in every row and position, whatever the activation was.
+
+    Returns ``(whole, heads)``: ``whole`` when some edit writes over the entire activation
+    (a mean, zero or patch edit of a whole MLP's output), and the heads whose slice is
+    written over when every edit is such a plain write (so that no edit reads what
+    another leaves). A pure function of the edits.
+    """
+    groups = _groups(edits)
+    whole = any(_overwrites(e, heads) for e, heads in groups)
     plain = all(e.mode in ("zero", "mean", "patch") and e.mask is None for e, _ in groups)
-    hook.overwritten_heads = frozenset(
-        h for e, heads in groups if plain and heads is not None and e.rows is None and e.component.position is None
-        for h in heads)
-    return hook
+    heads = frozenset(h for e, heads in groups
+                      if plain and heads is not None and e.rows is None and e.component.position is None
+                      for h in heads)
+    return whole, heads
 
 
 def _write_vector(act: Tensor, e: Edit, rows: slice) -> None:
@@ -243,7 +262,7 @@ def write_vector(act: Float[Tensor, "n pos d"], vector: Float[Tensor, "d"] | Flo
 
 def mean_ablation(components: Iterable[Component], means: Mapping[str, Tensor], *, rows: slice | None = None,
                   first_layer: int = 0) -> list[Edit]:
-    """Mean-ablate components at every position (Paper B): their outputs become the corrupted means.
+    """Mean-ablate components at every position: their outputs become the means over corrupted prompts.
 
     Components in layers before ``first_layer`` are left out: a run that starts later
     never reaches them.

@@ -163,7 +163,7 @@ class Component:
 
     @property
     def label(self) -> str:
-        """Short name as the papers write it: ``4.10`` for a head, ``MLP 3``, ``resid 5``."""
+        """Short name: ``4.10`` for a head (layer.head), ``MLP 3``, ``resid 5``."""
         if self.kind == "head":
             return f"{self.layer}.{self.head}"
         if self.kind in _HEADED:

@@ -1,15 +1,18 @@
 """Activation patching and ablation sweeps over heads, MLPs and the residual stream.
 
-Every sweep is a list of *variants* (one patched or ablated component, or a set of
-them) run through :func:`mechbook.core.runs.run_variants`: the prompts are stacked
-once per variant along the batch axis, and each pass starts at the earliest layer
-its variants edit, from the cached residual stream of the unedited run (nothing
-before a component's layer changes when it is edited). A sweep over all heads of a
-model is a handful of passes over a fraction of the layers, not one full forward per
-head. On the architectures with a hand-written decoder loop, the positions that
-source and target prompts share (e.g. ``<bos>Van done in``) are also computed once
-and their keys and values reused.
+Every sweep goes through :func:`sweep`: a list of *variants* (one patched or ablated
+component, or a set of them), each with the layer where its edits start. Variants
+with the same start layer are stacked along the batch axis and run together through
+:func:`mechbook.core.runs.run_variants` from that layer on, from the unedited run's
+residual stream (nothing before a component's layer changes when it is edited). A
+sweep over all heads of a model is a handful of passes over a fraction of the
+layers, not one full forward per head. On the architectures with a hand-written
+decoder loop, the positions that source and target prompts share (e.g.
+``<bos>Van done in``) are also computed once and their keys and values reused.
 
+The named sweeps (:func:`patch_head_outputs`, :func:`patch_mlp_outputs`,
+:func:`patch_residual`, :func:`ablation_sweep`, and
+:func:`mechbook.core.path_patching.patch_paths`) only say what each variant edits.
 Components (:class:`~mechbook.core.names.Component`) name what is edited: a head's
 output is its slice of ``hook_z``, an MLP's output is ``hook_mlp_out``, the residual
 stream ``hook_resid_pre``.
@@ -51,7 +54,7 @@ Metric = Callable[[Float[Tensor, "... batch d_vocab"]], Float[Tensor, "... batch
 
 __all__ = ["Component", "Metric", "ablate", "ablation_sweep", "all_heads", "all_mlps", "answer_prob",
            "cache_components", "check_pair", "check_whole", "logit_diff", "mean_activations", "patch_head_outputs",
-           "patch_mlp_outputs", "patch_residual"]
+           "patch_mlp_outputs", "patch_residual", "resid_names", "sweep"]
 
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -86,7 +89,7 @@ def _ids_on_device(*ids: Tensor) -> Callable[[torch.device], tuple[Tensor, ...]]
 
 
 def logit_diff(correct: Int[Tensor, "batch"], incorrect: Int[Tensor, "batch"]) -> Metric:
-    """Logit of the correct token minus logit of the incorrect one, per prompt (Paper B's metric).
+    """Logit of the correct token minus logit of the incorrect one, per prompt.
 
     Takes logits ``[..., n, d_vocab]`` for the ``n`` prompts it was built for (leading
     axes: stacked variants) and returns ``[..., n]``; other shapes, ids outside the
@@ -156,7 +159,7 @@ def cache_components(model: LoadedModel, batch: TokenBatch, components: Iterable
 
 
 def mean_activations(model: LoadedModel, batch: TokenBatch, components: Iterable[Component]) -> dict[str, Tensor]:
-    """Per-position means over a (corrupted) batch, for mean ablation (Paper B, section 3).
+    """Per-position means over a (corrupted) batch, for mean ablation.
 
     Right padding is excluded: the mean at a position averages the prompts that reach it.
     """
@@ -177,6 +180,85 @@ def check_pair(source: TokenBatch, target: TokenBatch) -> None:
             "source and target prompts must pair up one to one with equal token lengths; "
             "build the corrupted prompts from the same template"
         )
+
+
+# --- the sweep -----------------------------------------------------------------------------------
+
+
+EditsFor = Callable[[int, slice], list[Edit]]
+
+
+def resid_names(model: LoadedModel, layers: Iterable[int]) -> list[str]:
+    """The hook names of the residual stream entering each of ``layers`` (the final norm's input for ``n_layers``).
+
+    What a sweep's ``base`` cache must hold for its start layers.
+    """
+    return [_entering(model, l) for l in sorted(set(layers))]
+
+
+def _entering(model: LoadedModel, layer: int) -> str:
+    return act_name("resid_pre", layer) if layer < model.n_layers else act_name("final")
+
+
+def sweep(
+    model: LoadedModel,
+    batch: TokenBatch,
+    starts: Sequence[int],
+    edits_for: EditsFor,
+    metric: Metric,
+    *,
+    base: Mapping[str, Tensor],
+    context: Callable[[int], list[Edit]] | None = None,
+    prefix: SharedPrefix | None = None,
+    max_rows: int = 256,
+    tokens: Int[Tensor, "k"] | None = None,
+    desc: str | None = None,
+) -> Float[Tensor, "variant batch"]:
+    """The metric per prompt for each variant of a sweep, one variant's edits at a time.
+
+    Variant ``i`` changes nothing before layer ``starts[i]``; ``edits_for(i, rows)``
+    returns its edits, applied to ``rows``, the rows its copy of ``batch`` holds in a
+    pass. ``context(layer)`` returns edits that every variant starting at ``layer``
+    carries on all rows (a circuit's mean-ablated complement). Variants with the same
+    start layer run together through :func:`~mechbook.core.runs.run_variants` from
+    that layer on, starting from ``base``: the unedited run's cache, holding
+    :func:`resid_names` of the start layers. With a ``prefix`` (recorded on that run)
+    only the positions after it run, and ``edits_for`` edits those, counted from the
+    prefix's end. One tqdm bar (``desc``) counts the variants. The rows come back in
+    the variants' order, on the host.
+    """
+    starts = list(starts)
+    if not starts:
+        raise MechbookError("sweep got no variants; pass at least one start layer")
+    missing = [name for name in resid_names(model, starts) if name not in base]
+    if missing:
+        raise MechbookError(f"the base cache has no {', '.join(missing)}; run the unedited batch with "
+                            "names=resid_names(model, starts)")
+    if prefix is not None:
+        prefix.recording = False  # recorded on the base run: from here on its keys and values are replayed
+    skip = 0 if prefix is None else prefix.length
+    by_start: dict[int, list[int]] = defaultdict(list)
+    for i, layer in enumerate(starts):
+        by_start[layer].append(i)
+    n = len(batch)
+    out, found = torch.empty(len(starts), n), []
+    progress = tqdm(total=len(starts), desc=desc, disable=None, leave=False)
+    for layer, idx in sorted(by_start.items()):
+
+        def hooks_for(first: int, count: int, idx=idx, layer=layer):
+            with torch.inference_mode():
+                edits = list(context(layer)) if context is not None else []
+                for v, i in enumerate(idx[first : first + count]):
+                    edits += edits_for(i, slice(v * n, (v + 1) * n))
+            return edit_hooks(edits)
+
+        resid = base[_entering(model, layer)][:, skip:]
+        found.append((idx, run_variants(model, batch, len(idx), hooks_for, metric, layer=layer, resid=resid,
+                                        prefix=prefix, max_rows=max_rows, tokens=tokens, progress=progress)))
+    for idx, values in found:  # copied to the host after the last pass: the passes run without waiting for it
+        out[idx] = values.float().cpu()
+    progress.close()
+    return out
 
 
 # --- patching sweeps ------------------------------------------------------------------------------
@@ -205,49 +287,31 @@ def _table(components: Sequence[Component], values: Sequence[float]) -> pd.DataF
 def _patch_sweep(model, source, target, metric, components, max_rows, tokens, desc) -> pd.DataFrame:
     """Each component patched alone from ``source`` into ``target``: the metric averaged over prompts.
 
-    Each layer's components run from that layer on; with a hand-written loop the shared
-    prefix of source and target is computed once (a patch inside it changes nothing).
+    With a hand-written loop the prefix that source and target share is run once, on
+    the unedited target run (a patch inside it changes nothing).
     """
     check_pair(source, target)
     check_metric(metric)
     components = [c.validate(model) for c in check_components(components, f"patching {desc}")]
     check_positions(components, target.input_ids.shape[1])
-    names = sorted({c.hook_name for c in components})
-    _, src = run_last(model, source, names=names)
+    _, src = run_last(model, source, names=sorted({c.hook_name for c in components}))
     first = _shared_prefix(model, source, target)
     prefix = SharedPrefix(first) if first > 0 else None
-    layers = sorted({c.layer for c in components})
+    starts = [c.layer for c in components]
     _, base = run_from_layer(model, embeddings(model, target), 0, target.last_pos,
-                             names=[act_name("resid_pre", l) for l in layers], prefix=prefix)
-    if prefix is not None:
-        prefix.recording = False
-    by_layer: dict[int, list[int]] = defaultdict(list)
-    for i, c in enumerate(components):
-        by_layer[c.layer].append(i)
-    n = len(target)
-    values, found = torch.empty(len(components)), []
-    progress = tqdm(total=len(components), desc=desc, disable=None, leave=False)
-    for layer, idx in sorted(by_layer.items()):
-        group = [components[i] for i in idx]
+                             names=resid_names(model, starts), prefix=prefix)
 
-        def hooks_for(start: int, count: int, group=group):
-            edits = []
-            for v, c in enumerate(group[start : start + count]):
-                if c.position is not None and c.position < first:  # inside the shared prefix: nothing to patch
-                    continue
-                shifted = c if not first else Component(c.kind, c.layer, c.head,
-                                                         None if c.position is None else c.position - first)
-                edits.append(Edit(shifted, "patch", src[c.hook_name][:, first:], slice(v * n, (v + 1) * n)))
-            return edit_hooks(edits)
+    def edits_for(i: int, rows: slice) -> list[Edit]:
+        c = components[i]
+        if c.position is not None and c.position < first:  # inside the shared prefix: nothing to patch
+            return []
+        shifted = c if not first else Component(c.kind, c.layer, c.head,
+                                                 None if c.position is None else c.position - first)
+        return [Edit(shifted, "patch", src[c.hook_name][:, first:], rows)]
 
-        scores = run_variants(model, target, len(group), hooks_for, metric, layer=layer,
-                              resid=base[act_name("resid_pre", layer)][:, first:], prefix=prefix,
-                              max_rows=max_rows, tokens=tokens, progress=progress)
-        found.append((idx, scores.mean(1)))
-    for idx, scores in found:  # copied to the host after the last pass: the passes run without waiting for it
-        values[idx] = scores.float().cpu()
-    progress.close()
-    return _table(components, values.tolist())
+    values = sweep(model, target, starts, edits_for, metric, base=base, prefix=prefix, max_rows=max_rows,
+                   tokens=tokens, desc=desc)
+    return _table(components, values.mean(1).tolist())
 
 
 def patch_head_outputs(
@@ -321,13 +385,6 @@ def check_metric(metric) -> Metric:
 # --- ablation --------------------------------------------------------------------------------------
 
 
-def _ablation_edits(mode: str, means: Mapping[str, Tensor] | None, components: Iterable[Component],
-                    rows: slice) -> list[Edit]:
-    if mode == "zero":
-        return zero_ablation(components, rows=rows)
-    return mean_ablation(components, means, rows=rows)
-
-
 def ablation_sweep(
     model: LoadedModel,
     batch: TokenBatch,
@@ -342,8 +399,7 @@ def ablation_sweep(
 ) -> Float[Tensor, "set batch"]:
     """The metric per prompt with each set of components ablated together (zero or mean ablation, all positions).
 
-    Sets are grouped by their earliest layer and each group runs from that layer on,
-    from the unablated run's residual stream.
+    A :func:`sweep` whose variants are the sets, each starting at its earliest layer.
     """
     if mode not in ("mean", "zero"):
         raise MechbookError(f"unknown ablation mode {mode!r}; use 'mean' or 'zero'")
@@ -359,34 +415,13 @@ def ablation_sweep(
         if means is None:
             raise MechbookError("mean ablation needs means= (from mean_activations over the corrupted prompts)")
         check_means(model, batch, means, [c for s in sets for c in s])
-    starts = [min((c.layer for c in s), default=model.n_layers) for s in sets]
-    layers = sorted(set(starts))
-    _, base = run_last(model, batch, names=[act_name("resid_pre", l) for l in layers if l < model.n_layers])
-    by_start: dict[int, list[int]] = defaultdict(list)
-    for i, layer in enumerate(starts):
-        by_start[layer].append(i)
-    n = len(batch)
-    out, found = torch.empty(len(sets), n), []
-    progress = tqdm(total=len(sets), desc=desc, disable=None, leave=False)
-    for layer, idx in sorted(by_start.items()):
-        group = [sets[i] for i in idx]
+    starts = [min((c.layer for c in s), default=model.n_layers) for s in sets]  # an empty set: the unablated model
+    _, base = run_last(model, batch, names=resid_names(model, starts))
 
-        def hooks_for(start: int, count: int, group=group):
-            edits = []
-            for v, s in enumerate(group[start : start + count]):
-                edits += _ablation_edits(mode, means, s, slice(v * n, (v + 1) * n))
-            return edit_hooks(edits)
+    def edits_for(i: int, rows: slice) -> list[Edit]:
+        return zero_ablation(sets[i], rows=rows) if mode == "zero" else mean_ablation(sets[i], means, rows=rows)
 
-        if layer >= model.n_layers:  # empty sets: the unablated model
-            resid = run_last(model, batch, names=[act_name("final")])[1][act_name("final")]
-        else:
-            resid = base[act_name("resid_pre", layer)]
-        found.append((idx, run_variants(model, batch, len(group), hooks_for, metric, layer=layer, resid=resid,
-                                        max_rows=max_rows, tokens=tokens, progress=progress)))
-    for idx, values in found:  # copied to the host after the last pass
-        out[idx] = values.float().cpu()
-    progress.close()
-    return out
+    return sweep(model, batch, starts, edits_for, metric, base=base, max_rows=max_rows, tokens=tokens, desc=desc)
 
 
 def _component_set(s) -> list[Component]:

@@ -1,15 +1,15 @@
-"""Path patching: a sender's changed output along one direct path only (Paper B, section 3).
+"""Path patching: a sender's changed output along one direct path only.
 
 An :class:`Edge` goes from a sender (a head or an MLP) to one receiver head's query,
 key or value input; :func:`patch_paths` runs the target prompts with only that input
-reading the changed residual stream, every edge of a receiver layer stacked in one
-pass from that layer on. :func:`patch_paths_to_logits` does the same for a sender's
-direct path to the final residual stream (the paper's ``resid_post`` receiver).
+reading the changed residual stream: a :func:`~mechbook.core.patching.sweep` whose
+variants are the edges, each starting at its receiver's layer.
+:func:`patch_paths_to_logits` does the same for a sender's direct path to the final
+residual stream (a ``resid_post`` receiver).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,8 +23,8 @@ from mechbook.core.errors import MechbookError
 from mechbook.core.interventions import Edit, edit_hooks, mean_ablation
 from mechbook.core.loading import LoadedModel
 from mechbook.core.names import Component, act_name, check_components
-from mechbook.core.patching import Metric, check_means, check_pair
-from mechbook.core.runs import TokenBatch, run_last, run_variants
+from mechbook.core.patching import Metric, check_means, check_pair, resid_names, sweep
+from mechbook.core.runs import TokenBatch, run_last
 
 QKV = ("q", "k", "v")
 
@@ -123,7 +123,7 @@ def patch_paths(
     max_rows: int = 256,
     tokens: Int[Tensor, "k"] | None = None,
 ) -> Float[Tensor, "edge batch"]:
-    """The metric with each edge's path patched, one edge at a time (path patching, Paper B section 3).
+    """The metric with each edge's path patched, one edge at a time (path patching).
 
     The run on ``target`` is left unchanged except for one receiver head's query (key,
     value) input: it reads ``resid + delta`` instead of ``resid``, where ``resid`` is
@@ -152,8 +152,8 @@ def patch_paths(
     ablate = _check_inputs(model, target, source, means, ablate, [e.sender for e in edges])
     n, width = len(target), target.input_ids.shape[1]
     sender_names = sorted({e.sender.hook_name for e in edges})
-    receiver_layers = sorted({e.receiver.layer for e in edges})
-    names = sorted(set(sender_names) | {act_name(kind, l) for l in receiver_layers for kind in ("z", "resid_pre")})
+    starts = [e.receiver.layer for e in edges]
+    names = sorted({*sender_names, *(act_name("z", l) for l in starts), *resid_names(model, starts)})
     ablation = edit_hooks(mean_ablation(ablate, means)) if ablate else []
     _, base = run_last(model, target, names=names, fwd_hooks=ablation)
     src = run_last(model, source, names=sender_names, fwd_hooks=ablation)[1] if source is not None else None
@@ -165,35 +165,23 @@ def patch_paths(
             deltas[s] = _write_change(model, s, base, _new_output(s, src, means, n, width), base_writes)
     group_size = model.n_heads // model.n_kv_heads
 
-    out, found = torch.empty(len(edges), n), []
-    by_layer: dict[int, list[int]] = defaultdict(list)
-    for i, e in enumerate(edges):
-        by_layer[e.receiver.layer].append(i)
-    for layer, idx in sorted(by_layer.items()):
-        resid = base[act_name("resid_pre", layer)]
-        base_z = base[act_name("z", layer)]
+    def edits_for(i: int, rows: slice) -> list[Edit]:
+        e = edges[i]
+        layer = e.receiver.layer
+        slot = e.receiver.head if e.input == "q" else kv_head(model, e.receiver.head)
+        value = project(model, layer, e.input, base[act_name("resid_pre", layer)] + deltas[e.sender])
+        edits = [Edit(Component(e.input, layer, slot), "patch", value, rows)]
+        if e.input != "q" and group_size > 1:  # the group's other query heads keep their outputs
+            first = slot * group_size
+            edits += [Edit(Component("head", layer, h), "patch", base[act_name("z", layer)], rows)
+                      for h in range(first, first + group_size) if h != e.receiver.head]
+        return edits
 
-        def hooks_for(start: int, count: int, idx=idx, layer=layer, resid=resid, base_z=base_z):
-            edits = mean_ablation(ablate, means, first_layer=layer) if ablate else []
-            restore = []
-            with torch.inference_mode():
-                for v, i in enumerate(idx[start : start + count]):
-                    e = edges[i]
-                    rows = slice(v * n, (v + 1) * n)
-                    slot = e.receiver.head if e.input == "q" else kv_head(model, e.receiver.head)
-                    value = project(model, layer, e.input, resid + deltas[e.sender])
-                    edits.append(Edit(Component(e.input, layer, slot), "patch", value, rows))
-                    if e.input != "q" and group_size > 1:  # the group's other query heads keep their outputs
-                        first = slot * group_size
-                        restore += [Edit(Component("head", layer, h), "patch", base_z, rows)
-                                    for h in range(first, first + group_size) if h != e.receiver.head]
-            return edit_hooks(edits + restore)
+    def context(layer: int) -> list[Edit]:
+        return mean_ablation(ablate, means, first_layer=layer) if ablate else []
 
-        found.append((idx, run_variants(model, target, len(idx), hooks_for, metric, layer=layer, resid=resid,
-                                        max_rows=max_rows, tokens=tokens)))
-    for idx, values in found:  # copied to the host after the last pass
-        out[idx] = values.float().cpu()
-    return out
+    return sweep(model, target, starts, edits_for, metric, base=base, context=context, max_rows=max_rows,
+                 tokens=tokens, desc="paths")
 
 
 def patch_paths_to_logits(

@@ -46,8 +46,8 @@ COLUMNS = ["unit", "check", "logged", "recomputed", "difference", "verdict_logge
 STATUSES = ("agrees", "differs", "at threshold")
 SHARE = 10  # a check costs at most 1/SHARE of the search it checks, in wall time
 # The sample is sized on the search's recorded work (forward passes, prompt-blocks) at 1/BUDGET of it: a check's runs
-# carry every variant's own ablations (the search's share one circuit), and on gemma3-270m b2's and b7's checks sized at
-# a tenth of the work took 11-14% of the searches' wall time; at a twentieth they stay under a tenth.
+# carry every variant's own ablations (the search's share one circuit), so a unit of its work takes longer; at a
+# twentieth of the work a check stays within a tenth of the time (benchmarks/README.md, check_cost.py).
 BUDGET = 2 * SHARE
 
 
@@ -246,8 +246,8 @@ def node_sample(log: pd.DataFrame, *, n_prompts: int, n_layers: int, max_rows: i
     prompt-blocks (prompts x blocks run, the work however it is stacked) within a twentieth
     (:data:`BUDGET`; the wall time then stays within a tenth)
     of the search's, as ``log.attrs`` records them (``forward_passes``,
-    ``prompt_blocks``); a log without them is taken as the paper's literal loop, one
-    full forward per decision. The seed is the log's own decisions (:func:`log_seed`).
+    ``prompt_blocks``); a log without them is taken as a search of one full forward
+    per decision. The seed is the log's own decisions (:func:`log_seed`).
     """
     per_pass = max(1, max_rows // n_prompts)
     literal = len(log) + 1

@@ -27,13 +27,16 @@ import contextlib
 import difflib
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
+from mechbook.core.checks import check_count, chunk_starts
+from mechbook.core.decoding import check_resid
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
 
@@ -211,191 +214,68 @@ def _returns_checked(name: str, fn: HookFn) -> HookFn:
 
 
 @contextlib.contextmanager
-def temporary_hooks(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[LoadedModel]:
+def temporary_hooks(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]], *, skip_mlps: bool = True,
+                    skip_heads: bool = True) -> Iterator[LoadedModel]:
     """Attach forward hooks for the duration of a ``with`` block; always removed, errors included.
 
     Hook functions follow transformer-lens: ``fn(activation, hook) -> activation | None``
     (:data:`HOOK_SIGNATURE`); another signature, or a return value of another shape, is
-    a one-line error.
+    a one-line error. What the hooks' edits write over entirely is not computed
+    (:func:`skips`; ``skip_mlps``, ``skip_heads`` switch each part off); the numbers are
+    the same bit for bit.
     """
+    from mechbook.core.architectures import replaced_forwards, skip_forwards
+
     fwd_hooks = check_hook_fns(fwd_hooks)
     check_hook_names(model, [name for name, _ in fwd_hooks])
     checked = [(name, _returns_checked(name, fn)) for name, fn in fwd_hooks]
-    with (model.bridge.hooks(fwd_hooks=checked), _skipped_mlps(model, overwritten_mlps(model, fwd_hooks)),
-          _skipped_heads(model, overwritten_heads(model, fwd_hooks))):
+    plan = skips(model, fwd_hooks, mlps=skip_mlps, heads=skip_heads)
+    with model.bridge.hooks(fwd_hooks=checked), replaced_forwards(skip_forwards(model, plan)):
         yield model
 
 
-SKIP_OVERWRITTEN_MLPS = True  # see every_mlp_computed
-SKIP_OVERWRITTEN_HEADS = True  # see every_head_computed
+@dataclass(frozen=True)
+class Skips:
+    """What a run leaves uncomputed: MLPs whose whole output, and per layer the heads whose output, edits write over."""
+
+    mlps: tuple[int, ...] = ()
+    heads: Mapping[int, frozenset[int]] = field(default_factory=dict)
 
 
-@contextlib.contextmanager
-def _switched_off(flag: str) -> Iterator[None]:
-    """Set the module flag ``flag`` to False for the ``with`` block, and back afterwards."""
-    before = globals()[flag]
-    globals()[flag] = False
-    try:
-        yield
-    finally:
-        globals()[flag] = before
+def skips(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]], *, mlps: bool = True,
+          heads: bool = True) -> Skips:
+    """What the edits among ``fwd_hooks`` make it pointless to compute; a pure function of the hooks and their edits.
 
+    An MLP is left out when the first hook on its ``hook_mlp_out`` is an edit hook
+    (:class:`~mechbook.core.interventions.EditHook`) that writes over the whole output
+    and no hook reads inside that MLP: mean ablation of a circuit's complement, removing
+    an FFN. A head's query (and the key and value of a key/value head none of whose query
+    heads is read) is left out when the first hook on its layer's ``hook_z`` writes over
+    the head's output in every row and position and no hook reads inside that attention.
+    Only the first hook on a name counts: it is the one that sees the activation as computed.
+    ``mlps=False`` / ``heads=False`` leave that part out of the plan.
+    """
+    from mechbook.core.interventions import EditHook, overwritten
+    from mechbook.core.names import act_name, inside_attention, inside_mlp
 
-def every_mlp_computed() -> contextlib.AbstractContextManager[None]:
-    """Compute every MLP, overwritten or not: the reference that ``benchmarks/ablated_mlps.py`` times."""
-    return _switched_off("SKIP_OVERWRITTEN_MLPS")
-
-
-def every_head_computed() -> contextlib.AbstractContextManager[None]:
-    """Compute every head's query, key and value, overwritten or not: the reference ``benchmarks/ablated_mlps.py`` times."""
-    return _switched_off("SKIP_OVERWRITTEN_HEADS")
-
-
-def _first_hooks(fwd_hooks: Sequence[tuple[str, HookFn]]) -> dict[str, HookFn]:
-    """The first hook on each hook name: the one that sees the activation as computed."""
     first: dict[str, HookFn] = {}
     for name, fn in fwd_hooks:
         first.setdefault(name, fn)
-    return first
 
+    def written_over(name: str) -> tuple[bool, frozenset[int]]:
+        fn = first.get(name)
+        return overwritten(fn.edits) if isinstance(fn, EditHook) else (False, frozenset())
 
-def overwritten_mlps(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]]) -> list[int]:
-    """Layers whose MLP output the hooks write over entirely before anything reads it.
-
-    That is the case when the first hook on ``hook_mlp_out`` overwrites every row and
-    position (a mean, zero or patch edit of the whole MLP, see
-    :func:`mechbook.core.interventions.edit_hooks`) and no hook reads inside the MLP.
-    Computing such an MLP is wasted work: mean ablation of a circuit's complement, FFN
-    removal.
-    """
-    from mechbook.core.names import act_name, inside_mlp
-
-    if not SKIP_OVERWRITTEN_MLPS:
-        return []
-    first = _first_hooks(fwd_hooks)
-    read_inside = {inside_mlp(name) for name in first}
-    return [layer for layer in range(model.n_layers)
-            if getattr(first.get(act_name("mlp_out", layer)), "overwrites", False) and layer not in read_inside]
-
-
-@contextlib.contextmanager
-def _skipped_mlps(model: LoadedModel, layers: Sequence[int]) -> Iterator[None]:
-    """The MLPs of ``layers`` return zeros instead of computing (their hook writes over the output)."""
-
-    def zeros(hidden_states, *args, **kwargs):
-        return torch.zeros_like(hidden_states)
-
-    from mechbook.core.architectures import skippable_mlp
-
-    modules = [m for m in (skippable_mlp(model, layer) for layer in layers) if m is not None]
-    saved = [m.__dict__.get("forward") for m in modules]
-    for m in modules:
-        object.__setattr__(m, "forward", zeros)
-    try:
-        yield
-    finally:
-        for m, before in zip(modules, saved):
-            if before is None:
-                object.__delattr__(m, "forward")
-            else:
-                object.__setattr__(m, "forward", before)
-
-
-def overwritten_heads(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]]) -> dict[int, frozenset[int]]:
-    """Per layer, the heads whose output (``hook_z``) the hooks write over entirely before anything reads it.
-
-    That is the case for the heads the first hook on ``hook_z`` overwrites in every row
-    and position (mean ablation of a circuit's complement), when no hook reads inside
-    that layer's attention (q, k, v, the pattern: :func:`mechbook.core.names.inside_attention`).
-    Such a head's query, and the key and value of a key/value head all of whose query
-    heads are overwritten, are wasted work.
-    """
-    from mechbook.core.names import act_name, inside_attention
-
-    if not SKIP_OVERWRITTEN_HEADS:
-        return {}
-    first = _first_hooks(fwd_hooks)
-    read_inside = {inside_attention(name) for name in first}
-    out = {}
+    read_mlp = {inside_mlp(name) for name in first}
+    read_attention = {inside_attention(name) for name in first}
+    left_mlps, left_heads = [], {}
     for layer in range(model.n_layers):
-        heads = getattr(first.get(act_name("z", layer)), "overwritten_heads", frozenset())
-        if heads and layer not in read_inside:
-            out[layer] = heads
-    return out
-
-
-@contextlib.contextmanager
-def _skipped_heads(model: LoadedModel, heads: Mapping[int, frozenset[int]]) -> Iterator[None]:
-    """The q (k, v) projections of ``heads``' layers compute only the rows of heads still read; the rest are zeros.
-
-    The kept rows are computed from the same weights and input, as their own matrix
-    product; the overwritten heads' zero queries give a finite attention pattern whose
-    output the hook then writes over.
-    """
-    from mechbook.core.architectures import head_projections
-
-    d, group = model.d_head, model.n_heads // model.n_kv_heads
-    stubbed = []
-    for layer, gone in heads.items():
-        projections = head_projections(model, layer)
-        if projections is None:
-            continue
-        keep = {"q": [h for h in range(model.n_heads) if h not in gone]}
-        keep["k"] = keep["v"] = [g for g in range(model.n_kv_heads)
-                                 if any(h not in gone for h in range(g * group, (g + 1) * group))]
-        for kind, linear in projections.items():
-            if len(keep[kind]) * d < linear.out_features:
-                stubbed.append((linear, _rows_only(linear, keep[kind], d)))
-    saved = [linear.__dict__.get("forward") for linear, _ in stubbed]
-    for linear, forward in stubbed:
-        object.__setattr__(linear, "forward", forward)
-    try:
-        yield
-    finally:
-        for (linear, _), before in zip(stubbed, saved):
-            if before is None:
-                object.__delattr__(linear, "forward")
-            else:
-                object.__setattr__(linear, "forward", before)
-
-
-def _rows_only(linear: torch.nn.Linear, heads: Sequence[int], d_head: int):
-    """A forward for ``linear`` computing the output rows of ``heads`` only (zeros elsewhere).
-
-    The rows are taken as slices, runs of consecutive heads (:func:`~mechbook.core.names.spans`):
-    no index tensor is built, so a run on a GPU copies nothing from the host.
-    """
-    from mechbook.core.names import spans
-
-    parts = [slice(a * d_head, b * d_head) for a, b in spans(heads)]
-    weight = torch.cat([linear.weight.detach()[p] for p in parts]) if parts else None
-    bias = None if linear.bias is None or not parts else torch.cat([linear.bias.detach()[p] for p in parts])
-
-    def forward(x, *args, **kwargs):
-        out = x.new_zeros(*x.shape[:-1], linear.out_features)
-        if parts:
-            kept, start = torch.nn.functional.linear(x, weight, bias), 0
-            for p in parts:
-                out[..., p] = kept[..., start : start + p.stop - p.start]
-                start += p.stop - p.start
-        return out
-
-    return forward
-
-
-def check_count(value, what: str) -> int:
-    """A positive whole number (batch sizes, row limits), or a one-line error."""
-    from mechbook.core.names import as_index
-
-    value = as_index(value, what)
-    if value < 1:
-        raise MechbookError(f"{what} must be at least 1, got {value}")
-    return value
-
-
-def chunk_starts(n: int, size: int, what: str = "batch_size") -> range:
-    """Start indices of chunks of ``size`` over ``n`` items; a size below 1 is a one-line error naming ``what``."""
-    return range(0, n, check_count(size, what))
+        if mlps and written_over(act_name("mlp_out", layer))[0] and layer not in read_mlp:
+            left_mlps.append(layer)
+        gone = written_over(act_name("z", layer))[1] if heads else frozenset()
+        if gone and layer not in read_attention:
+            left_heads[layer] = gone
+    return Skips(tuple(left_mlps), left_heads)
 
 
 def run_last(
@@ -419,27 +299,8 @@ def run_last(
 
     check_token_ids(model, batch)
     fwd_hooks = check_hook_fns(fwd_hooks)
-    if model.backend != "local":
-        from mechbook.core import backends
-
-        return backends.run_last(model, batch, names=names, fwd_hooks=fwd_hooks, last_only=last_only, tokens=tokens)
-    check_hook_names(model, names)
-    cache: dict[str, Tensor] = {}
-    rows = torch.arange(len(batch), device=batch.input_ids.device)
-    final = act_name("final")
-
-    def saver(name: str, store_as: str) -> HookFn:
-        def hook(act: Tensor, hook: object) -> None:
-            act = act.detach()
-            cache[store_as] = act[rows, batch.last_pos] if last_only or store_as == "__final__" else act.clone()
-
-        return hook
-
-    hooks = [*fwd_hooks, *((n, saver(n, n)) for n in names), (final, saver(final, "__final__"))]
-    with torch.inference_mode(), temporary_hooks(model, hooks):
-        model.bridge(batch.input_ids, logits_to_keep=1)
-    final_resid = cache.pop("__final__")
-    return unembed(model, final_resid, tokens=tokens), cache
+    return runner(model).run_last(model, batch, names=names, fwd_hooks=fwd_hooks, last_only=last_only,
+                                  tokens=tokens)
 
 
 def run_last_batched(
@@ -450,18 +311,18 @@ def run_last_batched(
     last_only: bool = True,
     batch_size: int = 32,
     desc: str | None = None,
-    hooks_for: Callable[[TokenBatch, slice], Sequence[tuple[str, HookFn]]] | None = None,
+    chunk_hooks: Callable[[TokenBatch, slice], Sequence[tuple[str, HookFn]]] | None = None,
 ) -> tuple[Float[Tensor, "batch d_vocab"], dict[str, Tensor]]:
     """:func:`run_last` over a large batch in chunks of ``batch_size`` prompts, concatenating results.
 
     With ``last_only=False`` the chunks' activations are padded to the longest prompt.
-    ``hooks_for(chunk, rows)`` builds the hooks of each chunk (``rows``: its slice of ``batch``).
+    ``chunk_hooks(chunk, rows)`` builds the hooks of each chunk (``rows``: its slice of ``batch``).
     """
     logits, caches = [], []
     for start in tqdm(chunk_starts(len(batch), batch_size), desc=desc, disable=None, leave=False):
         rows = slice(start, start + batch_size)
         chunk = batch.select(rows)
-        hooks = hooks_for(chunk, rows) if hooks_for is not None else ()
+        hooks = chunk_hooks(chunk, rows) if chunk_hooks is not None else ()
         lg, cache = run_last(model, chunk, names=names, last_only=last_only, fwd_hooks=hooks)
         logits.append(lg)
         caches.append(cache)
@@ -478,46 +339,10 @@ def run_last_batched(
 # --- running from a layer ---------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
-
-
 def embeddings(model: LoadedModel, batch: TokenBatch) -> Float[Tensor, "batch pos d_model"]:
     """The residual stream entering layer 0 (embeddings, positions, scaling as the model does them); no layer runs."""
-    from mechbook.core.names import act_name
-
     check_token_ids(model, batch)
-    if model.backend != "local":
-        from mechbook.core import backends
-
-        return backends.embeddings(model, batch)
-    box: dict[str, Tensor] = {}
-
-    def grab(act: Tensor, hook: object) -> None:
-        box["resid"] = act.detach().clone()
-        raise _Stop
-
-    try:
-        with torch.inference_mode(), temporary_hooks(model, [(act_name("resid_pre", 0), grab)]):
-            model.bridge(batch.input_ids)
-    except _Stop:
-        pass
-    return box["resid"]
-
-
-def check_resid(model: LoadedModel, resid, what: str) -> Tensor:
-    """``resid`` if it is a tensor of residual vectors of ``model`` (width ``d_model``, the weights' dtype), else a
-    one-line error naming ``what``. Reads the shape and dtype only, never the values: it costs nothing per pass."""
-    if not isinstance(resid, Tensor):
-        raise MechbookError(f"{what} must be a torch tensor of residual vectors [..., {model.d_model}], got "
-                            f"{type(resid).__name__}; e.g. torch.as_tensor(x, dtype={model.dtype})")
-    if resid.dim() == 0 or resid.shape[-1] != model.d_model:
-        raise MechbookError(f"{what} must be residual vectors [..., {model.d_model}] of {model.name}, got shape "
-                            f"{tuple(resid.shape)}; use vectors computed on this model")
-    if not resid.dtype.is_floating_point or (model.weights_here and resid.dtype != model.dtype):  # NDIF: its own
-        raise MechbookError(f"{what} is {resid.dtype} but {model.name}'s weights are {model.dtype}; "
-                            f"pass it as .to({model.dtype})")
-    return resid
+    return runner(model).embeddings(model, batch)
 
 
 def check_last_pos(last_pos, n: int, width: int) -> Int[Tensor, "n"]:
@@ -569,43 +394,17 @@ def run_from_layer(
     architecture (:func:`mechbook.core.architectures.run_layers`); ``prefix`` is a
     :class:`~mechbook.core.architectures.SharedPrefix` of the hand-written loops.
     """
-    from mechbook.core.architectures import run_layers
-    from mechbook.core.decoding import unembed
-
     layer = model.check_layer(layer, allow_end=True)
     check_resid(model, resid, "resid")
     if resid.dim() != 3:
         raise MechbookError(f"resid must be [batch, pos, {model.d_model}], got {tuple(resid.shape)}")
     last_pos = check_last_pos(last_pos, resid.shape[0], resid.shape[1])
     fwd_hooks = check_hook_fns(fwd_hooks)
-    if model.backend != "local":
-        if prefix is not None:
-            raise MechbookError(f"a shared-prefix cache runs on the local backend only, not {model.backend!r}; "
-                                "run without one")
-        from mechbook.core import backends
-
-        return backends.run_from_layer(model, resid, layer, last_pos, fwd_hooks=fwd_hooks, names=names, tokens=tokens)
-    cache: dict[str, Tensor] = {}
-
-    def saver(name: str) -> HookFn:
-        def hook(act: Tensor, hook: object) -> None:
-            cache[name] = act.detach().clone()
-
-        return hook
-
-    rows = torch.arange(resid.shape[0], device=resid.device)
-    hooks = [*fwd_hooks, *((n, saver(n)) for n in names)]
-    with torch.inference_mode(), temporary_hooks(model, hooks):
-        if prefix is not None:
-            prefix.used.clear()
-        hidden = run_layers(model, resid, layer, prefix=prefix)
-        if prefix is not None:
-            prefix.check_used(layer, model.n_layers)
-        logits = unembed(model, hidden[rows, last_pos.to(resid.device)], tokens=tokens)
-    missing = [n for n in names if n not in cache]
-    if missing:
-        raise MechbookError(f"{', '.join(missing)} did not fire: they lie before layer {layer}, where this run starts")
-    return logits, cache
+    run = runner(model)
+    if prefix is not None and not run.joins_rows:
+        raise MechbookError(f"a shared-prefix cache runs on the local backend only, not {run.name!r}; run without one")
+    return run.run_from_layer(model, resid, layer, last_pos, fwd_hooks=fwd_hooks, names=names, tokens=tokens,
+                              prefix=prefix)
 
 
 def run_joining(
@@ -627,8 +426,9 @@ def run_joining(
     from mechbook.core.architectures import run_layers
     from mechbook.core.decoding import unembed
 
-    if model.backend != "local":
-        raise MechbookError(f"run_joining runs on the local backend only, not {model.backend!r}")
+    run = runner(model)
+    if not run.joins_rows:
+        raise MechbookError(f"run_joining runs on the local backend only, not {run.name!r}")
     if not joins:
         raise MechbookError("no rows to run; pass at least one (layer, resid)")
     layers = [model.check_layer(layer, allow_end=True) for layer, _ in joins]
@@ -642,7 +442,7 @@ def run_joining(
     fwd_hooks = check_hook_fns(fwd_hooks)
     bounds = sorted(set(layers)) + [model.n_layers]
     hidden = None
-    with torch.inference_mode(), temporary_hooks(model, fwd_hooks):
+    with torch.inference_mode(), temporary_hooks(model, fwd_hooks, **run.skipping):
         for here, upto in zip(bounds, bounds[1:]):
             new = [resid for layer, resid in joins if layer == here]
             hidden = torch.cat(([] if hidden is None else [hidden]) + new)
@@ -717,3 +517,125 @@ def run_variants(
         if progress is not None:
             progress.update(count)
     return torch.cat(out)
+
+
+# --- the runners: where a model's forward passes run ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalRunner:
+    """Forward passes here, on the transformer-lens bridge, through its hooks.
+
+    The interface every runner has (the nnsight runner of :mod:`mechbook.nnsight_backend`
+    too): ``run_last``, ``run_from_layer``, ``embeddings`` and ``unembed`` with the
+    arguments of the functions of this module, which check them and hand them over;
+    ``name``; ``joins_rows`` (rows may join a run at their own layers and share a prefix
+    cache: :func:`run_joining`); ``fast_loops`` (the hand-written decoder loops may run).
+
+    ``skip_mlps`` / ``skip_heads``: leave out the MLPs / heads that edits write over entirely
+    (:func:`skips`); False computes them (the reference the benchmarks time). ``fast_loops``:
+    False runs from a layer through the model's own forward (the generic path the loops
+    are tested against). Another setting is another runner on the same model:
+    ``dataclasses.replace(model, runner=LocalRunner(skip_mlps=False))``.
+    """
+
+    skip_mlps: bool = True
+    skip_heads: bool = True
+    fast_loops: bool = True
+    name: ClassVar[str] = "local"
+    joins_rows: ClassVar[bool] = True
+
+    @property
+    def skipping(self) -> dict[str, bool]:
+        return {"skip_mlps": self.skip_mlps, "skip_heads": self.skip_heads}
+
+    def run_last(self, model: LoadedModel, batch: TokenBatch, *, names: Sequence[str],
+                 fwd_hooks: Sequence[tuple[str, HookFn]], last_only: bool,
+                 tokens: Int[Tensor, "k"] | None) -> tuple[Float[Tensor, "batch d_vocab"], dict[str, Tensor]]:
+        from mechbook.core.decoding import unembed
+        from mechbook.core.names import act_name
+
+        check_hook_names(model, names)
+        cache: dict[str, Tensor] = {}
+        rows = torch.arange(len(batch), device=batch.input_ids.device)
+        final = act_name("final")
+
+        def saver(name: str, store_as: str) -> HookFn:
+            def hook(act: Tensor, hook: object) -> None:
+                act = act.detach()
+                cache[store_as] = act[rows, batch.last_pos] if last_only or store_as == "__final__" else act.clone()
+
+            return hook
+
+        hooks = [*fwd_hooks, *((n, saver(n, n)) for n in names), (final, saver(final, "__final__"))]
+        with torch.inference_mode(), temporary_hooks(model, hooks, **self.skipping):
+            model.bridge(batch.input_ids, logits_to_keep=1)
+        final_resid = cache.pop("__final__")
+        return unembed(model, final_resid, tokens=tokens), cache
+
+    def run_from_layer(self, model: LoadedModel, resid: Float[Tensor, "batch pos d_model"], layer: int,
+                       last_pos: Int[Tensor, "batch"], *, fwd_hooks: Sequence[tuple[str, HookFn]],
+                       names: Sequence[str], tokens: Int[Tensor, "k"] | None,
+                       prefix=None) -> tuple[Float[Tensor, "batch d_vocab"], dict[str, Tensor]]:
+        from mechbook.core.architectures import run_layers
+        from mechbook.core.decoding import unembed
+
+        cache: dict[str, Tensor] = {}
+
+        def saver(name: str) -> HookFn:
+            def hook(act: Tensor, hook: object) -> None:
+                cache[name] = act.detach().clone()
+
+            return hook
+
+        rows = torch.arange(resid.shape[0], device=resid.device)
+        hooks = [*fwd_hooks, *((n, saver(n)) for n in names)]
+        with torch.inference_mode(), temporary_hooks(model, hooks, **self.skipping):
+            if prefix is not None:
+                prefix.used.clear()
+            hidden = run_layers(model, resid, layer, prefix=prefix)
+            if prefix is not None:
+                prefix.check_used(layer, model.n_layers)
+            logits = unembed(model, hidden[rows, last_pos.to(resid.device)], tokens=tokens)
+        missing = [n for n in names if n not in cache]
+        if missing:
+            raise MechbookError(f"{', '.join(missing)} did not fire: they lie before layer {layer}, where this run "
+                                "starts")
+        return logits, cache
+
+    def embeddings(self, model: LoadedModel, batch: TokenBatch) -> Float[Tensor, "batch pos d_model"]:
+        from mechbook.core.architectures import StopForward
+        from mechbook.core.names import act_name
+
+        box: dict[str, Tensor] = {}
+
+        def grab(act: Tensor, hook: object) -> None:
+            box["resid"] = act.detach().clone()
+            raise StopForward
+
+        try:
+            with torch.inference_mode(), temporary_hooks(model, [(act_name("resid_pre", 0), grab)], **self.skipping):
+                model.bridge(batch.input_ids)
+        except StopForward:
+            pass
+        return box["resid"]
+
+    def unembed(self, model: LoadedModel, resid: Float[Tensor, "... d_model"], *, normalize: bool,
+                tokens: Int[Tensor, "k"] | None) -> Float[Tensor, "... d_vocab"]:
+        from mechbook.core.decoding import unembed_here
+
+        return unembed_here(model, resid, normalize=normalize, tokens=tokens)
+
+    def token_logits(self, model: LoadedModel, resid: Float[Tensor, "... d_model"],
+                     ids: Int[Tensor, "..."]) -> Float[Tensor, "..."]:
+        from mechbook.core.decoding import token_logits_here
+
+        return token_logits_here(model, resid, ids)
+
+
+LOCAL = LocalRunner()
+
+
+def runner(model: LoadedModel):
+    """The runner of ``model``'s forward passes: the one its backend put on it, else :data:`LOCAL`."""
+    return LOCAL if model.runner is None else model.runner

@@ -1,4 +1,4 @@
-"""Intervals over prompts for the rates and scores the book sets beside the papers' numbers."""
+"""Intervals over prompts for rates and scores, and whether a reported number lies inside one."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 
 from mechbook.core.errors import MechbookError
 
-Z95 = 1.96  # the standard normal's 97.5% quantile, to the two decimals the book has always used
+Z95 = 1.96  # the standard normal's 97.5% quantile, to two decimals: the value the committed results use
 
 
 def _count(value, what: str) -> int:
@@ -69,11 +69,11 @@ def difference_interval(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> t
 
 
 HOLDS, DOES_NOT_HOLD, CANNOT_TELL = "holds", "does not hold here", "cannot tell"
-WIDEST = 0.5  # an interval at least this wide (on a 0-1 scale) cannot tell the paper's number from most others
+WIDEST = 0.5  # an interval at least this wide (on a 0-1 scale) cannot tell a reported number from most others
 
 
 def verdict(paper: float, low: float, high: float, *, widest: float = WIDEST) -> str:
-    """Whether the paper's number lies inside our 95% interval.
+    """Whether a reported number ``paper`` lies inside our 95% interval.
 
     "holds" if it does, "does not hold here" if it does not, and "cannot tell" when
     there is no interval or it is ``widest`` or wider.

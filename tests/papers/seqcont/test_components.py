@@ -47,7 +47,7 @@ def test_member_positions_point_at_the_members(tiny_model):
 
 
 def test_member_positions_with_paper_templates_on_real_tokenizers():
-    from mechbook.core.loading import cached_model_dir
+    from mechbook.store.cache import cached_model_dir
 
     path = cached_model_dir("gemma3-270m")
     if not path.exists():
@@ -312,28 +312,6 @@ def test_member_index_orders_members():
     assert S.member_index("numerals_step2", "8") == 8
     with pytest.raises(MechbookError, match="unknown sequence task"):
         S.member_index("letters", "a")
-
-
-def test_figures_draw_from_the_tables(tiny_model):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    effects = pd.DataFrame([
-        {"task": t, "kind": "head", "layer": l, "head": h, "effect": float(l - h)}
-        for t in ("a", "b") for l in range(3) for h in range(4)
-    ])  # fmt: skip
-    fig = S.effect_heatmaps(effects, title="effects")
-    assert len(fig.axes) == 3  # two panels and one colour bar
-    prompts = _prompts(tiny_model, n=2)
-    heads = [P.Component("head", 0, 0), P.Component("head", 1, 1)]
-    frames = {"in order": S.attention_frame(tiny_model, prompts, 0, heads),
-              "again": S.attention_frame(tiny_model, prompts, 1, heads)}
-    fig2 = S.attention_heatmaps(frames, title="attention")
-    labels = [t.get_text() for t in fig2.axes[0].get_xticklabels()]
-    assert len(labels) == len(prompts.prompt_ids[0])
-    plt.close("all")
 
 
 @pytest.mark.slow

@@ -1,14 +1,13 @@
-"""The kept edges of chapter b3 as tables and a diagram."""
+"""The kept edges of chapter b3, counted."""
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
 from mechbook import MechbookError
-from mechbook.core.circuits import RESID, Circuit
-from mechbook.papers.seqcont.edge_pruning import circuit_diagram, edge_counts
+from mechbook.core.circuits import RESID
+from mechbook.papers.seqcont.edge_pruning import edge_counts
 
 
 def _table():
@@ -32,12 +31,3 @@ def test_edge_counts():
     assert numerals.loc["k", "kept"] == 0 and numerals.loc["v", "share_kept"] == 1.0
     with pytest.raises(MechbookError, match="task column"):
         edge_counts(_table().drop(columns="task"))
-
-
-def test_circuit_diagram(tiny_gpt2):
-    circuits = {"numerals": Circuit([(0, 1), (1, 2), (2, 0)], [0]), "months": Circuit([(0, 1), (1, 2)], [])}
-    fig = circuit_diagram(_table(), tiny_gpt2, circuits=circuits, title="test")
-    assert len(fig.axes) == 2 and fig.axes[0].get_title().startswith("numerals: 3 of 4")
-    plt.close(fig)
-    with pytest.raises(MechbookError, match="task column"):
-        circuit_diagram(_table().drop(columns="task"), tiny_gpt2, title="x")

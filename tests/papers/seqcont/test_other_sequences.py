@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from mechbook import MechbookError
-from mechbook.book import results
 from mechbook.papers.seqcont.other_sequences import (
     FAMILIES,
     common_lengths,
@@ -18,14 +17,12 @@ from mechbook.papers.seqcont.other_sequences import (
     family_prompts,
     knockout_runs,
     knockout_summary,
-    load_shared_circuit,
     per_set_table,
     random_ablations,
     word_problem_prompts,
 )
 from mechbook.core.circuits import Circuit
 from mechbook.core.runs import run_last, tokenize
-from mechbook.papers.seqcont.task_circuits import circuits_record
 from mechbook.papers.seqcont import sequences as seqcont
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,40 +87,6 @@ def test_common_lengths_keep_the_largest_groups(tiny_gpt2):
     assert len(kept) == lengths.loc[sorted(set(kept.n_tokens))].sum()
     with pytest.raises(MechbookError, match="corrupted prompts"):
         common_lengths(clean, corrupted, min_corrupted=10_000)
-
-
-# --- the shared sub-circuit -----------------------------------------------------------------------
-
-THREE = {"numerals": Circuit([(0, 1), (1, 0)], [0, 1]), "numwords": Circuit([(0, 1), (1, 1)], [1]),
-         "months": Circuit([(0, 1)], [1, 0])}
-
-
-def test_load_shared_circuit_prefers_b4_then_intersects_b2(tmp_path, tiny_gpt2):
-    with pytest.raises(MechbookError, match="--chapters b2"):
-        load_shared_circuit(tiny_gpt2, root=tmp_path)
-    b2 = results.ChapterResults("b2_node_pruning", tiny_gpt2.name, root=tmp_path)
-    b2.save("circuits", circuits_record(THREE))
-    b2.finish()
-    circuit, source = load_shared_circuit(tiny_gpt2, root=tmp_path)
-    assert circuit == Circuit([(0, 1)], [1]) and "circuits.json" in source
-    b4 = results.ChapterResults("b4_shared_circuit", tiny_gpt2.name, root=tmp_path)
-    b4.save("shared", Circuit([(1, 1)], []).to_dict())
-    b4.finish()
-    circuit, source = load_shared_circuit(tiny_gpt2, root=tmp_path)
-    assert circuit == Circuit([(1, 1)], []) and "shared.json" in source
-
-
-def test_an_empty_or_foreign_shared_circuit_is_refused(tmp_path, tiny_gpt2):
-    b2 = results.ChapterResults("b2_node_pruning", tiny_gpt2.name, root=tmp_path)
-    b2.save("circuits", circuits_record({"a": Circuit([(0, 0)], []), "b": Circuit([(0, 1)], [])}))
-    b2.finish()
-    with pytest.raises(MechbookError, match="empty"):
-        load_shared_circuit(tiny_gpt2, root=tmp_path)
-    b4 = results.ChapterResults("b4_shared_circuit", tiny_gpt2.name, root=tmp_path)
-    b4.save("shared", Circuit([(40, 0)], []).to_dict())
-    b4.finish()
-    with pytest.raises(MechbookError, match="does not fit"):
-        load_shared_circuit(tiny_gpt2, root=tmp_path)
 
 
 # --- knocking out ------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ TOKENIZERS = ["gemma3-270m", "smollm2-135m"]
 
 @pytest.fixture(scope="module")
 def tokenizers():
-    from mechbook.core.loading import cached_model_dir
+    from mechbook.store.cache import cached_model_dir
 
     loaded = {}
     for name in TOKENIZERS:

@@ -49,3 +49,33 @@ def test_no_draws_or_another_table_is_refused():
         inclusion_frequency({})
     with pytest.raises(MechbookError, match="inclusion_frequency"):
         stable_circuits(__import__("pandas").DataFrame({"task": ["x"]}), share=0.6)
+
+
+def test_draws_apart_moves_one_draw_and_holds_the_other(monkeypatch):
+    """Each moved draw is pruned on the right pair of seeds; the run with both at the first seed is shared."""
+    from types import SimpleNamespace
+
+    from mechbook.papers.seqcont import stability
+
+    asked, pruned = [], []
+
+    def fake_prepare(model, task, *, n_prompts, n_corrupted, seed, corrupted_seed):
+        asked.append((task, seed, corrupted_seed))
+        return SimpleNamespace(seed=seed, corrupted_seed=corrupted_seed)
+
+    def prune(key, t, *, threshold):
+        pruned.append(key)
+        # the circuit depends on the clean draw only: moving the means changes nothing
+        return Circuit([(1, t.seed)], [0])
+
+    monkeypatch.setattr(stability, "prepare_task", fake_prepare)
+    table, found = stability.draws_apart(None, ["numerals"], 8, [0, 1, 2], prune=prune)
+    assert sorted(set(asked)) == [("numerals", 0, 0), ("numerals", 0, 1), ("numerals", 0, 2), ("numerals", 1, 0),
+                                  ("numerals", 2, 0)]
+    assert len(pruned) == len(set(pruned)) == 5  # the shared run once
+    rows = table.set_index("moved")
+    assert rows.loc["corrupted means", "heads"] == 1.0 and rows.loc["clean prompts", "heads"] == 0.0
+    assert (rows.mlps == 1.0).all() and (rows.pairs == 3).all()
+    assert found[("numerals", "corrupted means", 2)] == Circuit([(1, 0)], [0])
+    with pytest.raises(MechbookError, match="at least two"):
+        stability.draws_apart(None, ["numerals"], 8, [0], prune=prune)

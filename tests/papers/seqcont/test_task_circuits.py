@@ -1,4 +1,4 @@
-"""The task circuits and what they share (Paper B, chapters b2 and b4): tables, overlap, loading, batched scores."""
+"""The task circuits and what they share (Paper B, chapters b2 and b4): tables, records, overlap, batched scores."""
 
 from __future__ import annotations
 
@@ -14,22 +14,19 @@ import torch
 
 from conftest import random_circuit_task
 from mechbook import MechbookError
-from mechbook.book import results
 from mechbook.core.circuits import Circuit, score_circuit, score_circuits
 from mechbook.papers.seqcont import reported
 from mechbook.papers.seqcont.task_circuits import (
     TaskSet,
     circuit_grid,
-    circuit_heatmaps,
     circuit_nodes,
     circuit_summary,
+    circuits_from_record,
     circuits_record,
     component_overlap,
     cross_task_table,
     score_intervals,
     find_task_circuits,
-    load_task_circuits,
-    overlap_heatmap,
     overlap_regions,
     paper_circuits,
     shared_circuit,
@@ -91,16 +88,6 @@ def test_overlap_and_shared_subcircuit():
         shared_circuit({})
     with pytest.raises(MechbookError, match="load_task_circuits"):
         component_overlap({})
-
-
-def test_figures(tiny_gpt2):
-    import matplotlib.pyplot as plt
-
-    fig = circuit_heatmaps(THREE, tiny_gpt2.n_layers, tiny_gpt2.n_heads, title="circuits")
-    assert len(fig.axes) == 3
-    fig2 = overlap_heatmap(THREE, tiny_gpt2.n_layers, tiny_gpt2.n_heads, title="overlap")
-    assert fig2.axes[0].get_title() == "overlap"
-    plt.close("all")
 
 
 def test_paper_circuits_and_sizes(tiny_gpt2):
@@ -175,40 +162,23 @@ def test_find_task_circuits(tiny_gpt2):
         find_task_circuits(tiny_gpt2, {"a": task}, threshold=1.5)
 
 
-def test_load_task_circuits(tmp_path, tiny_gpt2):
-    with pytest.raises(MechbookError, match="python -m mechbook run --model tiny --chapters b2"):
-        load_task_circuits("tiny", root=tmp_path)
-    saved = results.ChapterResults("b2_node_pruning", tiny_gpt2.name, root=tmp_path)
-    saved.save("circuits", circuits_record(THREE))
-    saved.finish()
-    loaded = load_task_circuits(tiny_gpt2, root=tmp_path)
-    assert loaded == THREE and loaded["numerals"].score == pytest.approx(81.235)
-
-    # circuits of a bigger model do not fit this one
-    other = results.ChapterResults("b2_node_pruning", tiny_gpt2.name, root=tmp_path)
-    other.save("circuits", circuits_record({"numerals": Circuit([(40, 0)], [])}))
-    other.finish()
-    with pytest.raises(MechbookError, match="does not fit"):
-        load_task_circuits(tiny_gpt2, root=tmp_path)
-
-    broken = results.ChapterResults("b2_node_pruning", tiny_gpt2.name, root=tmp_path)
-    broken.save("circuits", {"numerals": {"mlps": []}})
-    broken.finish()
+def test_circuits_round_trip_through_their_record():
+    record = json.loads(json.dumps(circuits_record(THREE)))  # as chapter b2 saves it
+    back = circuits_from_record(record)
+    assert back == THREE and back["numerals"].score == pytest.approx(81.235)
     with pytest.raises(MechbookError, match="could not read circuits"):
-        load_task_circuits(tiny_gpt2, root=tmp_path)
-
-    empty = results.ChapterResults("b2_node_pruning", tiny_gpt2.name, root=tmp_path)
-    empty.save("circuits", {})
-    empty.finish()
+        circuits_from_record({"numerals": {"mlps": []}})
+    with pytest.raises(MechbookError, match="could not read circuits"):
+        circuits_from_record([["numerals"]])
     with pytest.raises(MechbookError, match="holds no circuits"):
-        load_task_circuits(tiny_gpt2, root=tmp_path)
+        circuits_from_record({})
 
 
-def test_b2s_prompts_are_saved_and_rebuilt_exactly(tiny_model, tmp_path):
+def test_b2s_prompts_are_recorded_and_rebuilt_exactly(tiny_model):
     """Later chapters score circuits on chapter b2's own prompts: the record rebuilds the same batch and means."""
     from mechbook.papers.seqcont import sequences
     from mechbook.papers.seqcont.components import concat_prompts
-    from mechbook.papers.seqcont.task_circuits import load_task_sets, prompts_record, task_set
+    from mechbook.papers.seqcont.task_circuits import prompts_record, task_set, task_sets_from_record
 
     clean = [sequences.tokenize_prompts(sequences.load_paper_prompts("months", t), tiny_model.tokenizer).select([3, 1])
              for t in ("done", "names")]
@@ -216,15 +186,15 @@ def test_b2s_prompts_are_saved_and_rebuilt_exactly(tiny_model, tmp_path):
     corrupted = sequences.tokenize_prompts(sequences.load_paper_prompts("months", "corrupted"), tiny_model.tokenizer)
     corrupted = corrupted.select([5, 0, 9])
     original = {"months": task_set(tiny_model, prompts, corrupted)}
-    saved = results.ChapterResults("b2_node_pruning", tiny_model.name, root=tmp_path)
-    saved.save("prompts", prompts_record(original))
-    saved.finish()
-    back = load_task_sets(tiny_model, root=tmp_path)["months"]
+    record = json.loads(json.dumps(prompts_record(original)))
+    back = task_sets_from_record(tiny_model, record)["months"]
     assert back.prompts.text == prompts.text and back.prompts.template == prompts.template
     assert torch.equal(back.batch.input_ids, original["months"].batch.input_ids)
     assert all(torch.equal(back.means[k], v) for k, v in original["months"].means.items())
-    with pytest.raises(MechbookError, match="--chapters b2"):
-        load_task_sets(tiny_model, root=tmp_path / "elsewhere")
+    with pytest.raises(MechbookError, match="could not read the prompts record"):
+        task_sets_from_record(tiny_model, {"months": {"clean": [["done", 3]]}})
+    with pytest.raises(MechbookError, match=r"rows \[99999\] are not among"):
+        task_sets_from_record(tiny_model, {"months": {"clean": [["done", 99999]], "corrupted": [0]}})
 
 
 def test_grids_summaries_and_paper_circuits_refuse_bad_input(tiny_gpt2):

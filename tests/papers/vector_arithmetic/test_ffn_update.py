@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import slow_twins
+from mechbook.book import o_vectors
 from mechbook.core import decoding
 from mechbook.core.errors import MechbookError
 from mechbook.core.runs import run_last, tokenize
@@ -223,9 +226,9 @@ def test_o_cosine_table_has_within_and_across_rows():
 
 def test_o_vector_round_trip(tiny_model, tmp_path):
     o = torch.randn(tiny_model.d_model)
-    path = ffn.save_o_vector(tmp_path / "v" / "capitals.safetensors", o, model=tiny_model, layer=-1, task="capitals",
-                             source="mean over 2 prompts", items=["Poland", "France"])
-    loaded = ffn.load_o_vector(path, tiny_model)
+    path = o_vectors.save_o_vector(tmp_path / "v" / "capitals.safetensors", o, model=tiny_model, layer=-1,
+                                   task="capitals", source="mean over 2 prompts", items=["Poland", "France"])
+    loaded = o_vectors.load_o_vector(path, tiny_model)
     assert torch.equal(loaded.vector, o)
     assert loaded.layer == tiny_model.n_layers - 1
     assert loaded.hook == f"blocks.{tiny_model.n_layers - 1}.hook_mlp_out"
@@ -235,8 +238,8 @@ def test_o_vector_round_trip(tiny_model, tmp_path):
 
 
 def test_loading_a_vector_of_the_wrong_width_names_both_widths(tiny_model, tiny_gpt2, tmp_path):
-    path = ffn.save_o_vector(tmp_path / "o.safetensors", torch.randn(tiny_gpt2.d_model), model=tiny_gpt2, layer=0,
-                             task="capitals", source="test", items=[])
+    path = o_vectors.save_o_vector(tmp_path / "o.safetensors", torch.randn(tiny_gpt2.d_model), model=tiny_gpt2, layer=0,
+                                   task="capitals", source="test", items=[])
     width = tiny_gpt2.d_model + 8
     from safetensors.torch import load_file, save_file
     from safetensors import safe_open
@@ -245,13 +248,13 @@ def test_loading_a_vector_of_the_wrong_width_names_both_widths(tiny_model, tiny_
         meta = fh.metadata()
     save_file({"o": torch.randn(width)}, str(path), metadata={**meta, "d_model": str(width)})
     with pytest.raises(MechbookError, match=rf"width {width}.*d_model={tiny_model.d_model}.*recompute"):
-        ffn.load_o_vector(path, tiny_model)
+        o_vectors.load_o_vector(path, tiny_model)
     assert load_file(str(path))["o"].shape == (width,)
 
 
 def test_loading_checks_layer_model_and_file(tiny_model, tmp_path):
-    path = ffn.save_o_vector(tmp_path / "o.safetensors", torch.randn(tiny_model.d_model), model=tiny_model, layer=0,
-                             task="capitals", source="test", items=[])
+    path = o_vectors.save_o_vector(tmp_path / "o.safetensors", torch.randn(tiny_model.d_model), model=tiny_model,
+                                   layer=0, task="capitals", source="test", items=[])
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -259,24 +262,68 @@ def test_loading_checks_layer_model_and_file(tiny_model, tmp_path):
         meta = fh.metadata()
     save_file({"o": torch.randn(tiny_model.d_model)}, str(path), metadata={**meta, "layer": "99"})
     with pytest.raises(MechbookError, match="out of range"):
-        ffn.load_o_vector(path, tiny_model)
+        o_vectors.load_o_vector(path, tiny_model)
     save_file({"o": torch.randn(tiny_model.d_model)}, str(path), metadata={**meta, "model": "other-model"})
     with pytest.raises(MechbookError, match="saved for other-model"):
-        ffn.load_o_vector(path, tiny_model)
-    assert ffn.load_o_vector(path, tiny_model, allow_other_model=True).model == "other-model"
+        o_vectors.load_o_vector(path, tiny_model)
+    assert o_vectors.load_o_vector(path, tiny_model, allow_other_model=True).model == "other-model"
     with pytest.raises(MechbookError, match="run chapter a4_ffn_update"):
-        ffn.load_o_vector(tmp_path / "missing.safetensors", tiny_model)
+        o_vectors.load_o_vector(tmp_path / "missing.safetensors", tiny_model)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(MechbookError, match="not an o vector file"):
-        ffn.load_o_vector(tmp_path / "junk.safetensors", tiny_model)
+        o_vectors.load_o_vector(tmp_path / "junk.safetensors", tiny_model)
     with pytest.raises(MechbookError, match="out of range"):
-        ffn.save_o_vector(tmp_path / "x.safetensors", torch.randn(tiny_model.d_model), model=tiny_model,
-                          layer=tiny_model.n_layers, task="capitals", source="test", items=[])
+        o_vectors.save_o_vector(tmp_path / "x.safetensors", torch.randn(tiny_model.d_model), model=tiny_model,
+                                layer=tiny_model.n_layers, task="capitals", source="test", items=[])
 
 
 def test_o_vector_path_is_per_model(tmp_path):
-    path = ffn.o_vector_path("bigscience/bloom-560m", "capitals", root=tmp_path)
+    path = o_vectors.o_vector_path("bigscience/bloom-560m", "capitals", root=tmp_path)
     assert path == tmp_path / "bigscience--bloom-560m" / "a4_ffn_update" / "o_vectors" / "capitals.safetensors"
+
+
+def test_the_o_record_keeps_its_provenance_and_refuses_what_does_not_fit(tiny_model):
+    record = ffn.o_vector(torch.randn(1, tiny_model.d_model), model=tiny_model, layer=-1, task="capitals",
+                          source="mean over 2 prompts", items=["Poland", "France"])
+    assert record.vector.shape == (tiny_model.d_model,) and record.layer == tiny_model.n_layers - 1
+    meta = record.metadata()
+    assert all(isinstance(v, str) for v in meta.values())
+    again = ffn.OVector.from_metadata(record.vector, meta, where="here")
+    assert again == record
+    with pytest.raises(MechbookError, match=r"here lacks metadata \['hook'\]"):
+        ffn.OVector.from_metadata(record.vector, {k: v for k, v in meta.items() if k != "hook"}, where="here")
+    assert record.check_fits(tiny_model) is record
+    wider = replace(record, vector=torch.randn(tiny_model.d_model + 8))
+    with pytest.raises(MechbookError, match=rf"here has width {tiny_model.d_model + 8}.*d_model={tiny_model.d_model}"):
+        wider.check_fits(tiny_model, where="here")
+    with pytest.raises(MechbookError, match="saved for other-model"):
+        replace(record, model="other-model").check_fits(tiny_model)
+    with pytest.raises(MechbookError, match="out of range"):
+        ffn.o_vector(torch.randn(tiny_model.d_model), model=tiny_model, layer=tiny_model.n_layers, task="capitals",
+                     source="test", items=[])
+    with pytest.raises(MechbookError):
+        ffn.o_vector(torch.full((tiny_model.d_model,), float("nan")), model=tiny_model, layer=0, task="capitals",
+                     source="test", items=[])
+
+
+def test_the_same_o_gives_the_same_bytes(tiny_model, tmp_path):
+    o = torch.randn(tiny_model.d_model)
+    kept = dict(model=tiny_model, layer=0, task="capitals", source="test", items=["Poland", "France", "Chad"])
+    first = o_vectors.save_o_vector(tmp_path / "a.safetensors", o, **kept).read_bytes()
+    assert o_vectors.save_o_vector(tmp_path / "b.safetensors", o, **kept).read_bytes() == first
+                                   
+
+def test_the_papers_modules_import_no_book_plumbing():
+    import ast
+    from pathlib import Path
+
+    import mechbook.papers.vector_arithmetic as paper
+
+    for path in sorted(Path(paper.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            assert not any(m.startswith("mechbook.book") for m in modules), f"{path.name} imports {modules}"
 
 
 # --- the real model ------------------------------------------------------------------------------------------------

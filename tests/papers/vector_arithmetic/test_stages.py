@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import math
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -166,21 +161,6 @@ def test_fraction_of_depth_and_the_papers_reference():
     assert ref.loc["function_application", "paper_fraction"] == pytest.approx(20 / 24)
 
 
-def test_figures_draw_from_tidy_tables():
-    lens = pd.concat(
-        [lens_of([5, 1, 2, 2], [9, 3, 1, 1], prompt=p, task=t) for t in ("capitals", "past_tense") for p in range(3)]
-    )
-    per_prompt = stages.stage_layers(lens, by=["task"])
-    summary = stages.summarize_stages(per_prompt, by=["task"])
-    fig = stages.lens_by_task(lens, model_name="hand-made", n_layers=4, summary=summary)
-    assert len(fig.axes) == 4
-    plt.close(fig)
-    fig = stages.stage_distribution(per_prompt, model_name="hand-made", n_layers=4)
-    plt.close(fig)
-    with pytest.raises(MechbookError, match="'task' column"):
-        stages.lens_by_task(lens.drop(columns="task"), model_name="x")
-
-
 def test_correct_lens_on_a_tiny_model(tiny_gpt2):
     prompts = build_prompts("capitals", tiny_gpt2, n=4, multi_token="first")
     logits, resid = icl.run_prompts(tiny_gpt2, prompts)
@@ -238,20 +218,12 @@ def test_accuracy_by_group_and_error_kinds(tiny_gpt2):
         stages.accuracy_by_group(accuracy.iloc[:2], prompts)
 
 
-def test_wilson_interval_and_accuracy_bars():
+def test_wilson_interval():
     low, high = stages.wilson_interval(5, 10)
     assert low < 0.5 < high and high - 0.5 == pytest.approx(0.5 - low)
     assert stages.wilson_interval(0, 4)[0] == pytest.approx(0.0, abs=1e-12)
     assert stages.wilson_interval(4, 4)[1] == pytest.approx(1.0)
     assert all(math.isnan(v) for v in stages.wilson_interval(0, 0))
-    table = pd.DataFrame(
-        {"task": ["capitals", "past_tense", "past_tense", "past_tense"], "group": ["all", "all", "irregular", "regular"],
-         "n": [10, 8, 4, 4], "accuracy": [0.5, 0.25, 0.25, 0.25]}
-    )
-    table[["ci_low", "ci_high"]] = [stages.wilson_interval(round(a * n), n) for a, n in zip(table.accuracy, table.n)]
-    fig = stages.accuracy_bars(table, model_name="hand-made", task_labels={"past_tense": "past tense"})
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["capitals", "past tense"]
-    plt.close(fig)
 
 
 def test_prompts_keep_the_order_of_the_lens_table():
@@ -267,3 +239,40 @@ def test_fraction_of_depth_needs_a_layer_count():
         with pytest.raises(MechbookError, match="number of layers"):
             stages.fraction_of_depth(3, n_layers)
     assert stages.fraction_of_depth(np.array([0, 11]), np.int64(12)).tolist() == [1 / 12, 1.0]
+
+
+def stages_by_loop(arg_ranks, ans_ranks, ans_probs, threshold, relative):
+    """The stage rules as a plain loop over one prompt's layers (chapter a3 writes them out the same way)."""
+    n = len(ans_ranks)
+    fa = next((layer for layer in range(n) if ans_ranks[layer] == 1), None)
+    before = range(fa if fa is not None else n)
+    top1 = [layer for layer in before if arg_ranks[layer] == 1]
+    af = top1[0] if top1 else min(before, key=lambda layer: arg_ranks[layer], default=None)
+    floor = threshold * (ans_probs[-1] if relative else 1.0)
+    held = [ans_ranks[layer] == 1 and ans_probs[layer] >= floor for layer in range(n)]
+    sat = next((layer for layer in range(n) if all(held[layer:])), None)
+    rule = "top-1" if top1 else ("peak" if af is not None else "none")
+    flip = fa is not None and fa > 0 and arg_ranks[fa - 1] == 1
+    return [af, rule, fa, flip, sat]
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_stage_layers_agrees_with_a_plain_loop_on_random_tables(relative):
+    rng = np.random.default_rng(0)
+    frames, expected = [], []
+    for prompt in range(300):
+        n = int(rng.integers(1, 9))
+        arg = rng.integers(1, 4, n).tolist()  # small ranks: many ties and many top-1 layers
+        ans = rng.integers(1, 4, n).tolist()
+        probs = rng.choice([0.05, 0.3, 0.5, 0.6, 0.9], n).tolist()
+        frames.append(lens_of(arg, ans, probs, prompt=prompt).assign(task="t"))
+        expected.append(stages_by_loop(arg, ans, probs, 0.5, relative))
+    columns = ["argument_formation", "argument_rule", "function_application", "flip", "saturation"]
+    # tables of several lengths are stacked per length: stage_layers needs every layer of every prompt
+    lens = pd.concat(frames)
+    lengths = lens.groupby("prompt").layer.transform("size")
+    got = pd.concat([stages.stage_layers(part, by=["task"], relative_to_final=relative)
+                     for _, part in lens.groupby(lengths, sort=False)]).set_index("prompt").sort_index()
+    want = pd.DataFrame(expected, columns=columns).astype({"argument_formation": float, "function_application": float,
+                                                           "saturation": float})
+    pd.testing.assert_frame_equal(got[columns].reset_index(drop=True), want, check_dtype=False)

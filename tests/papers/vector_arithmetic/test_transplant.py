@@ -143,7 +143,7 @@ def test_transplant_input_errors(tiny_model):
 @pytest.fixture(scope="module")
 def real_tokenizer():
     """A packaged model's tokenizer from the mechbook cache (no-context prompts need real single-token words)."""
-    from mechbook.core.loading import cached_model_dir
+    from mechbook.store.cache import cached_model_dir
 
     path = cached_model_dir("smollm2-135m")
     if not (path / "tokenizer.json").is_file():

@@ -20,7 +20,7 @@ TOKENIZERS = ["gemma3-270m", "smollm2-135m"]
 
 @lru_cache(maxsize=None)
 def load_tokenizer(name: str):
-    from mechbook.core.loading import cached_model_dir
+    from mechbook.store.cache import cached_model_dir
 
     path = cached_model_dir(name)
     if not (path / "tokenizer.json").is_file():

@@ -1,1 +1,1 @@
-"""Paper B: Lan, Torr & Barez (2024), shared circuits of sequence continuation (chapters b1-b6)."""
+"""Paper B: Lan, Torr & Barez (2024), shared circuits of sequence continuation (chapters b1-b7)."""

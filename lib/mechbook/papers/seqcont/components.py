@@ -17,7 +17,8 @@ the prompts of :mod:`mechbook.papers.seqcont.sequences`:
   position switches from the last shown member ("4") to the next one ("5").
 
 Every function returns a tidy DataFrame (or tensors with named shapes) that the
-chapters plot with seaborn and save for the cross-model chapter.
+chapters save for the cross-model chapter and draw with
+:mod:`mechbook.papers.seqcont.figures`.
 """
 
 from __future__ import annotations
@@ -629,56 +630,3 @@ def behaviour_table(scores: pd.DataFrame, drops: pd.DataFrame) -> pd.DataFrame:
         median_p_next=("p_corr", "median"),
     ).reset_index()
     return table.merge(drops, on=["task", "template"], how="left")
-
-
-# --- figures --------------------------------------------------------------------------------------------------------
-
-
-def effect_heatmaps(effects: pd.DataFrame, *, title: str, annotate: bool | None = None):
-    """Layer x head heatmaps of single-head ablation effects (% of the full model's score), one panel per task."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    heads = effects[effects["kind"] == "head"]
-    tasks = list(dict.fromkeys(heads["task"]))
-    n_layers, n_heads = int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1
-    annotate = n_layers * n_heads <= 120 if annotate is None else annotate
-    limit = max(float(heads["effect"].abs().max()), 1.0)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(11, min(3.2 + 0.28 * n_layers, 12)), sharey=True)
-    axes = np.atleast_1d(axes)
-    for k, (ax, task) in enumerate(zip(axes, tasks)):
-        grid = heads[heads["task"] == task].pivot(index="layer", columns="head", values="effect")
-        grid.columns = grid.columns.astype(int)
-        sns.heatmap(grid, ax=ax, cmap="RdBu", center=0, vmin=-limit, vmax=limit, annot=annotate, fmt=".0f",
-                    annot_kws={"fontsize": 7}, cbar=k == len(tasks) - 1,
-                    cbar_kws={"label": "effect on the score (% of full model)"})
-        ax.set(title=task, xlabel="head", ylabel="layer" if k == 0 else "")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def attention_heatmaps(frames: Mapping[str, pd.DataFrame], *, title: str):
-    """Last-position attention over the source tokens, one panel per condition; member tokens in bold red."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    n_heads = frames[next(iter(frames))]["head"].nunique()
-    fig, axes = plt.subplots(len(frames), 1, figsize=(11, 1.6 + 1.3 * len(frames) * max(n_heads, 2) / 2))
-    axes = np.atleast_1d(axes)
-    for ax, (label, frame) in zip(axes, frames.items()):
-        grid = frame.pivot(index="head", columns="position", values="attention")
-        grid = grid.loc[list(dict.fromkeys(frame["head"]))]
-        tokens = frame.drop_duplicates("position").sort_values("position")
-        sns.heatmap(grid, ax=ax, cmap="Blues", vmin=0, vmax=1, annot=True, fmt=".1f", annot_kws={"fontsize": 6},
-                    cbar_kws={"label": "attention", "shrink": 0.8})
-        ax.set_xticks(np.arange(len(tokens)) + 0.5)
-        ax.set_xticklabels(tokens["token"].map(repr), rotation=70, fontsize=7)
-        for tick, member in zip(ax.get_xticklabels(), tokens["is_member"]):
-            if member:
-                tick.set_color("#C44E52")
-                tick.set_fontweight("bold")
-        ax.set(title=label, xlabel="", ylabel="head")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig

@@ -16,26 +16,25 @@ the same templates with the members drawn at random (:func:`family_prompts` with
 (:func:`mechbook.core.circuits.random_circuits`).
 
 - :func:`family_prompts`: prompts of one family (clean or corrupted), untokenized;
-- :func:`load_shared_circuit`: the shared sub-circuit written by chapter b4 (or
-  :func:`mechbook.papers.seqcont.task_circuits.shared_circuit` of chapter b2's circuits);
 - :func:`common_lengths`: the clean prompts at the token lengths that have corrupted
   means (mean ablation lines positions up);
 - :func:`knockout_runs`: per prompt and condition (full model, shared sub-circuit
   ablated, each random set ablated): logit difference, top-1 hit, solved;
 - :func:`knockout_summary`: accuracy and logit difference per condition, with the
   spread over the random sets.
+
+The shared sub-circuit comes from chapter b4's results (or the intersection of
+chapter b2's circuits): :func:`mechbook.book.saved_circuits.load_shared_circuit`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from mechbook.book.results import MARKER, chapter_file, default_root, safe_name
 from mechbook.core.circuits import Circuit, digest, random_circuits
 from mechbook.core.checks import check
 from mechbook.core.errors import MechbookError
@@ -43,14 +42,11 @@ from mechbook.core.interventions import edit_hooks, mean_ablation
 from mechbook.core.loading import LoadedModel
 from mechbook.core.patching import all_heads, all_mlps, mean_activations
 from mechbook.core.runs import run_variants, tokenize
-from mechbook.papers.seqcont import task_circuits
 from mechbook.papers.seqcont.sequences import (
     SeqPromptSet,
     make_prompts,
     sequence_members,
 )
-
-SHARED_CHAPTER = "b4_shared_circuit"
 
 # --- the prompt families --------------------------------------------------------------------------
 
@@ -160,37 +156,6 @@ def family_prompts(family: str, *, corrupted: bool = False, n_members: int = 4, 
         raise MechbookError(f"no start of {family} fits {n_members} members and an answer; use fewer members")
     joined = _join(parts, family, "corrupted" if corrupted else "clean")
     return joined if corrupted else _unique(joined)
-
-
-# --- the shared sub-circuit -----------------------------------------------------------------------
-
-
-def load_shared_circuit(model: LoadedModel, root: str | Path | None = None) -> tuple[Circuit, str]:
-    """The shared sub-circuit for ``model`` and where it came from.
-
-    Chapter b4's ``<root>/<model>/b4_shared_circuit/shared.json`` when that chapter
-    finished, else the intersection (:func:`mechbook.papers.seqcont.task_circuits.shared_circuit`) of
-    chapter b2's circuits (:func:`mechbook.papers.seqcont.task_circuits.load_task_circuits`, which
-    names the command that makes them when they are missing). Raises when the circuit
-    does not fit the model or is empty.
-    """
-    folder = (Path(root) if root else default_root()) / safe_name(model.name) / SHARED_CHAPTER
-    if (folder / MARKER).is_file():  # b4 finished: its file, checked against its marker
-        shared_file = chapter_file(SHARED_CHAPTER, "shared.json", model.name, root)
-        circuit, source = Circuit.load(shared_file), f"{SHARED_CHAPTER}/shared.json"
-    else:
-        circuits = task_circuits.load_task_circuits(model, root)
-        circuit = task_circuits.shared_circuit(circuits)
-        source = f"intersection of the {', '.join(circuits)} circuits in {task_circuits.NODE_CHAPTER}/circuits.json"
-    if len(circuit) == 0:
-        raise MechbookError(f"the shared sub-circuit of {model.name} ({source}) is empty: the task circuits have no "
-                            "component in common, so there is nothing to ablate; rerun b2 with a lower threshold "
-                            f"(python -m mechbook run --model {model.name} --chapters b2 b4)")
-    try:
-        return circuit.validate(model), source
-    except MechbookError as exc:
-        raise MechbookError(f"{exc} (read from {source}); rerun: "
-                            f"python -m mechbook run --model {model.name} --chapters b2 b4") from exc
 
 
 # --- ablating -------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ the circuits agree:
   and between a size and the next one (same seed);
 - :func:`smallest_stable_size`: the smallest size at which every task's circuit
   agrees at least ``at_least`` across seeds and with the next size;
+- :func:`draws_apart`: the same with one draw moved and the other held, to tell
+  whether the clean prompts or the corrupted means move the heads;
 - :func:`inclusion_frequency` and :func:`stable_circuits`: stability selection
   (Meinshausen & Bühlmann 2010) over draws at one size: how often each head and MLP
   is kept, and the circuit of the components kept in at least a stated share of draws.
@@ -181,3 +183,57 @@ def stable_circuits(frequency: pd.DataFrame, *, share: float) -> dict[str, Circu
         out[task] = Circuit([(int(l), int(h)) for l, h in zip(heads["layer"], heads["head"])],
                             [int(l) for l in kept[kept.kind == "mlp"]["layer"]])
     return out
+
+
+DRAWS = ("clean prompts", "corrupted means")  # the draw that moves; the other is held at the first seed
+
+
+def draws_apart(
+    model: LoadedModel,
+    tasks: Sequence[str],
+    n_prompts: int,
+    seeds: Sequence[int],
+    *,
+    threshold: float = 0.2,
+    n_corrupted: int = 64,
+    prune: Callable | None = None,
+) -> tuple[pd.DataFrame, dict[tuple[str, str, int], Circuit]]:
+    """Which draw moves the circuit: node pruning with one draw moved over ``seeds`` and the other held.
+
+    For each task: the clean prompts of each seed with the corrupted means of ``seeds[0]``
+    ("clean prompts" moves), and the clean prompts of ``seeds[0]`` with the means of each
+    seed ("corrupted means" moves). Returns the agreement across seeds for each (task,
+    moved draw), in the columns of :func:`agreement`, and the circuits keyed by
+    ``(task, moved draw, seed)``. ``prune(key, task_set, threshold=...)`` as in
+    :func:`circuits_by_size`; the run with both draws at ``seeds[0]`` is shared.
+    """
+    if prune is None:
+        def prune(key, t, *, threshold):
+            return prune_nodes(model, t.batch, t.means, t.metric, threshold=threshold, tokens=t.tokens)
+
+    seeds = check("seeds", seeds)
+    if len(seeds) < 2:
+        raise MechbookError(f"draws_apart compares seeds, so it needs at least two; got {list(seeds)}")
+    threshold = check("threshold", threshold)
+    first, found, done = int(seeds[0]), {}, {}
+    runs = [(task, moved, int(s)) for task in tasks for moved in DRAWS for s in seeds]
+    for task, moved, s in tqdm(runs, desc="one draw moved", disable=None):
+        clean, corrupted = (s, first) if moved == DRAWS[0] else (first, s)
+        # both draws at one seed: the key circuits_by_size gives that run, so a chapter running both prunes it once
+        key = (f"{task}/{n_prompts}/{clean}" if clean == corrupted
+               else f"{task}/{n_prompts}/clean {clean}/corrupted {corrupted}")
+        if key not in done:
+            t = prepare_task(model, task, n_prompts=n_prompts, n_corrupted=n_corrupted, seed=clean,
+                             corrupted_seed=corrupted)
+            done[key] = prune(key, t, threshold=threshold)
+        found[(task, moved, s)] = done[key]
+    rows = []
+    for task in tasks:
+        for moved in DRAWS:
+            pairs = [(found[(task, moved, a)], found[(task, moved, b)]) for a, b in combinations(seeds, 2)]
+            heads = [jaccard(a.heads, b.heads) for a, b in pairs]
+            mlps = [jaccard(a.mlps, b.mlps) for a, b in pairs]
+            rows.append({"task": task, "n_prompts": n_prompts, "moved": moved, "pairs": len(pairs),
+                         "heads": float(np.mean(heads)), "heads_lowest": float(np.min(heads)),
+                         "mlps": float(np.mean(mlps)), "mlps_lowest": float(np.min(mlps))})
+    return pd.DataFrame(rows), found

@@ -7,21 +7,23 @@ Built on :mod:`mechbook.core.circuits` (the node-pruning engine) for the chapter
   its logit-difference metric and answer tokens, in one :class:`TaskSet`;
 - :func:`find_task_circuits`: node pruning on each task;
 - tidy tables of circuits (:func:`circuits_record`, :func:`circuit_nodes`,
-  :func:`circuit_summary`), their layer x head grids (:func:`circuit_grid`,
-  :func:`circuit_heatmaps`), and reading them back (:func:`load_task_circuits`);
+  :func:`circuit_summary`) and their layer x head grids (:func:`circuit_grid`);
+- the records chapter b2 saves and later chapters rebuild from (:func:`circuits_record`
+  and :func:`circuits_from_record`, :func:`prompts_record` and :func:`task_sets_from_record`;
+  :mod:`mechbook.book.saved_circuits` reads them from the results);
 - overlap across tasks (:func:`component_overlap`, :func:`overlap_regions`,
   :func:`shared_circuit`);
 - the cross-task table with a random-circuit control (:func:`cross_task_table`),
   several circuits scored in one batched forward pass (:func:`score_circuits`).
+
+The figures are in :mod:`mechbook.papers.seqcont.figures`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,7 +31,6 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from mechbook.book import results
 from mechbook.core.circuits import (
     Circuit,
     circuit_metrics,
@@ -47,9 +48,6 @@ from mechbook.core.patching import Metric, mean_activations
 from mechbook.core.runs import TokenBatch, run_last
 from mechbook.core.stats import bootstrap_ratio_interval
 from mechbook.papers.seqcont import components, reported, sequences
-
-NODE_CHAPTER = "b2_node_pruning"
-
 
 
 # --- a task's prompts, means and metric ------------------------------------------------------------
@@ -85,18 +83,23 @@ def task_set(model: LoadedModel, prompts: sequences.SeqPromptSet, corrupted: seq
 
 
 def prepare_task(model: LoadedModel, task: str, *, n_prompts: int, n_corrupted: int | None = 64,
-                 seed: int = 0) -> TaskSet:
-    """A task's solved paper prompts (one token length), the per-position means of its corrupted prompts, its metric."""
+                 seed: int = 0, corrupted_seed: int | None = None) -> TaskSet:
+    """A task's solved paper prompts (one token length), the per-position means of its corrupted prompts, its metric.
+
+    ``seed`` draws the clean prompts and, unless ``corrupted_seed`` draws them apart, the
+    corrupted prompts behind the means (chapter b7 moves one draw and holds the other).
+    """
     prompts = components.solved_paper_prompts(model, task, n_prompts=n_prompts, seed=seed)
     corrupted = sequences.tokenize_prompts(sequences.load_paper_prompts(task, "corrupted"), model.tokenizer)
-    return task_set(model, prompts, components.corrupted_sample(corrupted, prompts, n_prompts=n_corrupted, seed=seed))
+    drawn = seed if corrupted_seed is None else corrupted_seed
+    return task_set(model, prompts, components.corrupted_sample(corrupted, prompts, n_prompts=n_corrupted, seed=drawn))
 
 
 def prompts_record(tasks: Mapping[str, TaskSet]) -> dict[str, dict]:
     """Which of the paper's prompts each task used: ``{task: {"clean": [[template, row], ...], "corrupted": [row, ...]}}``.
 
     Rows index the paper's files (``data/<task>_<template>.json``); chapter b2 saves this
-    so that later chapters score circuits on exactly its prompts (:func:`load_task_sets`).
+    so that later chapters score circuits on exactly its prompts (:func:`task_sets_from_record`).
     """
     return {task: {"clean": [[t, int(i)] for t, i in zip(ts.prompts.template, ts.prompts.source_index)],
                    "corrupted": [int(i) for i in ts.corrupted.source_index]}
@@ -107,29 +110,30 @@ def _rows(prompts: sequences.SeqPromptSet, rows: Sequence[int], what: str) -> se
     where = {int(i): k for k, i in enumerate(prompts.source_index)}
     missing = [r for r in rows if r not in where]
     if missing:
-        raise MechbookError(f"{what}: rows {missing[:5]} are not among the paper's usable prompts for this tokenizer; "
-                            "rerun chapter b2 on this model")
+        raise MechbookError(f"{what}: rows {missing[:5]} are not among the paper's usable prompts for this tokenizer "
+                            "(the record was made for another model)")
     return prompts.select([where[r] for r in rows])
 
 
-def load_task_sets(model: LoadedModel, root: str | Path | None = None) -> dict[str, TaskSet]:
-    """The task sets of chapter b2 for ``model``, rebuilt from the prompts it saved (``prompts.json``).
+def task_sets_from_record(model: LoadedModel, record: Mapping[str, Mapping]) -> dict[str, TaskSet]:
+    """The task sets a :func:`prompts_record` names, rebuilt for ``model``: the same prompts, in the same order.
 
-    The same prompts in the same order as b2 scored them, so a circuit scores here what
-    it scored there; a MechbookError names the command that makes them if b2 has not run.
+    The corrupted means are computed again from the recorded corrupted rows, so a
+    circuit scores on these sets what it scored where the record was made.
     """
-    path = results.chapter_file(NODE_CHAPTER, "prompts.json", model.name, root)
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MechbookError(f"could not read {path} ({exc}); rerun: python -m mechbook run --model {model.name} "
-                            "--chapters b2") from exc
     out = {}
-    for task, entry in record.items():
+    try:
+        entries = {task: ([(str(t), int(row)) for t, row in entry["clean"]], [int(r) for r in entry["corrupted"]])
+                   for task, entry in record.items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MechbookError(f"could not read the prompts record ({type(exc).__name__}: {exc}); expected "
+                            '{task: {"clean": [[template, row], ...], "corrupted": [row, ...]}} as prompts_record '
+                            "writes it") from exc
+    for task, (clean_rows, corrupted_rows) in entries.items():
         pools = {t: sequences.tokenize_prompts(sequences.load_paper_prompts(task, t), model.tokenizer)
-                 for t in {*(t for t, _ in entry["clean"]), "corrupted"}}
-        clean = components.concat_prompts([_rows(pools[t], [row], f"{task}/{t}") for t, row in entry["clean"]])
-        out[task] = task_set(model, clean, _rows(pools["corrupted"], entry["corrupted"], f"{task}/corrupted"))
+                 for t in {*(t for t, _ in clean_rows), "corrupted"}}
+        clean = components.concat_prompts([_rows(pools[t], [row], f"{task}/{t}") for t, row in clean_rows])
+        out[task] = task_set(model, clean, _rows(pools["corrupted"], corrupted_rows, f"{task}/corrupted"))
     return out
 
 
@@ -216,7 +220,7 @@ def paper_circuits(tasks: Sequence[str] = sequences.PAPER_TASKS) -> dict[str, Ci
 def size_comparison(circuits: Mapping[str, Circuit], model: LoadedModel) -> pd.DataFrame:
     """Circuit sizes here beside the paper's GPT-2 small circuits (12 layers x 12 heads), absolute and as a share."""
     if not circuits:
-        raise MechbookError("no circuits to compare; load them with load_task_circuits(model)")
+        raise MechbookError("no circuits to compare; load them with saved_circuits.load_task_circuits(model)")
     known = [t for t in circuits if t in sequences.PAPER_TASKS]
     paper = paper_circuits(known) if known else {}
     rows = []
@@ -253,62 +257,17 @@ def circuit_grid(circuit: Circuit, n_layers: int, n_heads: int, *, value: float 
     return grid
 
 
-def _grid_axes(n_panels: int, n_layers: int, n_heads: int):
-    import matplotlib.pyplot as plt
-
-    width = min(11.0, 1.6 + n_panels * (0.45 * (n_heads + 1) + 0.9))
-    height = min(2.2 + 0.26 * n_layers, 10.0)
-    fig, axes = plt.subplots(1, n_panels, figsize=(width, height), sharey=True)
-    return fig, np.atleast_1d(axes)
-
-
-def _mark_mlp_column(ax, n_heads: int) -> None:
-    ax.axvline(n_heads, color="black", linewidth=1.2)
-
-
-def circuit_heatmaps(circuits: Mapping[str, Circuit], n_layers: int, n_heads: int, *, title: str):
-    """The circuits as layer x head grids (MLPs as an extra column), one panel per task; kept components dark."""
-    import seaborn as sns
-    from matplotlib.colors import ListedColormap
-
-    fig, axes = _grid_axes(len(circuits), n_layers, n_heads)
-    cmap = ListedColormap(["#F2F2F2", "#4C72B0"])
-    for k, (ax, (task, c)) in enumerate(zip(axes, circuits.items())):
-        grid = circuit_grid(c, n_layers, n_heads)
-        sns.heatmap(grid, ax=ax, cmap=cmap, vmin=0, vmax=1, cbar=False, linewidths=0.5, linecolor="white")
-        _mark_mlp_column(ax, n_heads)
-        score = "" if c.score is None else f", score {c.score:.0f}%"
-        ax.set(title=f"{task}\n{len(c.heads)} heads, {len(c.mlps)} MLPs{score}", xlabel="head", ylabel="layer" if k == 0 else "")
-        ax.tick_params(axis="y", rotation=0)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-# --- reading b2's circuits back ----------------------------------------------------------------------
-
-
-def load_task_circuits(model: LoadedModel | str, root: str | Path | None = None) -> dict[str, Circuit]:
-    """The node circuits chapter b2 saved for a model (``results/<model>/b2_node_pruning/circuits.json``), with scores.
-
-    Raises a :class:`MechbookError` naming the command that makes them if they are
-    missing or changed since b2 wrote them, and one if they do not fit ``model``
-    (circuits of another model).
-    """
-    name = model if isinstance(model, str) else model.name
-    path = results.chapter_file(NODE_CHAPTER, "circuits.json", name, root)
+def circuits_from_record(record: Mapping[str, Mapping]) -> dict[str, Circuit]:
+    """The circuits, with their scores, of a :func:`circuits_record` (``{task: {"heads", "mlps", "score"}}``)."""
     try:
-        data = json.loads(path.read_text())
         circuits = {task: Circuit([tuple(h) for h in entry["heads"]], entry["mlps"], score=entry.get("score"))
-                    for task, entry in data.items()}
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise MechbookError(f"could not read circuits from {path} ({type(exc).__name__}: {exc}); rerun: "
-                            f"python -m mechbook run --model {name} --chapters b2") from exc
+                    for task, entry in record.items()}
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise MechbookError(f"could not read circuits from the record ({type(exc).__name__}: {exc}); expected "
+                            '{task: {"heads": [[layer, head], ...], "mlps": [layer, ...], "score": ...}} as '
+                            "circuits_record writes it") from exc
     if not circuits:
-        raise MechbookError(f"{path} holds no circuits; rerun: python -m mechbook run --model {name} --chapters b2")
-    if not isinstance(model, str):
-        for c in circuits.values():
-            c.validate(model)
+        raise MechbookError("the record holds no circuits")
     return circuits
 
 
@@ -318,7 +277,7 @@ def load_task_circuits(model: LoadedModel | str, root: str | Path | None = None)
 def component_overlap(circuits: Mapping[str, Circuit]) -> pd.DataFrame:
     """One row per component in any circuit: component, kind, layer, head, one True/False column per task, n_tasks."""
     if not circuits:
-        raise MechbookError("no circuits to compare; load them with load_task_circuits(model)")
+        raise MechbookError("no circuits to compare; load them with saved_circuits.load_task_circuits(model)")
     seen = {}
     for c in circuits.values():
         for comp in c.components:
@@ -353,32 +312,11 @@ def overlap_regions(circuits: Mapping[str, Circuit]) -> pd.DataFrame:
 def shared_circuit(circuits: Mapping[str, Circuit]) -> Circuit:
     """The components in every circuit (the paper's shared sub-circuit)."""
     if not circuits:
-        raise MechbookError("no circuits to intersect; load them with load_task_circuits(model)")
+        raise MechbookError("no circuits to intersect; load them with saved_circuits.load_task_circuits(model)")
     sets = list(circuits.values())
     heads = set.intersection(*(set(c.heads) for c in sets))
     mlps = set.intersection(*(set(c.mlps) for c in sets))
     return Circuit(sorted(heads), sorted(mlps))
-
-
-def overlap_heatmap(circuits: Mapping[str, Circuit], n_layers: int, n_heads: int, *, title: str):
-    """One layer x head grid (MLPs as an extra column) colored by how many circuits hold each component."""
-    import seaborn as sns
-    from matplotlib.colors import ListedColormap
-
-    counts = sum(circuit_grid(c, n_layers, n_heads) for c in circuits.values())
-    n = len(circuits)
-    fig, axes = _grid_axes(1, n_layers, n_heads)
-    ax = axes[0]
-    colors = ["#F2F2F2"] + sns.color_palette("Blues", n)
-    labels = counts.apply(lambda col: col.map(lambda v: f"{v:.0f}" if v > 0 else "")).to_numpy()
-    sns.heatmap(counts, ax=ax, cmap=ListedColormap(colors), vmin=-0.5, vmax=n + 0.5, annot=labels,
-                fmt="", linewidths=0.5, linecolor="white",
-                cbar_kws={"label": "number of task circuits", "ticks": list(range(n + 1))})
-    _mark_mlp_column(ax, n_heads)
-    ax.set(title=title, xlabel="head", ylabel="layer")
-    ax.tick_params(axis="y", rotation=0)
-    fig.tight_layout()
-    return fig
 
 
 # --- scores on other tasks -------------------------------------------------------------------------------

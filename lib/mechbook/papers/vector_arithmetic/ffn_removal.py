@@ -15,8 +15,9 @@ vector is zero, so the skip is exact for every architecture.
 
 The layers below the top k are the same at every step, so a sweep makes one clean
 pass that caches the residual stream where each step starts, then runs each step
-from there with :func:`mechbook.core.runs.run_from_layer` (about 4.5 forward passes
-for the paper's 7 steps instead of 7), on every architecture.
+from there with :func:`mechbook.core.runs.run_from_layer`, so each step reruns only
+its top k layers, on every architecture. Chapter a6 writes the removal out as plain
+hooks on a full forward pass and checks :func:`logits_without_top_mlps` against it.
 """
 
 from __future__ import annotations
@@ -281,39 +282,3 @@ def collapse_summary(table: pd.DataFrame, *, at_fraction: float = 2 / PAPER_STEP
             "retained_area": area,
         })
     return pd.DataFrame(rows)
-
-
-# --- the figure ------------------------------------------------------------------------------
-
-VARIANT_PALETTE = {"abstractive": "#DD8452", "extractive": "#4C72B0"}
-PAPER_POINT = reported.BLOOM_176B_POINT[0] / reported.BLOOM_176B_POINT[1]  # BLOOM-176B: top 24 of 70 FFNs removed
-
-
-def plot_ffn_removal(items: pd.DataFrame, *, model_name: str, title: str | None = None):
-    """Accuracy against the fraction of MLPs removed from the top, one panel per task.
-
-    ``items`` is the per-prompt table of :func:`ffn_removal_sweep`; bands are seeded
-    bootstrap 95% intervals over prompts. The dotted line marks the paper's BLOOM-176B point.
-    """
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    tasks = list(dict.fromkeys(items.task))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(11, 3.9), sharey=True, squeeze=False)
-    steps = items[["fraction_removed", "layers_removed", "n_layers"]].drop_duplicates().sort_values("fraction_removed")
-    for ax, task in zip(axes[0], tasks):
-        data = items[items.task == task].assign(correct=lambda d: d.correct.astype(float))
-        sns.lineplot(data=data, x="fraction_removed", y="correct", hue="variant", palette=VARIANT_PALETTE,
-                     hue_order=list(VARIANT_PALETTE), errorbar=("ci", 95), seed=0, marker="o", ax=ax)
-        ax.axvline(PAPER_POINT, color="0.4", linestyle=":", label="paper's point (24 of 70 layers)")
-        ax.set_xticks(steps.fraction_removed, [f"{f:.2f}\n({k})" for f, k in zip(steps.fraction_removed, steps.layers_removed)])
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_title(f"{task} (n={data.item.nunique()})")
-        ax.set_xlabel("fraction of MLPs removed\n(layers removed from the top)")
-        ax.set_ylabel("accuracy (top-1 = answer)")
-        ax.get_legend().remove()
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False, bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle(title or f"Removing the top MLPs: abstractive vs extractive prompts ({model_name})")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    return fig

@@ -1,4 +1,4 @@
-"""The FFN update o of Paper A: find it, read it, remove it, save it (chapter a4).
+"""The FFN update o of Paper A: find it, read it, remove it, keep it with its provenance (chapter a4).
 
 Merullo, Eickhoff & Pavlick 2024 (arXiv 2305.16130). At the *function-application*
 layer one feed-forward block (MLP) writes a vector o into the residual stream at the
@@ -15,18 +15,16 @@ paper's demo subtracts mlp_19 from hidden_states[19] the same way).
   reciprocal rank in the logit lens the most; per task, the median of those layers.
 - :func:`subtract_o`, :func:`o_cosine_table`, :func:`top_tokens_table`: remove o, compare
   it across prompts, read it as tokens.
-- :func:`save_o_vector` / :func:`load_o_vector`: o as safetensors with its provenance.
+- :class:`OVector`, :func:`o_vector`: o with its provenance, the record the book saves
+  among chapter a4's results (``mechbook.book.o_vectors``) and chapter a5 loads.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -49,8 +47,7 @@ from mechbook.core.runs import (
 )
 from mechbook.papers.vector_arithmetic.prompts import PromptSet
 
-VECTOR_FORMAT = 1
-O_VECTOR_CHAPTER = "a4_ffn_update"  # the chapter that saves the o vectors among its results
+VECTOR_FORMAT = 1  # the layout of OVector.metadata
 
 
 # --- capturing what every MLP writes ----------------------------------------------------
@@ -144,7 +141,7 @@ def _lens_ranks(
 def mlp_effects(
     model: LoadedModel, run: FFNRun, answer_ids: Sequence[int] | Tensor, argument_ids: Sequence[int] | Tensor
 ) -> pd.DataFrame:
-    """What each MLP's output does to the answer and the argument in the logit lens, per prompt and layer.
+    """What each MLP's output does to the answer and the argument in the logit lens, per prompt and layer (§3).
 
     Compares the residual after block L with the same residual minus MLP L's output
     (``before``/``after``): the answer's and the argument's reciprocal rank, and the
@@ -324,7 +321,7 @@ def subtract_o(
     forward: bool = True,
     batch_size: int = 32,
 ) -> pd.DataFrame:
-    """Remove o from the residual stream after block ``layer``: does the argument come back on top?
+    """Remove o from the residual stream after block ``layer``: does the argument come back on top (§3)?
 
     Read before and after the subtraction in the logit lens at ``layer`` (the
     paper's demo: " Warsaw" -> " Poland" at layer 19 of GPT-2 medium) and, with
@@ -434,7 +431,7 @@ def pairwise_cosines(a: Float[Tensor, "n d"], b: Float[Tensor, "m d"] | None = N
 
 
 def o_cosine_table(mlp_outs: Mapping[str, Float[Tensor, "batch layer d_model"]], *, center: bool = False) -> pd.DataFrame:
-    """Cosine similarity of MLP outputs across prompts, per layer: within each task and across tasks.
+    """Cosine similarity of MLP outputs across prompts, per layer: within each task and across tasks (§4).
 
     The paper's claim is that o is nearly constant within a task (§4); the baseline
     is the same measure at the other layers, and across tasks at the same layer.
@@ -477,12 +474,16 @@ def top_tokens_table(model: LoadedModel, vectors: Mapping[str, Float[Tensor, "d_
     )
 
 
-# --- saving and loading o vectors ---------------------------------------------------------------------
+# --- o as a record to save -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class OVector:
-    """An FFN update saved for reuse: the vector and where it came from."""
+    """An FFN update kept for reuse: the vector and where it came from (§4.1 transplants it, chapter a5).
+
+    :meth:`metadata` is what a file keeps beside the vector; the book writes and reads
+    the files (``mechbook.book.o_vectors``).
+    """
 
     vector: Float[Tensor, "d_model"]
     model: str
@@ -496,22 +497,42 @@ class OVector:
     def d_model(self) -> int:
         return int(self.vector.shape[-1])
 
+    def metadata(self) -> dict[str, str]:
+        """Model, layer, hook, task, width, source and items as strings (safetensors metadata)."""
+        return {"model": self.model, "layer": str(self.layer), "task": self.task, "hook": self.hook,
+                "d_model": str(self.d_model), "source": self.source, "items": json.dumps(list(self.items)),
+                "format": str(VECTOR_FORMAT)}
 
-def o_vector_path(model_name: str, name: str, root: str | Path | None = None) -> Path:
-    """Where the book keeps a model's o vectors: ``results/<model>/a4_ffn_update/o_vectors/<name>.safetensors``.
+    @classmethod
+    def from_metadata(cls, vector: Float[Tensor, "d_model"], meta: Mapping[str, str], *, where: str) -> "OVector":
+        """The record back from a vector and the :meth:`metadata` kept with it (``where``: the file, for errors)."""
+        missing = {"model", "layer", "task", "hook", "d_model", "source", "items"} - set(meta)
+        if missing:
+            raise MechbookError(f"{where} lacks metadata {sorted(missing)}; write it with "
+                                "mechbook.book.o_vectors.save_o_vector")
+        return cls(vector, meta["model"], int(meta["layer"]), meta["task"], meta["hook"], meta["source"],
+                   tuple(json.loads(meta["items"])))
 
-    Chapter a4 writes one per task (``capitals``, ...) and one from a single prompt
-    (``capitals_one_prompt``) among its results, so its marker lists their hashes;
-    chapter a5 reads them.
-    """
-    from mechbook.book.results import default_root, safe_name
+    def check_fits(
+        self, model: LoadedModel, *, allow_other_model: bool = False, where: str = "the o vector"
+    ) -> "OVector":
+        """The same record, refused unless it fits ``model``: same width, a valid layer, same model."""
+        if self.d_model != model.d_model:
+            raise MechbookError(
+                f"{where} has width {self.d_model} (saved for {self.model}) but {model.name} has "
+                f"d_model={model.d_model}; load a vector saved for {model.name}, or recompute it on this model "
+                "(chapter a4_ffn_update, or ffn_update.find_function_layer then o_vectors.save_o_vector)"
+            )
+        model.check_layer(self.layer)
+        if self.model != model.name and not allow_other_model:
+            raise MechbookError(
+                f"{where} was saved for {self.model}, not {model.name}; recompute it on {model.name} "
+                "or pass allow_other_model=True if the two models share a residual basis"
+            )
+        return self
 
-    root = Path(root) if root else default_root()
-    return root / safe_name(model_name) / O_VECTOR_CHAPTER / "o_vectors" / f"{name}.safetensors"
 
-
-def save_o_vector(
-    path: str | Path,
+def o_vector(
     vector: Float[Tensor, "d_model"],
     *,
     model: LoadedModel,
@@ -519,72 +540,9 @@ def save_o_vector(
     task: str,
     source: str,
     items: Sequence[str],
-) -> Path:
-    """Write o as safetensors; its metadata names the model, layer, hook, task, width and source items.
-
-    Written under a temporary name and renamed, so a reader never sees half a file.
-    """
-    from safetensors.torch import save_file
-
-    from mechbook.book.results import sort_safetensors_header
-
+) -> OVector:
+    """o with its provenance, checked: one finite vector of the model's width, from a valid layer's ``hook_mlp_out``."""
     layer = model.check_layer(layer)
     vector = check_vector(model, vector.detach().reshape(-1), what="o")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": model.name, "layer": str(layer), "task": task, "hook": act_name("mlp_out", layer),
-            "d_model": str(model.d_model), "source": source, "items": json.dumps(list(items)),
-            "format": str(VECTOR_FORMAT)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"o": vector.float().cpu().contiguous()}, tmp, metadata=meta)
-        sort_safetensors_header(tmp)  # same vector and metadata, same bytes: committed results stay put
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def load_o_vector(path: str | Path, model: LoadedModel | None = None, *, allow_other_model: bool = False) -> OVector:
-    """Read a saved o; with ``model``, check that it fits (same width, a valid layer, same model).
-
-    A vector among a chapter's published results is first checked against that chapter's marker.
-    """
-    from safetensors import safe_open
-
-    from mechbook.book.results import checked_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise MechbookError(
-            f"no saved o vector at {path}; run chapter a4_ffn_update for this model first "
-            "(python -m mechbook run --model MODEL --chapters a4) or write one with ffn.save_o_vector"
-        )
-    checked_file(path)
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            vector = fh.get_tensor("o")
-    except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise MechbookError(f"{path} is not an o vector file written by save_o_vector ({exc}); recompute and save it") from exc
-    missing = {"model", "layer", "task", "hook", "d_model", "source", "items"} - set(meta)
-    if missing:
-        raise MechbookError(f"{path} lacks metadata {sorted(missing)}; write it with mechbook.papers.vector_arithmetic.ffn_update.save_o_vector")
-    found = OVector(vector, meta["model"], int(meta["layer"]), meta["task"], meta["hook"], meta["source"],
-                    tuple(json.loads(meta["items"])))
-    if model is not None:
-        if found.d_model != model.d_model:
-            raise MechbookError(
-                f"the o vector in {path} has width {found.d_model} (saved for {found.model}) but {model.name} has "
-                f"d_model={model.d_model}; load a vector saved for {model.name}, or recompute it on this model "
-                "(chapter a4_ffn_update, or ffn.find_function_layer then ffn.save_o_vector)"
-            )
-        model.check_layer(found.layer)
-        if found.model != model.name and not allow_other_model:
-            raise MechbookError(
-                f"the o vector in {path} was saved for {found.model}, not {model.name}; recompute it on {model.name} "
-                "or pass allow_other_model=True if the two models share a residual basis"
-            )
-    return found
+    return OVector(vector.float().cpu().contiguous(), model.name, layer, task, act_name("mlp_out", layer), source,
+                   tuple(items))

@@ -17,7 +17,7 @@ from mechbook.papers.vector_arithmetic.prompts import PromptSet
 
 
 def run_prompts(model: LoadedModel, prompts: PromptSet, *, batch_size: int = 16, desc: str | None = None):
-    """Last-position logits and residual after every layer, for every prompt of a set."""
+    """Last-position logits and residual after every layer (``hook_resid_post``), for every prompt of a set (§3)."""
     batch = tokenize(model, prompts.token_ids)
     names = decoding.resid_post_names(model)
     logits, cache = run_last_batched(model, batch, names=names, last_only=True, batch_size=batch_size, desc=desc)
@@ -25,7 +25,10 @@ def run_prompts(model: LoadedModel, prompts: PromptSet, *, batch_size: int = 16,
 
 
 def accuracy_table(model: LoadedModel, prompts: PromptSet, logits: torch.Tensor) -> pd.DataFrame:
-    """One row per prompt: the model's top token, whether it is the answer, the answer's rank and probability."""
+    """One row per prompt: the model's top token, whether it is the answer, the answer's rank and probability.
+
+    Greedy decoding of one token, the accuracy check that opens §3 (chapters a1 and a2).
+    """
     answer = torch.tensor(prompts.answer_ids)
     ranks = decoding.token_ranks(logits, answer)
     probs = logits.softmax(-1).gather(-1, answer[:, None]).squeeze(-1)
@@ -44,7 +47,10 @@ def accuracy_table(model: LoadedModel, prompts: PromptSet, logits: torch.Tensor)
 
 
 def lens_table(model: LoadedModel, prompts: PromptSet, resid: torch.Tensor) -> pd.DataFrame:
-    """Logit lens of argument and answer after every layer, one row per prompt x layer x target."""
+    """Logit lens of argument and answer after every layer, one row per prompt x layer x target (§3, chapter a1).
+
+    ``resid`` is :func:`run_prompts`'s; ``depth`` is the fraction ``(layer + 1) / n_layers``.
+    """
     lens = decoding.logit_lens(model, resid, prompts.target_ids())
     lens["item"] = [prompts.items[i] for i in lens["prompt"]]
     lens["depth"] = (lens["layer"] + 1) / model.n_layers

@@ -43,17 +43,14 @@ of depth of a layer is ``(layer + 1) / n_layers``, as in :func:`mechbook.papers.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechbook.book.plots import PALETTE
 from mechbook.core import decoding
 from mechbook.core.checks import check
 from mechbook.core.errors import MechbookError
@@ -68,7 +65,6 @@ STAGE_LABELS = {
     "function_application": "function application",
     "saturation": "saturation",
 }
-STAGE_COLORS = {"argument_formation": "#4C72B0", "function_application": "#DD8452", "saturation": "#55A868"}
 STAGE_DETAILS = ("argument_rule", "argument_best_rank", "argument_top1_after", "flip")
 DEFAULT_SATURATION_THRESHOLD = 0.5
 LENS_COLUMNS = ("prompt", "layer", "target", "rank", "reciprocal_rank", "prob")
@@ -319,136 +315,3 @@ def paper_reference() -> pd.DataFrame:
             for stage in ("argument_formation", "function_application")
         ]
     )
-
-
-# ---------------------------------------------------------------------------
-# Figures
-# ---------------------------------------------------------------------------
-
-
-def lens_by_task(
-    lens: pd.DataFrame,
-    *,
-    model_name: str,
-    n_layers: int | None = None,
-    summary: pd.DataFrame | None = None,
-    task_labels: Mapping[str, str] | None = None,
-    title: str | None = None,
-):
-    """Reciprocal rank (top row) and probability (bottom row) of argument and answer per layer, one column per task.
-
-    Lines are medians over prompts, bands the interquartile range, as in
-    :func:`mechbook.book.plots.lens_over_layers`. ``lens`` needs a ``task`` column. With a
-    ``summary`` from :func:`summarize_stages` (``by=["task"]``) the median stage
-    layers are drawn as vertical lines.
-    """
-    if "task" not in lens.columns:
-        raise MechbookError("lens_by_task needs a 'task' column; add it with lens.assign(task=...) per task")
-    tasks = list(dict.fromkeys(lens["task"]))
-    labels = dict(task_labels or {})
-    fig, axes = plt.subplots(2, len(tasks), figsize=(11, 6.4), sharex=True, sharey=True, squeeze=False)
-    for j, task in enumerate(tasks):
-        data = lens[lens["task"] == task]
-        for i, (column, label) in enumerate([("reciprocal_rank", "reciprocal rank"), ("prob", "probability")]):
-            ax = axes[i, j]
-            sns.lineplot(
-                data=data, x="layer", y=column, hue="target", hue_order=["argument", "answer"], palette=PALETTE,
-                estimator=np.median, errorbar=("pi", 50), ax=ax, marker="o", markersize=3, legend=i == 0 and j == 0,
-            )
-            if summary is not None:
-                for stage in STAGES:
-                    row = summary[(summary["task"] == task) & (summary["stage"] == stage)]
-                    if len(row) and pd.notna(row["median_layer"].iloc[0]):
-                        ax.axvline(row["median_layer"].iloc[0], color=STAGE_COLORS[stage], ls=":", lw=1.6,
-                                   label=STAGE_LABELS[stage] if i == 0 and j == 0 else None)
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_ylabel(f"{label}\n(median, IQR)" if j == 0 else "")
-            ax.set_xlabel("layer" if i == 1 else "")
-            if i == 0:
-                n = data["prompt"].nunique()
-                ax.set_title(f"{labels.get(task, task)} ({n} prompts)")
-    if n_layers:
-        axes[0, 0].set_xlim(-0.5, n_layers - 0.5)
-    axes[0, 0].legend(title=None, loc="upper left", fontsize="small")
-    fig.suptitle(title or f"Logit lens at the last position, per task ({model_name})")
-    fig.tight_layout()
-    return fig
-
-
-def stage_distribution(
-    per_prompt: pd.DataFrame,
-    *,
-    model_name: str,
-    n_layers: int | None = None,
-    task_labels: Mapping[str, str] | None = None,
-    title: str | None = None,
-):
-    """Each stage's layer over prompts, one row per task (needs a ``task`` column).
-
-    Dots are prompts (jittered), the bars the median and interquartile range:
-    stage layers are integers that often coincide, which box plots draw as nothing.
-    """
-    if "task" not in per_prompt.columns:
-        raise MechbookError("stage_distribution needs a 'task' column in the per-prompt stage table")
-    long = stages_long(per_prompt).dropna(subset=["layer"])
-    labels = dict(task_labels or {})
-    order = [labels.get(t, t) for t in dict.fromkeys(per_prompt["task"])]
-    long["task"] = long["task"].map(lambda t: labels.get(t, t))
-    long["stage"] = long["stage"].astype(str).map(STAGE_LABELS)
-    palette = {STAGE_LABELS[s]: STAGE_COLORS[s] for s in STAGES}
-    hue_order = [STAGE_LABELS[s] for s in STAGES]
-    fig, ax = plt.subplots(figsize=(10.5, 1.2 + 1.3 * len(order)))
-    sns.stripplot(data=long, x="layer", y="task", hue="stage", order=order, hue_order=hue_order, palette=palette,
-                  dodge=True, jitter=0.25, size=3, alpha=0.35, ax=ax, legend=False)
-    sns.pointplot(data=long, x="layer", y="task", hue="stage", order=order, hue_order=hue_order, palette=palette,
-                  dodge=0.53, estimator=np.median, errorbar=("pi", 50), linestyle="none", marker="D",
-                  markersize=7, capsize=0.1, ax=ax, native_scale=True)
-    if n_layers:
-        ax.set_xlim(-0.5, n_layers - 0.5)
-        ax.set_xticks(range(n_layers))
-    ax.set_xlabel("layer (0-based block index); dots: prompts, diamonds and bars: median and IQR")
-    ax.set_ylabel("")
-    ax.legend(title=None, loc="lower left", fontsize="small")
-    ax.set_title(title or f"Stage layers over prompts the model answers correctly ({model_name})")
-    fig.tight_layout()
-    return fig
-
-
-def accuracy_bars(
-    table: pd.DataFrame,
-    *,
-    model_name: str,
-    task_labels: Mapping[str, str] | None = None,
-    title: str | None = None,
-):
-    """Bar chart of in-context accuracy per task (one bar per group, "all" first) with 95% intervals and n.
-
-    ``table`` is :func:`accuracy_by_group` output of one or more tasks; tasks keep their order.
-    """
-    labels = dict(task_labels or {})
-    tasks = list(dict.fromkeys(table["task"]))
-    groups = ["all", *sorted(g for g in table["group"].unique() if g != "all")]
-    colors = dict(zip(groups, sns.color_palette("colorblind", len(groups))))
-    fig, ax = plt.subplots(figsize=(10.5, 4.2))
-    drawn: set[str] = set()
-    for x, task in enumerate(tasks):
-        rows = table[table["task"] == task].set_index("group")
-        rows = rows.loc[[g for g in groups if g in rows.index]]
-        width = 0.8 / max(len(rows), 2)
-        for k, (group, row) in enumerate(rows.iterrows()):
-            pos = x + (k - (len(rows) - 1) / 2) * width
-            ax.bar(pos, row["accuracy"], width=width * 0.92, color=colors[group],
-                   label=group if group not in drawn else None)
-            drawn.add(group)
-            ax.plot([pos, pos], [row["ci_low"], row["ci_high"]], color="black", lw=1.2)
-            ax.annotate(f"{row['accuracy']:.2f}\nn={int(row['n'])}", (pos, row["ci_high"]), xytext=(0, 3),
-                        textcoords="offset points", ha="center", va="bottom", fontsize="x-small")
-    ax.set_xticks(range(len(tasks)), [labels.get(t, t) for t in tasks])
-    ax.set_ylim(0, 1.2)
-    ax.set_yticks(np.linspace(0, 1, 6))
-    ax.grid(axis="x", visible=False)
-    ax.set_ylabel("accuracy (top-1 = answer)")
-    ax.legend(title="group", loc="upper right", fontsize="small", ncols=len(groups))
-    ax.set_title(title or f"In-context accuracy per task, 95% Wilson intervals ({model_name})")
-    fig.tight_layout()
-    return fig

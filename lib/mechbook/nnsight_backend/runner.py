@@ -1,33 +1,19 @@
-"""Where forward passes run: the local transformer-lens bridge, or nnsight, locally or on NDIF.
+"""The runner of the ``nnsight`` and ``ndif`` backends: the core's forward passes as nnsight traces.
 
-- ``local`` (the default): the ``TransformerBridge`` with transformer-lens hooks.
-- ``nnsight``: an ``nnsight`` model around a plain Hugging Face model that shares the
-  bridge's weights; hook names are mapped to its modules by
-  :func:`mechbook.core.architectures.hf_place`. ``remote="local"`` runs each trace
-  through nnsight's remote serialization in this process, with no network: the stand-in
-  for NDIF that the tests use.
-- ``ndif``: the same traces sent to NDIF (``remote=True``); the key is ``NDIF_API_KEY``.
-  ``load_model(name, backend="ndif")`` reads only the config and tokenizer and builds the
-  model on the meta device (``weights_here`` False): decoding (:func:`unembed`) then runs
-  in a trace on NDIF too, and what needs weight matrices here (a head's OV circuit, path
-  patching's projections, the final norm alone) is refused in one line.
+An nnsight model wraps a plain Hugging Face model that shares the bridge's weights (or,
+for NDIF without weights here, a meta-device model); hook names are mapped to its
+modules by :func:`mechbook.core.architectures.hf_place`. ``remote="local"`` runs each
+trace through nnsight's remote serialization in this process, with no network: the
+stand-in for NDIF that the tests use; ``remote=True`` sends it to NDIF.
 
-A model is put on a backend once, with :func:`use_backend`; :func:`mechbook.core.runs.run_last`,
-``run_from_layer`` and ``embeddings``, the only places a forward pass runs, hand it to
-the backend, so every sweep, ablation and circuit of the core runs on it unchanged.
 Hook functions keep transformer-lens's shape (``fn(activation, hook) -> activation | None``,
 ``hook.name`` the hook name) and see activations in transformer-lens's shapes
 (``hook_z`` as ``[batch, pos, head, d_head]``). Attention patterns are not reachable.
-
-Before a run on NDIF, :func:`check_ndif` finds what would stop it (nnsight, the key, a model NDIF
-does not serve, no answer); during it, :func:`remote_failure` turns the server's refusals into one
-line naming the fix, and a request over :data:`MAX_REQUEST_BYTES` is split or refused.
+A request over :data:`MAX_REQUEST_BYTES` is split (no edits) or refused.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import os
 from collections.abc import Sequence
 from types import SimpleNamespace
@@ -39,190 +25,14 @@ from torch import Tensor
 
 from mechbook.core.errors import MechbookError
 from mechbook.core.runs import check_hook_output
+from mechbook.nnsight_backend.ndif import ndif_hub_id, remote_failure
 
-BACKENDS = ("local", "nnsight", "ndif")
-NDIF_KEY_ENV = "NDIF_API_KEY"
-INSTALL_HINT = "bash scripts/setup.sh (nnsight is in requirements.lock)"
 TRACE_COUNT_ENV = "MECHBOOK_COUNT_TRACES"  # a file: each trace appends a line "<batch> <positions>"
-NDIF_HOST = "https://api.ndif.us"  # nnsight's default (nnsight.schema.config); NDIF_HOST overrides it, as in nnsight
-# Models NDIF serves that the papers use or that are their larger kin: the list of issue 13, taken from
-# https://ndif.us/models and not checked against NDIF from here (it cannot be reached); nnsight's own docs
-# name GPT-2 openai-community/gpt2. NDIF's live list: python -c "import nnsight; print(nnsight.status())".
-# Name -> the hub id NDIF knows it by; hub ids compare case-insensitively.
-NDIF_MODELS = {
-    "gpt2": "openai-community/gpt2",
-    "EleutherAI/gpt-j-6B": "EleutherAI/gpt-j-6b",
-    "meta-llama/Llama-2-7b-hf": "meta-llama/Llama-2-7b-hf",
-    "meta-llama/Llama-3.1-8B": "meta-llama/Llama-3.1-8B",
-    "meta-llama/Llama-3.1-70B": "meta-llama/Llama-3.1-70B",
-    "meta-llama/Llama-3.1-405B": "meta-llama/Llama-3.1-405B",
-}
 # mechbook's cap on one remote request: the tensors sent (token ids, a residual stream to start from) plus the
 # tensors sent back (logits, cached activations). NDIF publishes no limit that we could check; this keeps a
 # request well under what one HTTP upload and one download comfortably carry. A larger run without edits is
 # split into smaller batches; one with edits (whose values may span the batch) is refused.
 MAX_REQUEST_BYTES = 256 * 2**20
-PIN_HINT = ("update the nnsight pin in pyproject.toml ([project.optional-dependencies] ndif) to the server's "
-            "version (python -c \"import nnsight; print(nnsight.compare())\"), then: "
-            "bash scripts/lock.sh --upgrade-package nnsight && bash scripts/setup.sh")
-
-
-def ndif_hub_id(name: str) -> str | None:
-    """The hub id under which NDIF serves model ``name`` (a registry name or hub id), or None if it does not."""
-    wanted = name.lower()
-    for known, hub_id in NDIF_MODELS.items():
-        if wanted in (known.lower(), hub_id.lower()):
-            return hub_id
-    return None
-
-
-def ndif_unreachable(timeout: float = 2.0) -> str | None:
-    """Why NDIF cannot be reached now (no answer, a name that does not resolve), or None; in about ``timeout`` s."""
-    import threading
-    import urllib.error
-    import urllib.request
-
-    url = f"{os.environ.get('NDIF_HOST', NDIF_HOST).rstrip('/')}/status"
-    answer: list[str | None] = []
-
-    def probe() -> None:
-        try:
-            urllib.request.urlopen(url, timeout=timeout).close()
-            answer.append(None)
-        except urllib.error.HTTPError:  # any HTTP answer: reachable
-            answer.append(None)
-        except Exception as exc:  # DNS, refused connection, proxy, timeout
-            answer.append(f"{url} cannot be reached ({type(exc).__name__})")
-
-    thread = threading.Thread(target=probe, daemon=True)  # name lookups ignore the timeout: the thread does not
-    thread.start()
-    thread.join(timeout + 0.5)
-    return answer[0] if answer else f"{url} did not answer within {timeout:g} s"
-
-
-def require_nnsight(what: str) -> None:
-    """A one-line MechbookError naming the install command if nnsight is not installed (``what`` needs it)."""
-    if importlib.util.find_spec("nnsight") is None:
-        raise MechbookError(f"{what} needs nnsight, which is not installed; run: {INSTALL_HINT}")
-
-
-def require_key(what: str, instead: str) -> None:
-    """A one-line MechbookError if ``NDIF_API_KEY`` is not set, naming where to get one and ``instead``."""
-    if not os.environ.get(NDIF_KEY_ENV):
-        raise MechbookError(f"{what} needs an NDIF API key and {NDIF_KEY_ENV} is not set; "
-                            f"export {NDIF_KEY_ENV}=<your key> (get one at https://login.ndif.us), "
-                            f"or use {instead} to run here")
-
-
-def served_hub_id(name: str, instead: str = "--backend nnsight") -> str:
-    """The hub id NDIF serves ``name`` under, else a one-line MechbookError listing what it serves and ``instead``."""
-    hub_id = ndif_hub_id(name)
-    if hub_id is None:
-        raise MechbookError(f"NDIF does not serve {name!r}; it serves {', '.join(NDIF_MODELS)} "
-                            f"(see: python -m mechbook models), or use {instead} to run it here")
-    return hub_id
-
-
-def check_ndif(name: str, *, timeout: float = 2.0) -> str:
-    """Everything a run on NDIF needs before it starts, else a one-line MechbookError naming the fix; the hub id.
-
-    In order: nnsight installed, ``NDIF_API_KEY`` set, the model served by NDIF, NDIF reachable.
-    """
-    require_nnsight("--backend ndif")
-    require_key("--backend ndif", "--backend nnsight")
-    hub_id = served_hub_id(name)
-    why = ndif_unreachable(timeout)
-    if why is not None:
-        raise MechbookError(f"NDIF cannot be reached ({why}); check the network, or use --backend nnsight to run "
-                            "the chapters here")
-    return hub_id
-
-
-def remote_failure(exc: BaseException) -> MechbookError | None:
-    """nnsight's error from a remote request as one line naming the fix, or None if ``exc`` is not one.
-
-    NDIF refuses a client whose nnsight version differs from the server's (it reads the version nnsight
-    sends with every request); the refusal names the version.
-    """
-    if type(exc).__name__ != "RemoteError":
-        return None
-    text = " ".join(str(exc).split())
-    if "version" in text.lower():
-        return MechbookError(f"NDIF refused this nnsight version (nnsight {_nnsight_version()}, pinned in "
-                             f"pyproject.toml): {text}; {PIN_HINT}")
-    return MechbookError(f"NDIF could not run the request: {text}; if it keeps failing, rerun with --resume "
-                         "later, or use --backend nnsight to run here")
-
-
-def _nnsight_version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("nnsight")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-_in_use: str | None = None  # the backend the last load_model / use_backend put a model on (a run's provenance)
-_placed: dict[str, str] | None = None  # that model's device and dtype, when its weights are here
-
-
-def backend_in_use() -> str | None:
-    """The backend of the model this process last loaded or moved (None before any): recorded with its results."""
-    return _in_use
-
-
-def placement_in_use() -> dict[str, str] | None:
-    """The device (``cpu``, ``cuda:0``) and dtype (``float32``) of that model's weights; None if they are not here."""
-    return _placed
-
-
-def _note(model):
-    global _in_use, _placed
-    _in_use = model.backend
-    _placed = None
-    if model.weights_here:
-        _placed = {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
-    return model
-
-
-def check_ndif_client(backend: str = "ndif") -> None:
-    """nnsight installed and, for ``ndif``, ``NDIF_API_KEY`` set; else a one-line MechbookError naming the fix."""
-    require_nnsight(f"backend={backend!r}")
-    if backend == "ndif":
-        require_key("backend='ndif'", "backend='nnsight'")
-
-
-def use_backend(model, backend: str = "nnsight", *, remote: bool | str = False):
-    """``model`` with its forward passes run on ``backend`` (same weights, same tokenizer).
-
-    ``remote="local"`` (nnsight only) runs every trace through nnsight's remote
-    serialization in-process. ``backend="ndif"`` needs ``NDIF_API_KEY`` and sends each
-    trace to NDIF. A model loaded without weights (``load_model(name, backend="ndif")``)
-    runs on NDIF only.
-    """
-    if backend not in BACKENDS:
-        raise MechbookError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    if not model.weights_here and backend != "ndif":
-        raise MechbookError(f"{model.name} was loaded for NDIF without its weights, so it cannot run on backend "
-                            f"{backend!r}; load it with mechbook.load_model({model.name!r}, backend={backend!r})")
-    if backend == "local":
-        if remote:
-            raise MechbookError("remote= applies to the nnsight backend; the local backend runs here")
-        return _note(model if model.backend == "local" else dataclasses.replace(model, backend="local", runner=None))
-    if backend == "ndif" and model.backend == "ndif":
-        return _note(model)
-    check_ndif_client(backend)
-    if backend == "ndif":
-        if model.source != "hub":
-            raise MechbookError(f"NDIF runs models of the Hugging Face hub (e.g. gpt2, EleutherAI/gpt-j-6B); "
-                                f"{model.name} is a {model.source} model: use backend='nnsight' to run it here")
-        served_hub_id(model.name, "backend='nnsight'")
-        remote = True
-    elif remote not in (False, "local"):
-        raise MechbookError(f"remote={remote!r}: the nnsight backend takes remote='local' (a dry run of the "
-                            "remote path here); use backend='ndif' to run on NDIF")
-    return _note(dataclasses.replace(model, backend=backend, runner=NnsightRunner(model, remote)))
 
 
 def plain_hf_model(model) -> torch.nn.Module:
@@ -273,6 +83,39 @@ class NnsightRunner:
         if remote is True:  # NDIF finds its copy of the model by hub id
             self.lm.repo_id = ndif_hub_id(model.name)
         self.traces = 0  # traces run so far: what a chapter costs in requests on NDIF
+
+    joins_rows = False  # the model's own forward runs: no rows joining at their layers, no shared prefix
+    fast_loops = False
+
+    @property
+    def name(self) -> str:
+        return "ndif" if self.remote is True else "nnsight"
+
+    def run_last(self, model, batch, *, names, fwd_hooks, last_only, tokens):
+        return run_last(model, batch, names=names, fwd_hooks=fwd_hooks, last_only=last_only, tokens=tokens)
+
+    def run_from_layer(self, model, resid, layer, last_pos, *, fwd_hooks, names, tokens, prefix=None):
+        return run_from_layer(model, resid, layer, last_pos, fwd_hooks=fwd_hooks, names=names, tokens=tokens)
+
+    def embeddings(self, model, batch):
+        return embeddings(model, batch)
+
+    def unembed(self, model, resid, *, normalize, tokens):
+        from mechbook.core.decoding import unembed_here
+
+        if model.weights_here:
+            return unembed_here(model, resid, normalize=normalize, tokens=tokens)
+        if not normalize:
+            model.need_weights("unembed(normalize=False) (the unembedding without the final norm)")
+        return unembed(model, resid, tokens=tokens)
+
+    def token_logits(self, model, resid, ids):
+        from mechbook.core.decoding import token_logits_here
+
+        if model.weights_here:
+            return token_logits_here(model, resid, ids)
+        logits = unembed(model, resid, tokens=ids.unique())  # the ids' columns only, decoded on the server
+        return logits.gather(-1, ids.expand(resid.shape[:-1]).unsqueeze(-1)).squeeze(-1)
 
     def trace(self, ids: Tensor):
         self.traces += 1
@@ -421,8 +264,8 @@ def _check_size(model, ids: Tensor, plan: list, **kwargs) -> None:
     if model.runner.remote and size > MAX_REQUEST_BYTES:
         raise MechbookError(f"one request to NDIF would carry about {size / 2**20:.0f} MiB ({ids.shape[0]} prompts of "
                             f"{ids.shape[1]} tokens), over mechbook's cap of {MAX_REQUEST_BYTES / 2**20:.0f} MiB "
-                            "(backends.MAX_REQUEST_BYTES); run fewer prompts at once (a smaller batch_size or "
-                            "-p n_prompts=...)")
+                            "(nnsight_backend.runner.MAX_REQUEST_BYTES); run fewer prompts at once (a smaller "
+                            "batch_size or -p n_prompts=...)")
 
 
 def _head_path(hf: torch.nn.Module) -> str:
@@ -431,7 +274,7 @@ def _head_path(hf: torch.nn.Module) -> str:
     return next(name for name, module in hf.named_modules() if module is head)
 
 
-# --- the entry points runs.py hands over ---------------------------------------------------------------
+# --- the runner's passes -------------------------------------------------------------------------------------------------
 
 
 def run_last(model, batch, *, names: Sequence[str] = (), fwd_hooks: Sequence = (), last_only: bool = False,

@@ -1,0 +1,97 @@
+"""The circuits and prompts Paper B's chapters save, read back for the chapters after them.
+
+Chapter b2 ("Circuit discovery by iterative node pruning") saves its node circuits
+(``circuits.json``) and the paper's prompt rows it pruned on (``prompts.json``);
+chapter b4 ("The shared sub-circuit") saves the shared sub-circuit (``shared.json``).
+Chapters b3, b4 and b6 read them here, each file checked against its chapter's
+marker (:func:`mechbook.book.results.chapter_file`), and rebuild them with the paper
+module's record functions (:func:`mechbook.papers.seqcont.task_circuits.circuits_from_record`,
+:func:`~mechbook.papers.seqcont.task_circuits.task_sets_from_record`). Every error
+names the command that writes the missing or damaged results.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mechbook.book import results
+from mechbook.core.circuits import Circuit
+from mechbook.core.errors import MechbookError
+from mechbook.core.loading import LoadedModel
+from mechbook.papers.seqcont import task_circuits
+
+NODE_CHAPTER = "b2_node_pruning"
+SHARED_CHAPTER = "b4_shared_circuit"
+
+
+def _rerun(model_name: str, *chapters: str) -> str:
+    return f"python -m mechbook run --model {model_name} --chapters {' '.join(chapters)}"
+
+
+def _read_b2(filename: str, model_name: str, root: str | Path | None) -> tuple[Any, Path]:
+    """One of chapter b2's JSON files for ``model_name``, checked against its marker, and its path."""
+    path = results.chapter_file(NODE_CHAPTER, filename, model_name, root)
+    try:
+        return json.loads(path.read_text()), path
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MechbookError(f"could not read {path} ({type(exc).__name__}: {exc}); rerun: "
+                            f"{_rerun(model_name, 'b2')}") from exc
+
+
+def load_task_circuits(model: LoadedModel | str, root: str | Path | None = None) -> dict[str, Circuit]:
+    """The node circuits chapter b2 saved for a model (``<root>/<model>/b2_node_pruning/circuits.json``), with scores.
+
+    Raises a MechbookError naming the command that makes them if they are missing,
+    changed since b2 wrote them, or do not fit ``model`` (circuits of another model).
+    """
+    name = model if isinstance(model, str) else model.name
+    record, path = _read_b2("circuits.json", name, root)
+    try:
+        circuits = task_circuits.circuits_from_record(record)
+        if not isinstance(model, str):
+            for c in circuits.values():
+                c.validate(model)
+    except MechbookError as exc:
+        raise MechbookError(f"{path}: {exc}; rerun: {_rerun(name, 'b2')}") from exc
+    return circuits
+
+
+def load_task_sets(model: LoadedModel, root: str | Path | None = None) -> dict[str, task_circuits.TaskSet]:
+    """The task sets of chapter b2 for ``model``, rebuilt from the prompts it saved (``prompts.json``).
+
+    The same prompts in the same order as b2 scored them, so a circuit scores here
+    what it scored there.
+    """
+    record, path = _read_b2("prompts.json", model.name, root)
+    try:
+        return task_circuits.task_sets_from_record(model, record)
+    except MechbookError as exc:
+        raise MechbookError(f"{path}: {exc}; rerun: {_rerun(model.name, 'b2')}") from exc
+
+
+def load_shared_circuit(model: LoadedModel, root: str | Path | None = None) -> tuple[Circuit, str]:
+    """The shared sub-circuit for ``model`` and where it came from.
+
+    Chapter b4's ``shared.json`` when that chapter finished, else the intersection
+    (:func:`mechbook.papers.seqcont.task_circuits.shared_circuit`) of chapter b2's
+    circuits (:func:`load_task_circuits`). Raises when the circuit does not fit the
+    model or is empty.
+    """
+    folder = (Path(root) if root else results.default_root()) / results.safe_name(model.name) / SHARED_CHAPTER
+    if (folder / results.MARKER).is_file():  # b4 finished: its file, checked against its marker
+        circuit = Circuit.load(results.chapter_file(SHARED_CHAPTER, "shared.json", model.name, root))
+        source = f"{SHARED_CHAPTER}/shared.json"
+    else:
+        circuits = load_task_circuits(model, root)
+        circuit = task_circuits.shared_circuit(circuits)
+        source = f"intersection of the {', '.join(circuits)} circuits in {NODE_CHAPTER}/circuits.json"
+    if len(circuit) == 0:
+        raise MechbookError(f"the shared sub-circuit of {model.name} ({source}) is empty: the task circuits have no "
+                            "component in common, so there is nothing to ablate; rerun b2 with a lower threshold "
+                            f"({_rerun(model.name, 'b2', 'b4')})")
+    try:
+        return circuit.validate(model), source
+    except MechbookError as exc:
+        raise MechbookError(f"{exc} (read from {source}); rerun: {_rerun(model.name, 'b2', 'b4')}") from exc
