@@ -36,6 +36,7 @@ import mechbook
 from mechbook.core.circuits import prune_nodes
 from mechbook.core.path_patching import circuit_edges, patch_paths
 from mechbook.core.runs import LocalRunner
+from mechbook.book import saved_circuits
 from mechbook.papers.seqcont import sequences, task_circuits
 
 
@@ -110,8 +111,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=sequences.SeqPromptWarning)
     model = mechbook.load_model(args.model)
-    task = task_circuits.load_task_sets(model)[args.task]
-    circuit = task_circuits.load_task_circuits(model)[args.task]
+    task = saved_circuits.load_task_sets(model)[args.task]
+    circuit = saved_circuits.load_task_circuits(model)[args.task]
     edges = circuit_edges(circuit.heads, circuit.mlps)
     if args.edges and args.edges < len(edges):
         edges = random.Random(0).sample(edges, args.edges)

@@ -37,6 +37,7 @@ import mechbook
 from mechbook.book.results import ChapterResults
 from mechbook.book.searches import Searches
 from mechbook.core.circuits import Circuit
+from mechbook.book import saved_circuits
 from mechbook.papers.seqcont import other_sequences, sequences, stability, task_circuits
 
 CHAPTERS = ("b2", "b3", "b4", "b6", "b7")
@@ -81,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=sequences.SeqPromptWarning)
     torch.manual_seed(0)
     model = mechbook.load_model(args.model)
-    sets = task_circuits.load_task_sets(model)
+    sets = saved_circuits.load_task_sets(model)
     task = next(iter(sets))
     t = sets[task]
-    found = task_circuits.load_task_circuits(model)
+    found = saved_circuits.load_task_circuits(model)
     units = {
         "b2": lambda s: s.node_pruning(task, t.batch, t.means, t.metric, threshold=0.2, tokens=t.tokens),
         "b3": lambda s: s.edge_pruning(task, t.batch, found[task], t.means, t.metric, threshold=0.8,
