@@ -279,3 +279,21 @@ def resave_as_qwen2(source: Path, directory: Path) -> Path:
         if (Path(source) / name).is_file():
             shutil.copy(Path(source) / name, Path(directory) / name)
     return Path(directory)
+
+
+@pytest.fixture
+def edge_table():
+    """A small table of edge pruning's shape (two tasks, senders, receivers, inputs, scores, kept), built by hand."""
+    import pandas as pd
+
+    from mechbook.core.circuits import RESID
+
+    rows = [("numerals", "0.1", "2.0", "q", 70.0), ("numerals", "0.1", "2.0", "k", 90.0),
+            ("numerals", "1.2", "2.0", "v", 50.0), ("numerals", "2.0", RESID, "resid", 40.0),
+            ("months", "0.1", "1.2", "k", 95.0), ("months", "1.2", RESID, "resid", 60.0)]
+    df = pd.DataFrame(rows, columns=["task", "sender", "receiver", "input", "score"])
+    df["kept"] = df["score"] < 80
+    df["sender_kind"] = "head"
+    df["sender_layer"] = df["sender"].str.split(".").str[0].astype(int)
+    df["sender_head"] = df["sender"].str.split(".").str[1].astype(int)
+    return df

@@ -764,3 +764,7 @@ def test_recompute_and_resume_reach_the_chapters_kernels(repo: Path, capsys: pyt
     assert _cells_output(out / DEFAULT_MODEL / "a1_first.ipynb") == "None None\n"
     assert searches.RECOMPUTE_ENV not in os.environ and searches.RESUME_ENV not in os.environ
     assert cli.build_parser().parse_args(["refresh", "--recompute"]).recompute
+    # refresh takes --resume too: the chapter re-executed in place sees it
+    assert cli.main(["--root", str(repo), "refresh", "--chapters", "a1", "--resume"]) == 0
+    assert _cells_output(repo / "book" / "a1_first.ipynb") == "None 1\n"
+    assert searches.RESUME_ENV not in os.environ

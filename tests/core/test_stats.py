@@ -148,3 +148,17 @@ def test_counts_quantiles_and_intervals_are_checked():
             stats.bootstrap_ratio_interval(ones, ones, **kwargs)
     with pytest.raises(MechbookError, match="two collections"):
         stats.jaccard(None, [1])
+
+
+def test_seeded_numpy_repeats_its_draws_and_restores_the_callers_generator():
+    from mechbook.core.stats import seeded_numpy
+
+    np.random.seed(123)
+    expected_next = np.random.random()
+    np.random.seed(123)
+    with seeded_numpy(5):
+        first = np.random.random(3)
+    with seeded_numpy(5):
+        again = np.random.random(3)
+    assert np.array_equal(first, again)
+    assert np.random.random() == expected_next  # the caller's stream goes on as if nothing had drawn

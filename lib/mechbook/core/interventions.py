@@ -176,15 +176,18 @@ class EditHook:
     """The hook that applies ``edits`` (all on one hook name) to an activation, in order.
 
     Called as transformer-lens calls hooks, ``hook(act, hook=hook_point)``. Its edits are
-    its data: :func:`overwritten` reads from them what the hook writes over, which
+    its data: ``written_over``, worked out from them once, is what the hook writes over, which
     :func:`mechbook.core.runs.skips` uses to leave that work out of a run.
     """
 
     edits: tuple[Edit, ...]
     groups: list = field(init=False, repr=False)  # the edits merged once (:func:`_groups`), not on every call
+    # what the edits write over (:func:`_written_over`), worked out once: every run's skip plan reads it
+    written_over: tuple[bool, frozenset[int]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "groups", _groups(self.edits))
+        object.__setattr__(self, "written_over", _written_over(self.groups))
 
     def __call__(self, act: Tensor, hook: object) -> Tensor:
         groups = self.groups
@@ -209,15 +212,13 @@ class EditHook:
         return act
 
 
-def overwritten(edits: Sequence[Edit]) -> tuple[bool, frozenset[int]]:
-    """What edits on one hook name write over in every row and position, whatever the activation was.
+def _written_over(groups: Sequence[tuple[Edit, list[int] | None]]) -> tuple[bool, frozenset[int]]:
+    """What merged edits (:func:`_groups`) on one hook name write over in every row and position.
 
-    Returns ``(whole, heads)``: ``whole`` when some edit writes over the entire activation
-    (a mean, zero or patch edit of a whole MLP's output), and the heads whose slice is
-    written over when every edit is such a plain write (so that no edit reads what
-    another leaves). A pure function of the edits.
+    ``(whole, heads)``: ``whole`` when some edit writes over the entire activation (a mean,
+    zero or patch edit of a whole MLP's output), and the heads whose slice is written over
+    when every edit is such a plain write (so that no edit reads what another leaves).
     """
-    groups = _groups(edits)
     whole = any(_overwrites(e, heads) for e, heads in groups)
     plain = all(e.mode in ("zero", "mean", "patch") and e.mask is None for e, _ in groups)
     heads = frozenset(h for e, heads in groups

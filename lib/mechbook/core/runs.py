@@ -255,7 +255,7 @@ def skips(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]], *, mlps: 
     Only the first hook on a name counts: it is the one that sees the activation as computed.
     ``mlps=False`` / ``heads=False`` leave that part out of the plan.
     """
-    from mechbook.core.interventions import EditHook, overwritten
+    from mechbook.core.interventions import EditHook
     from mechbook.core.names import act_name, inside_attention, inside_mlp
 
     first: dict[str, HookFn] = {}
@@ -264,7 +264,7 @@ def skips(model: LoadedModel, fwd_hooks: Sequence[tuple[str, HookFn]], *, mlps: 
 
     def written_over(name: str) -> tuple[bool, frozenset[int]]:
         fn = first.get(name)
-        return overwritten(fn.edits) if isinstance(fn, EditHook) else (False, frozenset())
+        return fn.written_over if isinstance(fn, EditHook) else (False, frozenset())
 
     read_mlp = {inside_mlp(name) for name in first}
     read_attention = {inside_attention(name) for name in first}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -132,3 +134,18 @@ def jaccard(a, b) -> float:
         raise MechbookError(f"jaccard compares two collections (sets, lists of labels), got {type(a).__name__} and "
                             f"{type(b).__name__}") from None
     return 1.0 if not a | b else len(a & b) / len(a | b)
+
+
+@contextmanager
+def seeded_numpy(seed: int = 0) -> Iterator[None]:
+    """numpy's global generator seeded for the ``with`` block, and the caller's state restored after.
+
+    For libraries that draw from it (seaborn's stripplot jitter and its bootstrap of error
+    bars): inside the block they give the same result on every run.
+    """
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from mechbook import MechbookError
-from mechbook.core.circuits import RESID, Circuit
+from mechbook.core.circuits import Circuit
 from mechbook.core.names import Component
 from mechbook.papers.seqcont import components, figures, sequences
 
@@ -27,18 +27,6 @@ THREE = {"numerals": Circuit([(0, 1), (1, 0), (1, 1)], [0, 1], score=81.2),
 def _close():
     yield
     plt.close("all")
-
-
-def _edges():
-    rows = [("numerals", "0.1", "2.0", "q", 70.0), ("numerals", "0.1", "2.0", "k", 90.0),
-            ("numerals", "1.2", "2.0", "v", 50.0), ("numerals", "2.0", RESID, "resid", 40.0),
-            ("months", "0.1", "1.2", "k", 95.0), ("months", "1.2", RESID, "resid", 60.0)]
-    df = pd.DataFrame(rows, columns=["task", "sender", "receiver", "input", "score"])
-    df["kept"] = df["score"] < 80
-    df["sender_kind"] = "head"
-    df["sender_layer"] = df["sender"].str.split(".").str[0].astype(int)
-    df["sender_head"] = df["sender"].str.split(".").str[1].astype(int)
-    return df
 
 
 def test_b1_behaviour():
@@ -61,15 +49,15 @@ def test_b2_pruning_and_circuits(tiny_gpt2):
     assert len(fig.axes) == 3 and fig.axes[0].get_title().endswith("score 81%")
 
 
-def test_b3_edges(tiny_gpt2):
-    edges = _edges().assign(circuit_score=85.0)
+def test_b3_edges(tiny_gpt2, edge_table):
+    edges = edge_table.assign(circuit_score=85.0)
     fig = figures.edge_scores(edges, ["numerals", "months"], threshold=0.8, title="edges")
     assert fig.axes[0].get_xlabel().startswith("circuit score")
     circuits = {"numerals": Circuit([(0, 1), (1, 2), (2, 0)], [0]), "months": Circuit([(0, 1), (1, 2)], [])}
-    fig = figures.circuit_diagram(_edges(), tiny_gpt2, circuits=circuits, title="test")
+    fig = figures.circuit_diagram(edge_table, tiny_gpt2, circuits=circuits, title="test")
     assert len(fig.axes) == 2 and fig.axes[0].get_title().startswith("numerals: 3 of 4")
     with pytest.raises(MechbookError, match="task column"):
-        figures.circuit_diagram(_edges().drop(columns="task"), tiny_gpt2, title="x")
+        figures.circuit_diagram(edge_table.drop(columns="task"), tiny_gpt2, title="x")
 
 
 def test_b4_overlap_and_cross_task(tiny_gpt2):

@@ -17,8 +17,7 @@ compute; these only draw, so a figure can be redrawn from a chapter's saved resu
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -29,22 +28,13 @@ from matplotlib.lines import Line2D
 
 from mechbook.core.circuits import RESID, Circuit
 from mechbook.core.errors import MechbookError
+from mechbook.core.stats import seeded_numpy
 from mechbook.core.loading import LoadedModel
 from mechbook.papers.seqcont.components import member_index
 from mechbook.papers.seqcont.task_circuits import circuit_grid
 
 
 
-@contextmanager
-def _fixed_jitter(seed: int = 0) -> Iterator[None]:
-    """Seaborn's stripplot jitters its dots with numpy's global generator: seeded here, a figure is the same on every
-    run, and the caller's generator is left as it was."""
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        yield
-    finally:
-        np.random.set_state(state)
 
 
 # --- b1: behaviour ------------------------------------------------------------------------------------
@@ -152,7 +142,7 @@ def edge_scores(edges: pd.DataFrame, tasks: Sequence[str], *, threshold: float, 
     with ``task`` and ``circuit_score`` columns.
     """
     fig, ax = plt.subplots(figsize=(11, 3.6))
-    with _fixed_jitter():
+    with seeded_numpy():
         sns.stripplot(data=edges, x="score", y="task", hue="input", dodge=True, jitter=0.25, size=3.5, ax=ax,
                       palette=EDGE_COLORS, hue_order=list(EDGE_COLORS))
     ax.axvline(100 * threshold, color="black", linewidth=1, linestyle="--")
@@ -462,7 +452,7 @@ def drops_against_random(per_set: pd.DataFrame, families: Sequence[str], shared:
     panels = [("shared", "random", "#C44E52", f"whole sub-circuit ({len(shared)} components)"),
               ("shared heads", "random heads", "#4C72B0", f"its {len(shared.heads)} heads only")]
     for ax, (target, control, color, panel_title) in zip(axes, panels):
-        with _fixed_jitter():
+        with seeded_numpy():
             sns.stripplot(data=per_set[per_set.kind == control], x="family", y="accuracy_drop",
                           order=list(families), color="#8C8C8C", size=6, jitter=0.15, ax=ax)
         drop = per_set[per_set.kind == target].set_index("family").loc[list(families), "accuracy_drop"]
@@ -512,7 +502,7 @@ def sizes_and_scores(runs: pd.DataFrame, sizes: Sequence[int], seeds: Sequence[i
     """
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), width_ratios=[1, 1, 1.4])
     for ax, (column, label) in zip(axes, [("n_heads", "heads"), ("n_mlps", "MLPs")]):
-        with _fixed_jitter():
+        with seeded_numpy():
             sns.stripplot(data=runs, x="n_prompts", y=column, hue="task", dodge=True, ax=ax, legend=False)
         ax.yaxis.get_major_locator().set_params(integer=True)
         ax.set(xlabel="prompts per task", ylabel=f"{label} in the circuit", title=f"{label}, one point per seed")

@@ -40,10 +40,10 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm import tqdm
 
-from mechbook.core.checks import check
+from mechbook.core.checks import check, chunk_starts
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
-from mechbook.core.runs import chunk_starts, run_last, tokenize
+from mechbook.core.runs import run_last, tokenize
 
 PAPER_TASKS = ("numerals", "numwords", "months")
 PAPER_TEMPLATES = {

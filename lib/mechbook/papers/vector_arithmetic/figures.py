@@ -8,8 +8,7 @@ Eickhoff & Pavlick 2024: the section of each figure is named in its docstring.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -17,6 +16,7 @@ import pandas as pd
 import seaborn as sns
 
 from mechbook.core.errors import MechbookError
+from mechbook.core.stats import seeded_numpy
 from mechbook.papers.vector_arithmetic import reported
 from mechbook.papers.vector_arithmetic.stages import STAGE_LABELS, STAGES, stages_long
 
@@ -28,16 +28,6 @@ VARIANT_PALETTE = {"abstractive": "#DD8452", "extractive": "#4C72B0"}
 PAPER_POINT = reported.BLOOM_176B_POINT[0] / reported.BLOOM_176B_POINT[1]
 
 
-@contextmanager
-def _fixed_jitter(seed: int = 0) -> Iterator[None]:
-    """Seaborn's stripplot jitters its dots with numpy's global generator: seeded here, a figure is the same on
-    every run, and the caller's generator is left as it was."""
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        yield
-    finally:
-        np.random.set_state(state)
 
 
 # --- the logit lens (chapters a1 and a3, §3) -------------------------------------------------
@@ -137,7 +127,7 @@ def stage_distribution(
     palette = {STAGE_LABELS[s]: STAGE_COLORS[s] for s in STAGES}
     hue_order = [STAGE_LABELS[s] for s in STAGES]
     fig, ax = plt.subplots(figsize=(10.5, 1.2 + 1.3 * len(order)))
-    with _fixed_jitter():
+    with seeded_numpy():
         sns.stripplot(data=long, x="layer", y="task", hue="stage", order=order, hue_order=hue_order,
                       palette=palette, dodge=True, jitter=0.25, size=3, alpha=0.35, ax=ax, legend=False)
     sns.pointplot(data=long, x="layer", y="task", hue="stage", order=order, hue_order=hue_order, palette=palette,
