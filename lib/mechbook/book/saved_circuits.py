@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from mechbook.book import results
+from mechbook.book.searches import Searches
 from mechbook.core.circuits import Circuit
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
-from mechbook.papers.seqcont import task_circuits
+from mechbook.papers.seqcont import components, task_circuits
 
 NODE_CHAPTER = "b2_node_pruning"
 SHARED_CHAPTER = "b4_shared_circuit"
@@ -95,3 +96,31 @@ def load_shared_circuit(model: LoadedModel, root: str | Path | None = None) -> t
         return circuit.validate(model), source
     except MechbookError as exc:
         raise MechbookError(f"{exc} (read from {source}); rerun: {_rerun(model.name, 'b2', 'b4')}") from exc
+
+
+def drawn_task(searches: Searches, task: str, *, n_prompts: int, n_corrupted: int | None, seed: int,
+               corrupted_seed: int | None = None) -> task_circuits.TaskSet:
+    """:func:`~mechbook.papers.seqcont.task_circuits.prepare_task` as one of ``searches``' units (key
+    ``draw <task>/<n_prompts>/<seed>``, ``/c<corrupted_seed>`` when the corrupted draw is apart).
+
+    Drawing scores twice the prompts it keeps; the unit records the rows it chose, so a later
+    run rebuilds the set from them (the corrupted means computed again) and re-scores a
+    sample of the choices (:func:`~mechbook.papers.seqcont.task_circuits.check_draw`).
+    """
+    model = searches.model
+    args = {"n_prompts": int(n_prompts), "n_corrupted": None if n_corrupted is None else int(n_corrupted),
+            "seed": int(seed), "corrupted_seed": None if corrupted_seed is None else int(corrupted_seed)}
+    key = f"draw {task}/{n_prompts}/{seed}" + ("" if corrupted_seed is None else f"/c{corrupted_seed}")
+
+    def record(ts: task_circuits.TaskSet) -> dict:
+        per_template = -(-int(n_prompts) // len(components.PAPER_CLEAN_TEMPLATES))
+        return {**task_circuits.prompts_record({task: ts})[task],
+                "size": 2 * per_template * len(components.PAPER_CLEAN_TEMPLATES)}
+
+    return searches.drawn(
+        key, {"task": task, **args},
+        draw=lambda: task_circuits.prepare_task(model, task, **args),
+        record=record,
+        rebuild=lambda rec: task_circuits.task_sets_from_record(model, {task: rec})[task],
+        check=lambda ts: task_circuits.check_draw(model, ts, **args),
+    )

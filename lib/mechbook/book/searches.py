@@ -220,7 +220,7 @@ class Searches:
         self.units[key] = unit
         self.checks[key] = table
         self.check_seconds += seconds
-        sampled = table[table["check"].isin(["score_without", "score", "value"])]
+        sampled = table[table["check"].isin(["score_without", "score", "value", "solved"])]
         self.rows.append({"unit": key, "kind": unit["kind"], "outcome": "checked", "checked": len(sampled),
                           "of": unit.get("size"), "agree": int((sampled["status"] == "agrees").sum()),
                           "at threshold": int((sampled["status"] == "at threshold").sum()),
@@ -315,6 +315,30 @@ class Searches:
 
         labels = [f"circuit {i}: {' '.join(c.labels()) or 'empty'}" for i, c in enumerate(circuits)]
         return torch.stack(self.values(key, inputs, len(circuits), compute, labels=labels))
+
+    # --- a draw of inputs ---------------------------------------------------------------------------------
+
+    def drawn(self, key: str, inputs: dict, *, draw: Callable[[], Any], record: Callable[[Any], dict],
+              rebuild: Callable[[dict], Any], check: Callable[[Any], pd.DataFrame]) -> Any:
+        """A costly draw of a search's inputs (e.g. prompts the model solves, found by scoring many): ``draw()``, or
+        the committed (or, with ``--resume``, checkpointed) record rebuilt and, when committed, checked.
+
+        ``record(drawn)`` is what fixes the draw (say, the rows chosen; its ``size``, if given, how many choices
+        the draw made, is the report's "of"), ``rebuild(record)`` makes it again
+        without the costly part, ``check(rebuilt)`` re-scores a sample of its choices (a check's table).
+        ``inputs`` are what the draw is made from (sizes, seed, ...)."""
+        made: dict[str, Any] = {}
+
+        def compute() -> dict:
+            made["value"] = draw()
+            kept = _plain(record(made["value"]))
+            return {"size": kept.pop("size", None), "record": kept}
+
+        def again(unit: dict) -> Any:
+            return made.pop("value") if "value" in made else rebuild(unit["record"])
+
+        return self._unit(key, "draw", {"model": self.model.name, **inputs}, compute=compute, rebuild=again,
+                          check=check)
 
     # --- reporting and publishing -----------------------------------------------------------------------
 

@@ -119,21 +119,12 @@ def solved_paper_prompts(
     drops are in ``.dropped`` (with a :class:`~mechbook.papers.seqcont.sequences.SeqPromptWarning`;
     silence it in notebooks).
     """
-    n_prompts = check("n_prompts", n_prompts)
-    if not templates:
-        raise MechbookError("need at least one template; pass e.g. templates=PAPER_CLEAN_TEMPLATES")
-    per_template = -(-n_prompts // len(templates))
-    pools = [tokenize_prompts(load_paper_prompts(task, template), model.tokenizer) for template in templates]
-    if same_length:
-        lengths = pd.Series([n for pool in pools for n in pool.n_tokens]).value_counts()
-        common = int(lengths[lengths == lengths.max()].index.min())
-        pools = [pool.select([i for i, n in enumerate(pool.n_tokens) if n == common]) for pool in pools]
+    per_template, pools = paper_candidates(model, task, n_prompts=n_prompts, templates=templates, seed=seed,
+                                           same_length=same_length)
     solved = []
-    for k, pool in enumerate(pools):
-        if len(pool) == 0:
+    for candidates in pools:
+        if candidates is None:
             continue
-        # Score twice what is needed: most prompts are solved, the rest top up the sample.
-        candidates = sample_prompts(pool, 2 * per_template, seed=seed + k)
         try:
             kept = filter_solved(model, candidates, ratio=ratio)
         except MechbookError:  # none solved in this template: the others may still have some
@@ -146,6 +137,36 @@ def solved_paper_prompts(
     joined = concat_prompts(solved)
     order = [i for turn in range(per_template) for i in _offsets(solved, turn)]
     return joined.select(order[:n_prompts])
+
+
+def paper_candidates(
+    model: LoadedModel,
+    task: str,
+    *,
+    n_prompts: int,
+    templates: Sequence[str] = PAPER_CLEAN_TEMPLATES,
+    seed: int = 0,
+    same_length: bool = True,
+) -> tuple[int, list[SeqPromptSet | None]]:
+    """The prompts :func:`solved_paper_prompts` scores, before any is scored: ``(per_template, candidates)``.
+
+    ``candidates[k]`` are template ``k``'s sampled prompts in the order they are kept
+    when solved (None where the template has no prompt of the common length); the first
+    ``per_template`` solved of each are the template's share. No model run: a drawn set
+    can be checked against these (:func:`mechbook.papers.seqcont.task_circuits.check_draw`).
+    """
+    n_prompts = check("n_prompts", n_prompts)
+    if not templates:
+        raise MechbookError("need at least one template; pass e.g. templates=PAPER_CLEAN_TEMPLATES")
+    per_template = -(-n_prompts // len(templates))
+    pools = [tokenize_prompts(load_paper_prompts(task, template), model.tokenizer) for template in templates]
+    if same_length:
+        lengths = pd.Series([n for pool in pools for n in pool.n_tokens]).value_counts()
+        common = int(lengths[lengths == lengths.max()].index.min())
+        pools = [pool.select([i for i, n in enumerate(pool.n_tokens) if n == common]) for pool in pools]
+    # Score twice what is needed: most prompts are solved, the rest top up the sample.
+    return per_template, [sample_prompts(pool, 2 * per_template, seed=seed + k) if len(pool) else None
+                          for k, pool in enumerate(pools)]
 
 
 def _offsets(sets: Sequence[SeqPromptSet], turn: int) -> list[int]:

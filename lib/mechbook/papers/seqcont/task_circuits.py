@@ -32,6 +32,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from mechbook.core.circuits import (
+    FLOAT_NOISE,
     Circuit,
     circuit_metrics,
     full_model_metric,
@@ -45,6 +46,7 @@ from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
 from mechbook.core.names import all_heads, all_mlps
 from mechbook.core.patching import Metric, mean_activations
+from mechbook.core.pruning_checks import BUDGET, check_row, checks_table, log_seed, sample_units
 from mechbook.core.runs import TokenBatch, run_last
 from mechbook.core.stats import bootstrap_ratio_interval
 from mechbook.papers.seqcont import components, reported, sequences
@@ -93,6 +95,76 @@ def prepare_task(model: LoadedModel, task: str, *, n_prompts: int, n_corrupted: 
     corrupted = sequences.tokenize_prompts(sequences.load_paper_prompts(task, "corrupted"), model.tokenizer)
     drawn = seed if corrupted_seed is None else corrupted_seed
     return task_set(model, prompts, components.corrupted_sample(corrupted, prompts, n_prompts=n_corrupted, seed=drawn))
+
+
+def check_draw(model: LoadedModel, ts: TaskSet, *, n_prompts: int, n_corrupted: int | None, seed: int,
+               corrupted_seed: int | None = None, ratio: float = 2.0) -> pd.DataFrame:
+    """Is ``ts`` the draw :func:`prepare_task` makes with these arguments? The check's table, rows as
+    :func:`~mechbook.core.pruning_checks.check_row` writes them.
+
+    Without a model run: the clean rows are the templates' seeded candidates
+    (:func:`~mechbook.papers.seqcont.components.paper_candidates`), kept in their order and
+    interleaved as drawn, and the corrupted rows are the seeded corrupted sample. That fixes,
+    for every candidate up to a template's last kept one, whether the draw found it solved:
+    kept ones were, passed-over ones were not. A sample of those verdicts is scored again
+    (:func:`~mechbook.core.pruning_checks.sample_units`: the first and last, both verdicts, a
+    spread within a twentieth of the candidates). A score within float noise of the ratio is
+    ``at threshold``.
+    """
+    per_template, pools = components.paper_candidates(model, ts.task, n_prompts=n_prompts, seed=seed)
+    chosen = list(zip(ts.prompts.template, (int(i) for i in ts.prompts.source_index)))
+    rows, decided = [], []  # decided: (candidate set, position in it, kept)
+    kept_by = {t: [r for tt, r in chosen if tt == t] for t in dict.fromkeys(t for t, _ in chosen)}
+    unknown = sorted(set(kept_by) - set(components.PAPER_CLEAN_TEMPLATES))
+    problems = [f"rows of templates {unknown} that it does not draw from"] if unknown else []
+    truncated = len(chosen) == n_prompts  # the last turn may have lost prompts to the cut at n_prompts
+    expected_turns: list[list[tuple[str, int]]] = []
+    for template, candidates in zip(components.PAPER_CLEAN_TEMPLATES, pools):
+        mine = kept_by.get(template, [])
+        if candidates is None:
+            if mine:
+                problems.append(f"{template} rows where the template has no prompt of the common length")
+            expected_turns.append([])
+            continue
+        order = [int(i) for i in candidates.source_index]
+        where = {r: k for k, r in enumerate(order)}
+        at = [where.get(r) for r in mine]
+        if None in at or at != sorted(set(at)):
+            problems.append(f"{template} rows {mine[:5]}... are not its seeded candidates in their order")
+            expected_turns.append([(template, r) for r in mine])
+            continue
+        expected_turns.append([(template, r) for r in mine])
+        # up to where the draw decided: the last kept candidate if the template's share may have been full
+        full = len(mine) == per_template or (truncated and len(mine) == per_template - 1)
+        upto = (at[-1] + 1 if at else 0) if full else len(order)
+        kept_at = set(at)
+        decided += [(candidates, k, k in kept_at) for k in range(upto)]
+    interleaved = [p[turn] for turn in range(per_template) for p in expected_turns if turn < len(p)][:n_prompts]
+    if interleaved != chosen:
+        problems.append("the clean prompts are not in the order the templates take turns")
+    corrupted_pool = sequences.tokenize_prompts(sequences.load_paper_prompts(ts.task, "corrupted"), model.tokenizer)
+    drawn = seed if corrupted_seed is None else corrupted_seed
+    expected = components.corrupted_sample(corrupted_pool, ts.prompts, n_prompts=n_corrupted, seed=drawn)
+    if [int(i) for i in expected.source_index] != [int(i) for i in ts.corrupted.source_index]:
+        problems.append(f"the corrupted rows are not the seeded sample of {n_corrupted} (seed {drawn})")
+    rows.append(check_row(f"{ts.task}: rows drawn", "draw", status="differs" if problems else "agrees",
+                          note="; ".join(problems)))
+    labels = pd.DataFrame({"row": [f"{c.template[k]}/{c.source_index[k]}" for c, k, _ in decided],
+                           "kept": [kept for *_, kept in decided]})
+    picked = sample_units([kept for *_, kept in decided], log_seed(labels, ["row", "kept"]),
+                          lambda s: BUDGET * len(s) <= len(decided))
+    if picked:
+        again = sequences.score_prompts(
+            model, components.concat_prompts([decided[i][0].select([decided[i][1]]) for i in picked]), ratio=ratio)
+        for i, (p_corr, p_incorr) in zip(picked, zip(again["p_corr"], again["p_incorr"])):
+            kept, solved = decided[i][2], bool(p_corr > ratio * p_incorr)
+            noise = FLOAT_NOISE * max(p_corr, ratio * p_incorr)
+            status = ("agrees" if kept == solved
+                      else "at threshold" if abs(p_corr - ratio * p_incorr) <= noise else "differs")
+            rows.append(check_row(f"{ts.task}: {labels.row[i]}", "solved", None, float(p_corr / max(p_incorr, 1e-30)),
+                                  verdicts=(kept, solved), status=status,
+                                  note="" if status == "agrees" else f"p(next) / p(last shown) vs the ratio {ratio}"))
+    return checks_table(rows, {"rows_checked": picked, "candidates_decided": len(decided)})
 
 
 def prompts_record(tasks: Mapping[str, TaskSet]) -> dict[str, dict]:
