@@ -108,6 +108,7 @@ def drawn_task(searches: Searches, task: str, *, n_prompts: int, n_corrupted: in
     sample of the choices (:func:`~mechbook.papers.seqcont.task_circuits.check_draw`).
     """
     model = searches.model
+    corrupted_seed = None if corrupted_seed == seed else corrupted_seed  # the same draw as corrupted_seed=None
     args = {"n_prompts": int(n_prompts), "n_corrupted": None if n_corrupted is None else int(n_corrupted),
             "seed": int(seed), "corrupted_seed": None if corrupted_seed is None else int(corrupted_seed)}
     key = f"draw {task}/{n_prompts}/{seed}" + ("" if corrupted_seed is None else f"/c{corrupted_seed}")

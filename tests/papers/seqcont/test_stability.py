@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _fake_prepare(model):
     """prepare_task on a random task (tiny models solve none of the paper's prompts): n prompts drawn by seed."""
 
-    def prepare(m, task, *, n_prompts, n_corrupted, seed):
+    def prepare(m, task, *, n_prompts, n_corrupted, seed, corrupted_seed=None):
         clean, _, means, metric = random_circuit_task(model, n_prompts=n_prompts, length=8, seed=seed)
         return TaskSet(task, None, None, clean, means, metric, metric.answer_ids)
 

@@ -49,6 +49,7 @@ def circuits_by_size(
     threshold: float = 0.2,
     n_corrupted: int = 64,
     prune: Callable | None = None,
+    prepare: Callable | None = None,
 ) -> tuple[pd.DataFrame, dict[tuple[str, int, int], Circuit]]:
     """Node pruning on each task at each sample size with each seed.
 
@@ -58,18 +59,18 @@ def circuits_by_size(
     (default :func:`~mechbook.core.circuits.prune_nodes`; a chapter passes
     :meth:`mechbook.book.searches.Searches.node_pruning` to load and re-check committed
     ones); ``seconds`` is the pruning's, as ``log.attrs["seconds"]`` gives it when set.
+    ``prepare(task, n_prompts, seed, corrupted_seed)`` draws one task set (default
+    :func:`~mechbook.papers.seqcont.task_circuits.prepare_task` with ``n_corrupted``; a
+    chapter passes :func:`mechbook.book.saved_circuits.drawn_task` to record and re-check the draws).
     """
-    if prune is None:
-        def prune(key, t, *, threshold):
-            return prune_nodes(model, t.batch, t.means, t.metric, threshold=threshold, tokens=t.tokens)
-
+    prune, prepare = _defaults(model, prune, prepare, n_corrupted)
     tasks = check("tasks", list(tasks) if isinstance(tasks, (list, tuple)) else tasks)
     sizes, seeds = check("sizes", sizes), check("seeds", seeds)  # a size of 2 at least: an interval needs two prompts
     threshold = check("threshold", threshold)
     rows, found = [], {}
     runs = [(task, int(n), int(seed)) for task in tasks for n in sorted(sizes) for seed in seeds]
     for task, n, seed in tqdm(runs, desc="circuits by sample size", disable=None):
-        t = prepare_task(model, task, n_prompts=n, n_corrupted=n_corrupted, seed=seed)
+        t = prepare(task, n, seed, None)
         start = time.perf_counter()
         circuit = prune(f"{task}/{n}/{seed}", t, threshold=threshold)
         seconds = circuit.log.attrs.get("seconds", time.perf_counter() - start)
@@ -185,6 +186,19 @@ def stable_circuits(frequency: pd.DataFrame, *, share: float) -> dict[str, Circu
     return out
 
 
+def _defaults(model: LoadedModel, prune: Callable | None, prepare: Callable | None,
+              n_corrupted: int) -> tuple[Callable, Callable]:
+    """The pruning and the draw a study runs when the chapter passes none: prune_nodes and prepare_task."""
+    def prune_here(key, t, *, threshold):
+        return prune_nodes(model, t.batch, t.means, t.metric, threshold=threshold, tokens=t.tokens)
+
+    def prepare_here(task, n_prompts, seed, corrupted_seed):
+        return prepare_task(model, task, n_prompts=n_prompts, n_corrupted=n_corrupted, seed=seed,
+                            corrupted_seed=corrupted_seed)
+
+    return prune or prune_here, prepare or prepare_here
+
+
 DRAWS = ("clean prompts", "corrupted means")  # the draw that moves; the other is held at the first seed
 
 
@@ -197,6 +211,7 @@ def draws_apart(
     threshold: float = 0.2,
     n_corrupted: int = 64,
     prune: Callable | None = None,
+    prepare: Callable | None = None,
 ) -> tuple[pd.DataFrame, dict[tuple[str, str, int], Circuit]]:
     """Which draw moves the circuit: node pruning with one draw moved over ``seeds`` and the other held.
 
@@ -205,12 +220,9 @@ def draws_apart(
     seed ("corrupted means" moves). Returns the agreement across seeds for each (task,
     moved draw), in the columns of :func:`agreement`, and the circuits keyed by
     ``(task, moved draw, seed)``. ``prune(key, task_set, threshold=...)`` as in
-    :func:`circuits_by_size`; the run with both draws at ``seeds[0]`` is shared.
+    :func:`circuits_by_size`, and ``prepare`` too; the run with both draws at ``seeds[0]`` is shared.
     """
-    if prune is None:
-        def prune(key, t, *, threshold):
-            return prune_nodes(model, t.batch, t.means, t.metric, threshold=threshold, tokens=t.tokens)
-
+    prune, prepare = _defaults(model, prune, prepare, n_corrupted)
     seeds = check("seeds", seeds)
     if len(seeds) < 2:
         raise MechbookError(f"draws_apart compares seeds, so it needs at least two; got {list(seeds)}")
@@ -223,8 +235,7 @@ def draws_apart(
         key = (f"{task}/{n_prompts}/{clean}" if clean == corrupted
                else f"{task}/{n_prompts}/clean {clean}/corrupted {corrupted}")
         if key not in done:
-            t = prepare_task(model, task, n_prompts=n_prompts, n_corrupted=n_corrupted, seed=clean,
-                             corrupted_seed=corrupted)
+            t = prepare(task, n_prompts, clean, None if clean == corrupted else corrupted)
             done[key] = prune(key, t, threshold=threshold)
         found[(task, moved, s)] = done[key]
     rows = []
