@@ -20,13 +20,25 @@ chapter="${2:?usage: bash scripts/paper_size.sh MODEL CHAPTER}"
 
 # The plan: the paper prunes on 512 prompts per task (its run_node_ablation.py); five draws at that
 # size give each component's inclusion frequency (stability selection, chapter b2).
+# b7 (how many prompts a circuit needs) adds 64 and 128 prompts to its sizes, 3 seeds each, and moves each
+# draw alone over the seeds at 64. `reads` are the chapters whose committed results the run reads.
 case "$model:$chapter" in
-  gemma3-270m:b2) params=(-p n_prompts=512 -p n_corrupted=512 -p "seeds=[0, 1, 2, 3, 4]") ;;
-  *) echo "no plan for $model $chapter; plans: gemma3-270m b2" >&2; exit 2 ;;
+  gemma3-270m:b2) params=(-p n_prompts=512 -p n_corrupted=512 -p "seeds=[0, 1, 2, 3, 4]"); reads=() ;;
+  gemma3-270m:b7) params=(-p "sizes=[8, 16, 32, 64, 128]" -p "seeds=[0, 1, 2]" -p apart_size=64); reads=(b2) ;;
+  *) echo "no plan for $model $chapter; plans: gemma3-270m b2, gemma3-270m b7" >&2; exit 2 ;;
 esac
 
 export MECHBOOK_RESULTS="${MECHBOOK_RESULTS:-$PWD/searching/results}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
-mkdir -p "$MECHBOOK_RESULTS"
+mkdir -p "$MECHBOOK_RESULTS/$model"
+# The chapter's committed results (their searches are checked, not computed again) and those of the chapters
+# it reads, where the searches' folder has none of its own yet.
+for c in "$chapter" "${reads[@]}"; do
+  for committed in results/"$model"/"$c"_*/; do
+    [ -d "$committed" ] || continue
+    here="$MECHBOOK_RESULTS/$model/$(basename "$committed")"
+    [ -e "$here" ] || cp -r "$committed" "$here"
+  done
+done
 "${PYTHON:-.venv/bin/python}" -m mechbook run --model "$model" --chapters "$chapter" --resume \
     --no-book-update --out searching/runs "${params[@]}"
