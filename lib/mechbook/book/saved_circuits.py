@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from mechbook.book import results
 from mechbook.book.searches import Searches
 from mechbook.core.circuits import Circuit
@@ -59,17 +61,47 @@ def load_task_circuits(model: LoadedModel | str, root: str | Path | None = None)
     return circuits
 
 
-def load_task_sets(model: LoadedModel, root: str | Path | None = None) -> dict[str, task_circuits.TaskSet]:
+def load_task_sets(model: LoadedModel, root: str | Path | None = None, *,
+                   n_prompts: int | None = None) -> dict[str, task_circuits.TaskSet]:
     """The task sets of chapter b2 for ``model``, rebuilt from the prompts it saved (``prompts.json``).
 
     The same prompts in the same order as b2 scored them, so a circuit scores here
-    what it scored there.
+    what it scored there. ``n_prompts`` keeps each task's first ``n_prompts`` (b2's order
+    takes the templates in turn, so they stay mixed), for a chapter that cannot afford
+    them all; the corrupted means are b2's, over all its corrupted prompts.
     """
     record, path = _read_b2("prompts.json", model.name, root)
     try:
-        return task_circuits.task_sets_from_record(model, record)
+        sets = task_circuits.task_sets_from_record(model, record)
     except MechbookError as exc:
         raise MechbookError(f"{path}: {exc}; rerun: {_rerun(model.name, 'b2')}") from exc
+    if n_prompts is None:
+        return sets
+    fewest = min(len(t) for t in sets.values())
+    if not isinstance(n_prompts, int) or isinstance(n_prompts, bool) or not 2 <= n_prompts <= fewest:
+        raise MechbookError(f"n_prompts = {n_prompts!r} is out of range: chapter b2 saved {fewest} prompts for its "
+                            f"smallest task on {model.name}; pass 2 to {fewest}, or None for all")
+    out = {}
+    for task, t in sets.items():
+        prompts = t.prompts.select(range(n_prompts))
+        out[task] = task_circuits.TaskSet(task, prompts, t.corrupted, components.batch_of(model, prompts), t.means,
+                                          components.answer_metric(prompts), task_circuits.answer_tokens(prompts))
+    return out
+
+
+def selection(model_name: str, root: str | Path | None = None) -> str:
+    """How chapter b2 chose its circuits for a model, as a phrase for the tables and figures that use them:
+    ``"kept in at least 60% of 5 draws of 512 prompts"``, or ``"one pruning on 16 prompts"`` for one draw."""
+    path = results.chapter_file(NODE_CHAPTER, "summary.csv", model_name, root)
+    summary = pd.read_csv(path)
+    try:
+        draws, share, n = int(summary.draws.max()), float(summary.kept_in.max()), int(summary.n_prompts.max())
+    except (AttributeError, ValueError) as exc:
+        raise MechbookError(f"{path} has no draws, kept_in and n_prompts columns ({exc}); rerun: "
+                            f"{_rerun(model_name, 'b2')}") from exc
+    if draws == 1:
+        return f"one pruning on {n} prompts"
+    return f"kept in at least {share:.0%} of {draws} draws of {n} prompts"
 
 
 def load_shared_circuit(model: LoadedModel, root: str | Path | None = None) -> tuple[Circuit, str]:

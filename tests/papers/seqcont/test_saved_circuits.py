@@ -7,7 +7,7 @@ import torch
 
 from mechbook import MechbookError
 from mechbook.book import results
-from mechbook.book.saved_circuits import load_shared_circuit, load_task_circuits, load_task_sets
+from mechbook.book.saved_circuits import load_shared_circuit, load_task_circuits, load_task_sets, selection
 from mechbook.core.circuits import Circuit
 from mechbook.papers.seqcont.task_circuits import circuits_record
 
@@ -64,6 +64,15 @@ def test_b2s_prompts_are_saved_and_rebuilt_exactly(tiny_model, tmp_path):
     assert all(torch.equal(back.means[k], v) for k, v in original["months"].means.items())
     with pytest.raises(MechbookError, match="--chapters b2"):
         load_task_sets(tiny_model, root=tmp_path / "elsewhere")
+    # the first n prompts, b2's means
+    first = load_task_sets(tiny_model, root=tmp_path, n_prompts=3)["months"]
+    assert torch.equal(first.batch.input_ids, original["months"].batch.input_ids[:3])
+    assert first.prompts.text == original["months"].prompts.text[:3] and len(first) == 3
+    assert all(torch.equal(first.means[k], v) for k, v in original["months"].means.items())
+    assert torch.equal(first.tokens, torch.unique(torch.cat(first.prompts.answer_tensors())))
+    for n in (1, 5, 2.0):
+        with pytest.raises(MechbookError, match=f"n_prompts = {n!r} is out of range.* 4 prompts"):
+            load_task_sets(tiny_model, root=tmp_path, n_prompts=n)
     _publish(tmp_path, tiny_model.name, "b2_node_pruning", prompts={"months": {"clean": [["done", 99999]],
                                                                                "corrupted": [0]}})
     with pytest.raises(MechbookError, match=r"prompts.json: months/done: rows \[99999\].*--chapters b2"):
@@ -93,3 +102,16 @@ def test_an_empty_or_foreign_shared_circuit_is_refused(tmp_path, tiny_gpt2):
     _publish(tmp_path, tiny_gpt2.name, "b4_shared_circuit", shared=Circuit([(40, 0)], []).to_dict())
     with pytest.raises(MechbookError, match="does not fit.*--chapters b2 b4"):
         load_shared_circuit(tiny_gpt2, root=tmp_path)
+
+
+def test_selection_says_how_b2_chose_its_circuits(tmp_path):
+    import pandas as pd
+
+    row = {"task": "numerals", "n_prompts": 512, "draws": 5, "kept_in": 0.6}
+    _publish(tmp_path, "tiny", "b2_node_pruning", summary=pd.DataFrame([row]))
+    assert selection("tiny", tmp_path) == "kept in at least 60% of 5 draws of 512 prompts"
+    _publish(tmp_path, "tiny", "b2_node_pruning", summary=pd.DataFrame([{**row, "draws": 1, "n_prompts": 16}]))
+    assert selection("tiny", tmp_path) == "one pruning on 16 prompts"
+    _publish(tmp_path, "tiny", "b2_node_pruning", summary=pd.DataFrame([{"task": "numerals"}]))
+    with pytest.raises(MechbookError, match="no draws, kept_in and n_prompts.*--chapters b2"):
+        selection("tiny", tmp_path)
