@@ -24,8 +24,11 @@ chapter="${2:?usage: bash scripts/paper_size.sh MODEL CHAPTER}"
 # draw alone over the seeds at 64. `reads` are the chapters whose committed results the run reads.
 case "$model:$chapter" in
   gemma3-270m:b2) params=(-p n_prompts=512 -p n_corrupted=512 -p "seeds=[0, 1, 2, 3, 4]"); reads=() ;;
+  # SmolLM2-135M has 300 heads and MLPs to try (gemma3-270m 90), so a pruning costs about 3.3 times as much at one
+  # size: 128 prompts is the largest at which its five draws fit in about 3.5 hours on 2 cores.
+  smollm2-135m:b2) params=(-p n_prompts=128 -p n_corrupted=128 -p "seeds=[0, 1, 2, 3, 4]"); reads=() ;;
   gemma3-270m:b7) params=(-p "sizes=[8, 16, 32, 64, 128]" -p "seeds=[0, 1, 2]" -p apart_size=64); reads=(b2) ;;
-  *) echo "no plan for $model $chapter; plans: gemma3-270m b2, gemma3-270m b7" >&2; exit 2 ;;
+  *) echo "no plan for $model $chapter; plans: gemma3-270m b2, gemma3-270m b7, smollm2-135m b2" >&2; exit 2 ;;
 esac
 
 export MECHBOOK_RESULTS="${MECHBOOK_RESULTS:-$PWD/searching/results}"
