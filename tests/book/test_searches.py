@@ -335,3 +335,29 @@ def test_results_without_searches_compute(sharp, tmp_path, no_flags):
     saved.finish()
     s = Searches(CHAPTER, sharp, root=tmp_path)
     assert s.committed == {} and s.why_not == "the committed results hold no searches"
+
+
+def test_a_large_pruning_publishes_prompt_values_and_is_checked_on_some_prompts(sharp, task, tmp_path, no_flags,
+                                                                                monkeypatch):
+    """From MATERIAL_FROM prompts on, the pruning's unit carries every prompt's metric under its sampled decisions;
+    a later run checks a sample of the prompts against them, and an altered value fails and is named."""
+    monkeypatch.setattr(searches, "MATERIAL_FROM", 2)
+    first, (found, _, _) = run_chapter(sharp, task, tmp_path)
+    record = json.loads(record_path(sharp, tmp_path).read_text())
+    material = record["units"]["nodes"]["material"]
+    clean = task[0]
+    assert len(material["full"]) == len(clean) and len(material["values"]) == len(material["steps"]) >= 2
+
+    again, (found2, _, _) = run_chapter(sharp, task, tmp_path)
+    table = again.checks["nodes"]
+    assert again.report().loc["nodes", "outcome"] == "checked" and found2 == found
+    assert (table.check == "prompt values").sum() == len(material["steps"]) + 1
+    assert table.attrs["prompts_checked"] < len(clean)
+
+    def moved(record):
+        for values in record["units"]["nodes"]["material"]["values"]:
+            values[:] = [v + 1.0 for v in values]
+
+    tamper(sharp, tmp_path, moved)
+    with pytest.raises(MechbookError, match="'nodes'.*prompt values"):
+        run_chapter(sharp, task, tmp_path)

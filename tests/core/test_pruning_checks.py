@@ -393,3 +393,55 @@ def test_the_float_noise_is_the_projects_one_figure():
     from mechbook.book.nbval_tolerance import RTOL
 
     assert FLOAT_NOISE == RTOL
+
+
+def test_published_prompt_values_check_the_decisions_on_a_sample_of_prompts(sharp, task, pruned):
+    """node_material publishes every prompt's metric under each sampled decision; a check with it recomputes a
+    few prompts, reads the scores from the values, and names a moved value, a moved score or other steps."""
+    from mechbook.core.pruning_checks import node_material, prompt_sample
+
+    clean, _, means, metric = task
+    material = node_material(sharp, clean, means, metric, pruned.log)
+    full = check_node_decisions(sharp, clean, means, metric, pruned, threshold=0.3)
+    table = check_node_decisions(sharp, clean, means, metric, pruned, threshold=0.3, material=material)
+    assert not (table.status == "differs").any()
+    assert table.attrs["steps_checked"] == full.attrs["steps_checked"] == material["steps"]
+    assert table.attrs["prompts_checked"] == len(prompt_sample(len(clean), seed=0)) < len(clean)
+    assert table.attrs["prompt_blocks"] < full.attrs["prompt_blocks"]
+    # the scores read from the published values are those a full check recomputes
+    a = table[table.check == "score_without"].set_index("unit").recomputed
+    b = full[full.check == "score_without"].set_index("unit").recomputed
+    assert ((a - b.loc[a.index]).abs() < 1e-4 * b.abs().clip(lower=1)).all()
+    assert (table.check == "prompt values").sum() == len(material["steps"]) + 1
+
+    first = table.attrs["steps_checked"][0]
+    moved = {**material, "values": [list(v) for v in material["values"]]}
+    for k in range(len(clean)):  # every prompt of the first sampled decision: the recomputed sample sees it
+        moved["values"][0][k] += 1.0
+    bad = check_node_decisions(sharp, clean, means, metric, pruned, threshold=0.3, material=moved)
+    assert (bad[bad.check == "prompt values"].status == "differs").sum() == 1
+    assert (bad[bad.check == "score_without"].status != "agrees").sum() >= 1  # and its mean no longer gives the score
+    log = pruned.log.copy()
+    log.attrs = dict(pruned.log.attrs)
+    row = log.index[log.step == first][0]
+    log.loc[row, "score_without"] += 5.0
+    with pytest.raises(MechbookError, match="step"):
+        assert_agrees(check_node_decisions(sharp, clean, means, metric, log, threshold=0.3, material=material))
+    other = {**material, "steps": [s + 1 for s in material["steps"]]}
+    with pytest.raises(MechbookError, match="published for steps"):
+        assert_agrees(check_node_decisions(sharp, clean, means, metric, pruned, threshold=0.3, material=other))
+
+
+def test_core_metrics_restrict_to_rows():
+    import torch
+
+    from mechbook.core.patching import answer_prob, logit_diff
+
+    logits = torch.randn(2, 5, 11)
+    d = logit_diff(torch.tensor([1, 2, 3, 4, 5]), torch.tensor([0, 0, 1, 1, 2]))
+    p = answer_prob(torch.tensor([1, 2, 3, 4, 5]))
+    rows = [4, 1]
+    for metric in (d, p):
+        assert torch.equal(metric.rows(rows)(logits[:, rows]), metric(logits)[:, rows])
+        with pytest.raises(MechbookError, match="rows takes"):
+            metric.rows([5])

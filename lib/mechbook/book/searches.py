@@ -48,7 +48,7 @@ from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
 from mechbook.core.path_patching import QKV
 from mechbook.core.pruning_checks import (BUDGET, assert_agrees, check_edge_decisions, check_node_decisions,
-                                          check_row, checks_table, log_seed, sample_units)
+                                          check_row, checks_table, log_seed, node_material, sample_units)
 from mechbook.core.runs import TokenBatch
 
 RECORD = "searches"  # searches.json among the chapter's results
@@ -58,6 +58,10 @@ RESUME_ENV = "MECHBOOK_RESUME"
 CHECKPOINTS = "_checkpoints"  # <results root>/<model>/_checkpoints/<chapter>/: no chapter folder's name
 NODE_COLUMNS = ["round", "pass", "step", "component", "kind", "layer", "head", "score_without", "removed",
                 "circuit_size"]
+# From this many prompts on, a node pruning publishes every prompt's metric under its sampled decisions
+# (pruning_checks.node_material, computed once after the search) and later runs check a sample of the prompts:
+# at the paper's 512, one forward pass of every prompt per sampled decision would pass CI's budget.
+MATERIAL_FROM = 256
 REPORT_COLUMNS = ["unit", "kind", "outcome", "checked", "of", "agree", "at threshold", "computed in (s)"]
 
 
@@ -237,6 +241,8 @@ class Searches:
         inputs = pruning_parameters(self.model, batch, means, threshold=threshold, max_rounds=max_rounds, start=start,
                                     max_rows=max_rows, tokens=tokens)
 
+        large = len(batch) >= MATERIAL_FROM
+
         def compute() -> dict:
             found = prune_nodes(self.model, batch, means, metric, threshold=threshold, max_rounds=max_rounds,
                                 start=start, max_rows=max_rows, tokens=tokens,
@@ -246,9 +252,16 @@ class Searches:
 
         def check(found: Circuit) -> pd.DataFrame:
             return check_node_decisions(self.model, batch, means, metric, found, threshold=threshold,
-                                        max_rows=max_rows, tokens=tokens)
+                                        max_rows=max_rows, tokens=tokens,
+                                        material=self.committed[key].get("material") if large else None)
 
-        return self._unit(key, "node pruning", inputs, compute=compute, rebuild=_node_circuit, check=check)
+        found = self._unit(key, "node pruning", inputs, compute=compute, rebuild=_node_circuit, check=check)
+        unit = self.units[key]
+        if large and "material" not in unit:  # computed here, or a killed run's: published with its prompt values
+            unit["material"] = node_material(self.model, batch, means, metric, found.log, max_rows=max_rows,
+                                             tokens=tokens)
+            write_atomically(self._checkpoint(key, "unit"), json.dumps(unit))
+        return found
 
     # --- edge pruning -----------------------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ from mechbook.core.runs import (
 
 Metric = Callable[[Float[Tensor, "... batch d_vocab"]], Float[Tensor, "... batch"]]
 
-__all__ = ["Component", "Metric", "ablate", "ablation_sweep", "all_heads", "all_mlps", "answer_prob",
+__all__ = ["AnswerProb", "Component", "LogitDiff", "Metric", "ablate", "ablation_sweep", "all_heads", "all_mlps", "answer_prob",
            "cache_components", "check_pair", "check_whole", "logit_diff", "mean_activations", "patch_head_outputs",
            "patch_mlp_outputs", "patch_residual", "resid_names", "sweep"]
 
@@ -88,63 +88,89 @@ def _ids_on_device(*ids: Tensor) -> Callable[[torch.device], tuple[Tensor, ...]]
     return on
 
 
-def logit_diff(correct: Int[Tensor, "batch"], incorrect: Int[Tensor, "batch"]) -> Metric:
+def _row_index(rows: Sequence[int] | Tensor, n: int, what: str) -> Tensor:
+    index = as_token_ids(rows, f"{what}'s rows")  # whole numbers >= 0, as a long tensor
+    if index.dim() != 1 or len(index) == 0 or int(index.max()) >= n:
+        raise MechbookError(f"{what}.rows takes a non-empty list of row indices below {n} (the prompts it was built "
+                            f"for), got {index.tolist()[:8]}")
+    return index
+
+
+class LogitDiff:
     """Logit of the correct token minus logit of the incorrect one, per prompt.
 
     Takes logits ``[..., n, d_vocab]`` for the ``n`` prompts it was built for (leading
     axes: stacked variants) and returns ``[..., n]``; other shapes, ids outside the
     vocabulary, non-finite logits and degenerate rows (every id the metric reads has the
     same logit, as when every logit is equal) are refused. It reads only its own ids'
-    columns, so a restricted unembedding (``tokens=metric.answer_ids``) suffices.
+    columns (``answer_ids``), so a restricted unembedding (``tokens=metric.answer_ids``)
+    suffices. ``rows(index)`` is the same metric for some of its prompts.
     """
-    correct = as_token_ids(correct, "logit_diff's correct ids")
-    incorrect = as_token_ids(incorrect, "logit_diff's incorrect ids")
-    if correct.shape != incorrect.shape or correct.dim() != 1:
-        raise MechbookError(f"logit_diff needs one correct and one incorrect id per prompt; got shapes "
-                            f"{tuple(correct.shape)} and {tuple(incorrect.shape)}")
-    if len(correct) == 0:
-        raise MechbookError("logit_diff got no prompts (no ids); build it from at least one prompt's answer ids")
-    answer_ids = torch.unique(torch.cat([correct, incorrect]))
-    high = int(answer_ids.max()) if len(answer_ids) else -1
 
-    on = _ids_on_device(correct, incorrect, answer_ids)
+    def __init__(self, correct: Int[Tensor, "batch"], incorrect: Int[Tensor, "batch"]) -> None:
+        correct = as_token_ids(correct, "logit_diff's correct ids")
+        incorrect = as_token_ids(incorrect, "logit_diff's incorrect ids")
+        if correct.shape != incorrect.shape or correct.dim() != 1:
+            raise MechbookError(f"logit_diff needs one correct and one incorrect id per prompt; got shapes "
+                                f"{tuple(correct.shape)} and {tuple(incorrect.shape)}")
+        if len(correct) == 0:
+            raise MechbookError("logit_diff got no prompts (no ids); build it from at least one prompt's answer ids")
+        self.correct, self.incorrect = correct, incorrect
+        self.answer_ids = torch.unique(torch.cat([correct, incorrect]))
+        self._high = int(self.answer_ids.max())
+        self._on = _ids_on_device(correct, incorrect, self.answer_ids)
 
-    def metric(logits: Tensor) -> Tensor:
-        _rows_of(logits, len(correct), "logit_diff")
-        _vocab_of(logits, high, "logit_diff")
-        rows, right, wrong, read = on(logits.device)
+    def __call__(self, logits: Tensor) -> Tensor:
+        _rows_of(logits, len(self.correct), "logit_diff")
+        _vocab_of(logits, self._high, "logit_diff")
+        rows, right, wrong, read = self._on(logits.device)
         value = logits[..., rows, right] - logits[..., rows, wrong]
         check_finite(value, "the logit difference")
-        if len(answer_ids) > 1:  # the columns it reads, all equal in some row: every logit is (e.g. an overflow)
+        if len(self.answer_ids) > 1:  # the columns it reads, all equal in some row: every logit is (e.g. an overflow)
             check_logits(logits[..., read], "the logits of logit_diff's ids")
         return value
 
-    metric.answer_ids = answer_ids
-    return metric
+    def rows(self, index: Sequence[int] | Tensor) -> LogitDiff:
+        index = _row_index(index, len(self.correct), "logit_diff")
+        return LogitDiff(self.correct[index], self.incorrect[index])
 
 
-def answer_prob(answer: Int[Tensor, "batch"]) -> Metric:
+class AnswerProb:
     """Probability of the answer token, per prompt (needs every logit: no restricted unembedding).
 
     Negative ids, ids past the vocabulary and degenerate logits (non-finite, or every
-    logit of a row equal) are refused.
+    logit of a row equal) are refused. ``rows(index)`` is the same metric for some of its prompts.
     """
-    answer = as_token_ids(answer, "answer_prob's answer ids")
-    if answer.dim() != 1:
-        raise MechbookError(f"answer_prob needs one answer id per prompt, got shape {tuple(answer.shape)}")
-    if len(answer) == 0:
-        raise MechbookError("answer_prob got no prompts (no ids); build it from at least one prompt's answer id")
-    high = int(answer.max()) if len(answer) else -1
-    on = _ids_on_device(answer)
 
-    def metric(logits: Tensor) -> Tensor:
-        _rows_of(logits, len(answer), "answer_prob")
-        _vocab_of(logits, high, "answer_prob")
+    def __init__(self, answer: Int[Tensor, "batch"]) -> None:
+        answer = as_token_ids(answer, "answer_prob's answer ids")
+        if answer.dim() != 1:
+            raise MechbookError(f"answer_prob needs one answer id per prompt, got shape {tuple(answer.shape)}")
+        if len(answer) == 0:
+            raise MechbookError("answer_prob got no prompts (no ids); build it from at least one prompt's answer id")
+        self.answer = answer
+        self._high = int(answer.max())
+        self._on = _ids_on_device(answer)
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        _rows_of(logits, len(self.answer), "answer_prob")
+        _vocab_of(logits, self._high, "answer_prob")
         check_logits(logits, "the logits of answer_prob (a restricted unembedding leaves NaN)")
-        rows, ids = on(logits.device)
+        rows, ids = self._on(logits.device)
         return logits.softmax(-1)[..., rows, ids]
 
-    return metric
+    def rows(self, index: Sequence[int] | Tensor) -> AnswerProb:
+        return AnswerProb(self.answer[_row_index(index, len(self.answer), "answer_prob")])
+
+
+def logit_diff(correct: Int[Tensor, "batch"], incorrect: Int[Tensor, "batch"]) -> LogitDiff:
+    """:class:`LogitDiff`: the logit of the correct token minus that of the incorrect one, per prompt."""
+    return LogitDiff(correct, incorrect)
+
+
+def answer_prob(answer: Int[Tensor, "batch"]) -> AnswerProb:
+    """:class:`AnswerProb`: the probability of the answer token, per prompt."""
+    return AnswerProb(answer)
 
 
 # --- activations to patch in ---------------------------------------------------------------------

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 from jaxtyping import Int
 from torch import Tensor
 
@@ -262,6 +263,91 @@ def node_sample(log: pd.DataFrame, *, n_prompts: int, n_layers: int, max_rows: i
     return sample_units(list(log["removed"]), seed, fits)
 
 
+PROMPT_SHARE = 32  # a check on published prompt values recomputes a thirty-second of the prompts
+
+
+def prompt_sample(n: int, *, seed: int, share: int = PROMPT_SHARE) -> list[int]:
+    """Which of ``n`` prompts a check on published prompt values recomputes: the first, the last and a spread,
+    ``n // share`` of them and at least 4 (:func:`sample_units`)."""
+    want = max(4, n // share)
+    return sample_units([False] * n, seed, lambda s: len(s) <= want)
+
+
+def _variants(model: LoadedModel, log: pd.DataFrame, picked: Sequence[int]) -> list[Circuit]:
+    """The full model, then for each picked decision the circuit before it minus its candidate."""
+    start = Circuit(**log.attrs["start"]) if "start" in log.attrs else Circuit.full(model)
+    befores, _, problems = _replay_nodes(model, log, start, log.attrs.get("max_rounds"), float(log.attrs["threshold"]))
+    if problems:
+        raise MechbookError(f"the decision log does not replay ({problems[0][1]}); recompute the search")
+    records = log.to_dict("records")
+    return [Circuit.full(model)] + [Circuit.from_components(x for x in befores[i].components
+                                                            if x != _component(records[i])) for i in picked]
+
+
+def node_material(model: LoadedModel, batch: TokenBatch, means: Mapping[str, Tensor], metric: Metric,
+                  log: pd.DataFrame, *, max_rows: int = 64, tokens: Int[Tensor, "k"] | None = None) -> dict:
+    """Each prompt's metric under the full model and under each decision the fixed sample picks (:func:`node_sample`):
+    what a check on some of the prompts compares with (``check_node_decisions(..., material=...)``).
+
+    Computed once, after the search, at the cost of one check on every prompt. Returns
+    ``{"steps": [...], "full": [n values], "values": [[n values] per step]}``.
+    """
+    picked = node_sample(log, n_prompts=len(batch), n_layers=model.n_layers, max_rows=max_rows)
+    values = circuit_metrics(model, batch, _variants(model, log, picked), means, metric, max_rows=max_rows,
+                             tokens=tokens).float().cpu()
+    steps = [int(log["step"].iloc[i]) for i in picked]
+    return {"steps": steps, "full": values[0].tolist(), "values": [v.tolist() for v in values[1:]]}
+
+
+def _material_rows(model, batch, means, metric, log, material, picked, *, threshold, max_rows, tokens):
+    """The check's rows from published prompt values: each picked decision's score from them, and a sample of the
+    prompts recomputed under every variant (the full model and each decision's circuit)."""
+    records = log.to_dict("records")
+    steps = [int(records[i]["step"]) for i in picked]
+    if list(material.get("steps", [])) != steps:
+        return [check_row("prompt values", "replay", status="differs",
+                          note=f"published for steps {material.get('steps')}, the fixed sample is {steps}")], 0
+    full_values = torch.tensor(material["full"], dtype=torch.float64)
+    table = torch.tensor(material["values"], dtype=torch.float64).reshape(len(steps), -1)
+    if len(full_values) != len(batch) or table.shape[1] != len(batch):
+        return [check_row("prompt values", "replay", status="differs",
+                          note=f"{len(full_values)} prompt values published for {len(batch)} prompts")], 0
+    rows = []
+    full = float(full_values.mean())
+    logged_full = log.attrs.get("full_metric")
+    if logged_full is not None:
+        tol = FLOAT_NOISE * max(abs(logged_full), abs(full))
+        rows.append(check_row("full model", "metric", float(logged_full), full, status=_status(logged_full, full, tol),
+                              note="from the published prompt values"))
+    if not full > 0:
+        raise MechbookError(f"the full model's mean metric is {full:.4g} on these prompts, not positive: scores in "
+                            "percent of it mean nothing; check the prompts and metric")
+    boundary = 100.0 - 100.0 * threshold
+    for i, values in zip(picked, table):
+        r = records[i]
+        logged, score = float(r["score_without"]), 100.0 * float(values.mean()) / full
+        verdicts = (bool(r["removed"]), (100.0 - score) < 100.0 * threshold)
+        rows.append(check_row(_node_unit(r), "score_without", logged, score, verdicts=verdicts,
+                              status=_status(logged, score, _score_tol(logged, score), boundary=boundary,
+                                             verdicts=verdicts), note="from the published prompt values"))
+    prompts = prompt_sample(len(batch), seed=log_seed(log, ["round", "pass", "step", "component", "removed"]))
+    if not hasattr(metric, "rows"):
+        raise MechbookError("a check on some of the prompts needs a metric that can be restricted to them (the core's "
+                            "LogitDiff or AnswerProb, whose rows(index) does it); pass one, or check without material")
+    index = torch.tensor(prompts)
+    again = circuit_metrics(model, batch.select(prompts), _variants(model, log, picked), means,
+                            metric.rows(index), max_rows=max_rows, tokens=tokens).double().cpu()
+    published = torch.cat([full_values[None], table])[:, index]
+    for name, a, b in zip(["full model"] + [_node_unit(records[i]) for i in picked], published, again):
+        worst = float((a - b).abs().max())
+        tol = FLOAT_NOISE * max(1.0, float(a.abs().max()), float(b.abs().max()))
+        rows.append(check_row(name, "prompt values", float(a.mean()), float(b.mean()),
+                              status="agrees" if worst <= tol else "differs",
+                              note=f"{len(prompts)} of {len(batch)} prompts recomputed"
+                                   + ("" if worst <= tol else f"; a prompt's value moved by {worst:.3g}")))
+    return rows, len(prompts)
+
+
 def check_node_decisions(
     model: LoadedModel,
     batch: TokenBatch,
@@ -273,6 +359,7 @@ def check_node_decisions(
     sample: str | Sequence[int] = "rule",
     max_rows: int = 64,
     tokens: Int[Tensor, "k"] | None = None,
+    material: Mapping | None = None,
 ) -> pd.DataFrame:
     """Re-check a node pruning (:func:`~mechbook.core.circuits.prune_nodes`) from its decision log.
 
@@ -285,6 +372,12 @@ def check_node_decisions(
     :func:`~mechbook.core.circuits.circuit_metrics` needs; the full model's metric is
     checked too. One row per checked unit (``COLUMNS``); ``attrs`` holds the check's
     passes and prompt-blocks, the search's, the steps checked and the seconds taken.
+
+    With ``material`` (:func:`node_material`: every prompt's metric under each sampled
+    decision, published with the log), the sampled decisions' scores are read from it and
+    only a sample of the prompts is recomputed (:func:`prompt_sample`, a thirty-second),
+    each prompt's value compared within float noise: a check at large sizes, where one
+    forward pass of every prompt per decision would pass CI's budget.
     """
     began = time.perf_counter()
     found = log if isinstance(log, Circuit) else None
@@ -320,6 +413,20 @@ def check_node_decisions(
         if missing:
             raise MechbookError(f"steps {missing} are not in the log (steps 1..{len(log)}); pass steps it has")
         picked = sorted({steps.index(s) for s in sample})
+    if material is not None:
+        if not (isinstance(sample, str) and sample == "rule"):
+            raise MechbookError("published prompt values are for the fixed sample; pass sample='rule' with material")
+        more, n_rows = _material_rows(model, batch, means, metric, log, material, picked, threshold=threshold,
+                                      max_rows=max_rows, tokens=tokens)
+        records = log.to_dict("records")
+        return checks_table(rows + more, {
+            "steps_checked": [int(records[i]["step"]) for i in picked], "decisions": len(log),
+            "prompts_checked": n_rows,
+            "forward_passes": math.ceil((len(picked) + 1) / max(1, max_rows // max(1, n_rows))),
+            "prompt_blocks": (len(picked) + 1) * n_rows * model.n_layers,
+            "search_forward_passes": log.attrs.get("forward_passes"),
+            "search_prompt_blocks": log.attrs.get("prompt_blocks"),
+            "seconds": time.perf_counter() - began})
     records = log.to_dict("records")
     variants = [Circuit.full(model)]
     for i in picked:
