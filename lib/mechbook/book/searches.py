@@ -257,7 +257,8 @@ class Searches:
 
         found = self._unit(key, "node pruning", inputs, compute=compute, rebuild=_node_circuit, check=check)
         unit = self.units[key]
-        if large and "material" not in unit:  # computed here, or a killed run's: published with its prompt values
+        checked = self.rows[-1]["outcome"] == "checked"  # a committed unit is republished as it was
+        if large and not checked and "material" not in unit:  # computed here, or a killed run's: with its prompt values
             unit["material"] = node_material(self.model, batch, means, metric, found.log, max_rows=max_rows,
                                              tokens=tokens)
             write_atomically(self._checkpoint(key, "unit"), json.dumps(unit))
