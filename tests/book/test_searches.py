@@ -288,6 +288,8 @@ def test_a_killed_run_resumes_from_the_last_finished_unit(sharp_dir, sharp, tmp_
         _, err = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
     assert not (killed / results.safe_name(sharp.name) / CHAPTER).exists()  # nothing half-published
+    partial = folder / "second.decisions.json"  # as if the killed run had worked on it for 1000 s
+    partial.write_text(json.dumps({**json.loads(partial.read_text()), "seconds": 1000.0}))
 
     resumed = subprocess.run([sys.executable, "-c", _script(sharp_dir, killed, False)],
                              env=dict(env, **{searches.RESUME_ENV: "1"}), check=True, capture_output=True)
@@ -300,6 +302,7 @@ def test_a_killed_run_resumes_from_the_last_finished_unit(sharp_dir, sharp, tmp_
         assert b["units"][key]["inputs"] == a["units"][key]["inputs"]
     marker = json.loads((killed / results.safe_name(sharp.name) / CHAPTER / results.MARKER).read_text())
     assert [u["outcome"] for u in marker["searches"]["units"]] == ["resumed", "computed"]
+    assert b["units"]["second"]["computed"]["seconds"] >= 1000  # its time over both runs, not the last one's only
     assert not folder.exists()  # the checkpoints go once the results are published
 
 

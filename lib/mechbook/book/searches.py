@@ -175,7 +175,8 @@ class Searches:
               rebuild: Callable[[dict], Any], check: Callable[[Any], pd.DataFrame]) -> Any:
         """One unit: the committed one re-checked, one a killed run finished (``--resume``), or computed now.
 
-        ``compute()`` gives the unit's record (its log or values), ``rebuild(unit)`` what the
+        ``compute()`` gives the unit's record (its log or values; with ``"seconds"``, the unit's wall
+        time when its work spans runs, as a resumed pruning's does), ``rebuild(unit)`` what the
         chapter gets from a record, ``check(rebuilt)`` the check's table (one row per unit re-checked).
         """
         self._start(key)
@@ -192,7 +193,8 @@ class Searches:
             return rebuild(unit)
         began = time.perf_counter()
         record = compute()
-        unit = {"kind": kind, "inputs": _plain(inputs), **record, "computed": _stamp(time.perf_counter() - began)}
+        seconds = record.pop("seconds", time.perf_counter() - began)
+        unit = {"kind": kind, "inputs": _plain(inputs), **record, "computed": _stamp(seconds)}
         self._computed(key, unit)
         return rebuild(unit)
 
@@ -244,10 +246,10 @@ class Searches:
         large = len(batch) >= MATERIAL_FROM
 
         def compute() -> dict:
+            decisions = self._checkpoint(key, "decisions")
             found = prune_nodes(self.model, batch, means, metric, threshold=threshold, max_rounds=max_rounds,
-                                start=start, max_rows=max_rows, tokens=tokens,
-                                checkpoint=self._checkpoint(key, "decisions"))
-            return {"size": len(found.log), "attrs": _plain({k: v for k, v in found.log.attrs.items() if k not in inputs}),
+                                start=start, max_rows=max_rows, tokens=tokens, checkpoint=decisions)
+            return {"seconds": json.loads(decisions.read_text())["seconds"], "size": len(found.log), "attrs": _plain({k: v for k, v in found.log.attrs.items() if k not in inputs}),
                     "rows": _records(found.log), "circuit": {**found.to_dict(), "score": found.score}}
 
         def check(found: Circuit) -> pd.DataFrame:

@@ -24,6 +24,7 @@ import json
 import math
 import numbers
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -655,6 +656,9 @@ class _Checkpoint:
         self.pending: list[list] = data.get("pending", [])
         self.full_metric: float | None = data.get("full_metric")
         self.earlier = (data.get("forward_passes", 0), data.get("prompt_blocks", 0))
+        # wall time: that of the runs before this one (none in a checkpoint written before it was kept), and this one's
+        self.earlier_seconds = float(data.get("seconds", 0.0))
+        self.began = time.perf_counter()
 
     @classmethod
     def open(cls, path: str | Path, params: dict) -> "_Checkpoint":
@@ -710,10 +714,15 @@ class _Checkpoint:
         self._write(rows, [], runner, finished=True)
         return self.earlier[0] + runner.forwards, self.earlier[1] + runner.prompt_blocks
 
+    def seconds(self) -> float:
+        """The search's wall time so far, over every run that worked on it."""
+        return self.earlier_seconds + time.perf_counter() - self.began
+
     def _write(self, rows, pending, runner, *, finished: bool) -> None:
         data = {"format": self.FORMAT, "params": self.params, "full_metric": runner.full,
                 "forward_passes": self.earlier[0] + runner.forwards,
-                "prompt_blocks": self.earlier[1] + runner.prompt_blocks, "finished": finished,
+                "prompt_blocks": self.earlier[1] + runner.prompt_blocks,
+                "seconds": round(self.seconds(), 1), "finished": finished,
                 "rows": [_plain_row(r) for r in rows], "pending": pending}
         write_atomically(self.path, json.dumps(data))
 

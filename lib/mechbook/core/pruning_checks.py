@@ -299,6 +299,42 @@ def node_material(model: LoadedModel, batch: TokenBatch, means: Mapping[str, Ten
     return {"steps": steps, "full": values[0].tolist(), "values": [v.tolist() for v in values[1:]]}
 
 
+def _score_rows(log: pd.DataFrame, picked: Sequence[int], scores: Sequence[float], full: float, *, threshold: float,
+                note: str = "") -> list[dict]:
+    """The full model's metric against the logged one, and each picked decision's recomputed metric (``scores``, the
+    mean over the prompts with its candidate removed) as a score in percent of ``full``, against the logged score
+    and verdict."""
+    rows = []
+    logged_full = log.attrs.get("full_metric")
+    if logged_full is not None:
+        tol = FLOAT_NOISE * max(abs(logged_full), abs(full))
+        rows.append(check_row("full model", "metric", float(logged_full), full, status=_status(logged_full, full, tol),
+                              note=note))
+    if not full > 0:
+        raise MechbookError(f"the full model's mean metric is {full:.4g} on these prompts, not positive: scores in "
+                            "percent of it mean nothing; check the prompts and metric")
+    boundary = 100.0 - 100.0 * threshold
+    records = log.to_dict("records")
+    for i, value in zip(picked, scores):
+        r = records[i]
+        logged, score = float(r["score_without"]), 100.0 * value / full
+        verdicts = (bool(r["removed"]), (100.0 - score) < 100.0 * threshold)
+        rows.append(check_row(_node_unit(r), "score_without", logged, score, verdicts=verdicts,
+                              status=_status(logged, score, _score_tol(logged, score), boundary=boundary,
+                                             verdicts=verdicts), note=note))
+    return rows
+
+
+def _check_attrs(log: pd.DataFrame, picked: Sequence[int], *, passes: int, blocks: int, began: float,
+                 **more) -> dict:
+    """A node check's ``attrs``: the steps it checked, its cost beside the search's, its seconds."""
+    return {"steps_checked": [int(log["step"].iloc[i]) for i in picked], "decisions": len(log), **more,
+            "forward_passes": passes, "prompt_blocks": blocks,
+            "search_forward_passes": log.attrs.get("forward_passes"),
+            "search_prompt_blocks": log.attrs.get("prompt_blocks"),
+            "seconds": time.perf_counter() - began}
+
+
 def _material_rows(model, batch, means, metric, log, material, picked, *, threshold, max_rows, tokens):
     """The check's rows from published prompt values: each picked decision's score from them, and a sample of the
     prompts recomputed under every variant (the full model and each decision's circuit)."""
@@ -312,24 +348,8 @@ def _material_rows(model, batch, means, metric, log, material, picked, *, thresh
     if len(full_values) != len(batch) or table.shape[1] != len(batch):
         return [check_row("prompt values", "replay", status="differs",
                           note=f"{len(full_values)} prompt values published for {len(batch)} prompts")], 0
-    rows = []
-    full = float(full_values.mean())
-    logged_full = log.attrs.get("full_metric")
-    if logged_full is not None:
-        tol = FLOAT_NOISE * max(abs(logged_full), abs(full))
-        rows.append(check_row("full model", "metric", float(logged_full), full, status=_status(logged_full, full, tol),
-                              note="from the published prompt values"))
-    if not full > 0:
-        raise MechbookError(f"the full model's mean metric is {full:.4g} on these prompts, not positive: scores in "
-                            "percent of it mean nothing; check the prompts and metric")
-    boundary = 100.0 - 100.0 * threshold
-    for i, values in zip(picked, table):
-        r = records[i]
-        logged, score = float(r["score_without"]), 100.0 * float(values.mean()) / full
-        verdicts = (bool(r["removed"]), (100.0 - score) < 100.0 * threshold)
-        rows.append(check_row(_node_unit(r), "score_without", logged, score, verdicts=verdicts,
-                              status=_status(logged, score, _score_tol(logged, score), boundary=boundary,
-                                             verdicts=verdicts), note="from the published prompt values"))
+    rows = _score_rows(log, picked, [float(v.mean()) for v in table], float(full_values.mean()),
+                       threshold=threshold, note="from the published prompt values")
     prompts = prompt_sample(len(batch), seed=log_seed(log, ["round", "pass", "step", "component", "removed"]))
     if not hasattr(metric, "rows"):
         raise MechbookError("a check on some of the prompts needs a metric that can be restricted to them (the core's "
@@ -418,44 +438,20 @@ def check_node_decisions(
             raise MechbookError("published prompt values are for the fixed sample; pass sample='rule' with material")
         more, n_rows = _material_rows(model, batch, means, metric, log, material, picked, threshold=threshold,
                                       max_rows=max_rows, tokens=tokens)
-        records = log.to_dict("records")
-        return checks_table(rows + more, {
-            "steps_checked": [int(records[i]["step"]) for i in picked], "decisions": len(log),
-            "prompts_checked": n_rows,
-            "forward_passes": math.ceil((len(picked) + 1) / max(1, max_rows // max(1, n_rows))),
-            "prompt_blocks": (len(picked) + 1) * n_rows * model.n_layers,
-            "search_forward_passes": log.attrs.get("forward_passes"),
-            "search_prompt_blocks": log.attrs.get("prompt_blocks"),
-            "seconds": time.perf_counter() - began})
+        return checks_table(rows + more, _check_attrs(
+            log, picked, prompts_checked=n_rows, began=began,
+            passes=math.ceil((len(picked) + 1) / max(1, max_rows // max(1, n_rows))),
+            blocks=(len(picked) + 1) * n_rows * model.n_layers))
     records = log.to_dict("records")
     variants = [Circuit.full(model)]
     for i in picked:
         c = _component(records[i])
         variants.append(Circuit.from_components(x for x in befores[i].components if x != c))
     values = circuit_metrics(model, batch, variants, means, metric, max_rows=max_rows, tokens=tokens).mean(1)
-    full = float(values[0])
-    logged_full = log.attrs.get("full_metric")
-    if logged_full is not None:
-        tol = FLOAT_NOISE * max(abs(logged_full), abs(full))
-        rows.append(check_row("full model", "metric", float(logged_full), full, status=_status(logged_full, full, tol)))
-    if not full > 0:
-        raise MechbookError(f"the full model's mean metric is {full:.4g} on these prompts, not positive: scores in "
-                            "percent of it mean nothing; check the prompts and metric")
-    boundary = 100.0 - 100.0 * threshold
-    for i, value in zip(picked, values[1:].tolist()):
-        r = records[i]
-        logged, score = float(r["score_without"]), 100.0 * value / full
-        verdicts = (bool(r["removed"]), (100.0 - score) < 100.0 * threshold)
-        rows.append(check_row(_node_unit(r), "score_without", logged, score, verdicts=verdicts,
-                         status=_status(logged, score, _score_tol(logged, score), boundary=boundary,
-                                        verdicts=verdicts)))
+    rows += _score_rows(log, picked, values[1:].tolist(), float(values[0]), threshold=threshold)
     n, per_pass = len(batch), max(1, max_rows // len(batch))
-    return checks_table(rows, {
-        "steps_checked": [int(records[i]["step"]) for i in picked], "decisions": len(log),
-        "forward_passes": math.ceil(len(variants) / per_pass), "prompt_blocks": len(variants) * n * model.n_layers,
-        "search_forward_passes": log.attrs.get("forward_passes"),
-        "search_prompt_blocks": log.attrs.get("prompt_blocks"),
-        "seconds": time.perf_counter() - began})
+    return checks_table(rows, _check_attrs(log, picked, began=began, passes=math.ceil(len(variants) / per_pass),
+                                           blocks=len(variants) * n * model.n_layers))
 
 
 def _final_circuit_row(found: Circuit, final: Circuit, log: pd.DataFrame) -> dict:

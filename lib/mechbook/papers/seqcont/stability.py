@@ -107,14 +107,17 @@ def agreement(circuits: Mapping[tuple[str, int, int], Circuit]) -> pd.DataFrame:
                 pairs["with next size"] = [(circuits[(task, n, s)], circuits[(task, nxt, s)])
                                            for s in seeds if (task, nxt, s) in circuits]
             for comparison, these in pairs.items():
-                if not these:
-                    continue
-                heads = [jaccard(a.heads, b.heads) for a, b in these]
-                mlps = [jaccard(a.mlps, b.mlps) for a, b in these]
-                rows.append({"task": task, "n_prompts": n, "comparison": comparison, "pairs": len(these),
-                             "heads": float(np.mean(heads)), "heads_lowest": float(np.min(heads)),
-                             "mlps": float(np.mean(mlps)), "mlps_lowest": float(np.min(mlps))})
+                if these:
+                    rows.append({"task": task, "n_prompts": n, "comparison": comparison, **_jaccard_row(these)})
     return pd.DataFrame(rows)
+
+
+def _jaccard_row(pairs: Sequence[tuple[Circuit, Circuit]]) -> dict[str, float | int]:
+    """How alike the circuits of each pair are: the mean and lowest Jaccard index of their heads and of their MLPs."""
+    heads = [jaccard(a.heads, b.heads) for a, b in pairs]
+    mlps = [jaccard(a.mlps, b.mlps) for a, b in pairs]
+    return {"pairs": len(pairs), "heads": float(np.mean(heads)), "heads_lowest": float(np.min(heads)),
+            "mlps": float(np.mean(mlps)), "mlps_lowest": float(np.min(mlps))}
 
 
 def smallest_stable_size(table: pd.DataFrame, *, at_least: float = STABLE) -> int | None:
@@ -242,9 +245,5 @@ def draws_apart(
     for task in tasks:
         for moved in DRAWS:
             pairs = [(found[(task, moved, a)], found[(task, moved, b)]) for a, b in combinations(seeds, 2)]
-            heads = [jaccard(a.heads, b.heads) for a, b in pairs]
-            mlps = [jaccard(a.mlps, b.mlps) for a, b in pairs]
-            rows.append({"task": task, "n_prompts": n_prompts, "moved": moved, "pairs": len(pairs),
-                         "heads": float(np.mean(heads)), "heads_lowest": float(np.min(heads)),
-                         "mlps": float(np.mean(mlps)), "mlps_lowest": float(np.min(mlps))})
+            rows.append({"task": task, "n_prompts": n_prompts, "moved": moved, **_jaccard_row(pairs)})
     return pd.DataFrame(rows), found

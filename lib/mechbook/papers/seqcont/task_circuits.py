@@ -92,9 +92,15 @@ def prepare_task(model: LoadedModel, task: str, *, n_prompts: int, n_corrupted: 
     corrupted prompts behind the means (chapter b7 moves one draw and holds the other).
     """
     prompts = components.solved_paper_prompts(model, task, n_prompts=n_prompts, seed=seed)
-    corrupted = sequences.tokenize_prompts(sequences.load_paper_prompts(task, "corrupted"), model.tokenizer)
-    drawn = seed if corrupted_seed is None else corrupted_seed
-    return task_set(model, prompts, components.corrupted_sample(corrupted, prompts, n_prompts=n_corrupted, seed=drawn))
+    return task_set(model, prompts, _corrupted_draw(model, task, prompts, n_corrupted, seed, corrupted_seed))
+
+
+def _corrupted_draw(model: LoadedModel, task: str, prompts: sequences.SeqPromptSet, n_corrupted: int | None,
+                    seed: int, corrupted_seed: int | None) -> sequences.SeqPromptSet:
+    """The corrupted prompts behind the means: the paper's, drawn with ``corrupted_seed`` (``seed`` when None)."""
+    pool = sequences.tokenize_prompts(sequences.load_paper_prompts(task, "corrupted"), model.tokenizer)
+    return components.corrupted_sample(pool, prompts, n_prompts=n_corrupted,
+                                       seed=seed if corrupted_seed is None else corrupted_seed)
 
 
 def check_draw(model: LoadedModel, ts: TaskSet, *, n_prompts: int, n_corrupted: int | None, seed: int,
@@ -142,9 +148,8 @@ def check_draw(model: LoadedModel, ts: TaskSet, *, n_prompts: int, n_corrupted: 
     interleaved = [p[turn] for turn in range(per_template) for p in expected_turns if turn < len(p)][:n_prompts]
     if interleaved != chosen:
         problems.append("the clean prompts are not in the order the templates take turns")
-    corrupted_pool = sequences.tokenize_prompts(sequences.load_paper_prompts(ts.task, "corrupted"), model.tokenizer)
     drawn = seed if corrupted_seed is None else corrupted_seed
-    expected = components.corrupted_sample(corrupted_pool, ts.prompts, n_prompts=n_corrupted, seed=drawn)
+    expected = _corrupted_draw(model, ts.task, ts.prompts, n_corrupted, seed, corrupted_seed)
     if [int(i) for i in expected.source_index] != [int(i) for i in ts.corrupted.source_index]:
         problems.append(f"the corrupted rows are not the seeded sample of {n_corrupted} (seed {drawn})")
     rows.append(check_row(f"{ts.task}: rows drawn", "draw", status="differs" if problems else "agrees",
