@@ -41,11 +41,13 @@ def test_a_draw_is_computed_published_then_rebuilt_and_checked(gemma, drawn, tmp
     first.save(saved)
     saved.finish()
     assert first.report().outcome.tolist() == ["computed"]
+    assert first.summary().startswith("computed 1 draw of prompts (")
 
     again = Searches(CHAPTER, gemma, root=tmp_path)
     rebuilt = saved_circuits.drawn_task(again, "numerals", **ARGS)
     row = again.report().loc["draw numerals/8/3"]
     assert row.outcome == "checked" and row.checked >= 2 and row.agree == row.checked
+    assert again.summary().startswith(f"checked 1 committed draw of prompts ({row.checked} units re-computed")
     for t in (made, rebuilt):  # the same prompts and means as prepare_task's, bit for bit
         assert digest(t.batch.input_ids, t.batch.lengths) == digest(drawn.batch.input_ids, drawn.batch.lengths)
         assert all(torch.equal(t.means[k], drawn.means[k]) for k in drawn.means)

@@ -336,6 +336,8 @@ def box(saved: Any = None) -> Box:
 def searches_text(searches: dict[str, Any]) -> str:
     """What a run did with its chapter's searches (:mod:`mechbook.book.searches`): computed them, or checked them
     against which computation."""
+    from mechbook.book.searches import how_many
+
     units = searches.get("units", [])
     computed = searches.get("computed", {})
     parts = []
@@ -347,7 +349,7 @@ def searches_text(searches: dict[str, Any]) -> str:
         cpus = sorted({str(s.get("cpu") or "?") for s in stamps})
         at = sum(u.get("at threshold") or 0 for u in checked)
         parts.append(
-            f"checked, not recomputed: {len(checked)} searches loaded from the committed results, "
+            f"checked, not recomputed: {how_many(checked, committed=False)} loaded from the committed results, "
             f"{sum(u.get('checked') or 0 for u in checked)} of their {sum(u.get('of') or 0 for u in checked)} units "
             f"recomputed in {duration(searches.get('check_seconds'))}, all agree"
             + (f" ({at} at the threshold within float noise)" if at else "")
@@ -357,5 +359,6 @@ def searches_text(searches: dict[str, Any]) -> str:
     if fresh:
         seconds = sum(float(computed.get(u["unit"], {}).get("seconds") or 0) for u in fresh)
         why = searches.get("why_computed")
-        parts.append(f"computed in this run: {len(fresh)} searches in {duration(seconds)}" + (f" ({why})" if why else ""))
+        parts.append(f"computed in this run: {how_many(fresh, committed=False)} in {duration(seconds)}"
+                     + (f" ({why})" if why else ""))
     return "; ".join(parts) or "none"

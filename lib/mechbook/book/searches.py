@@ -379,12 +379,13 @@ class Searches:
         if checked:
             n = sum(r["checked"] for r in checked)
             at = sum(r["at threshold"] for r in checked)
-            parts.append(f"checked {len(checked)} committed searches ({n} units re-computed, all agree"
+            parts.append(f"checked {how_many(checked)} ({n} units re-computed, all agree"
                          + (f", {at} at the threshold within float noise, which no CPU can decide" if at else "")
                          + f"); computing them took {sum(r['computed in (s)'] for r in checked):.1f} s, "
                          f"re-checking took {self.check_seconds:.1f} s")
         if computed:
-            parts.append(f"computed {len(computed)} searches ({self.why_not or 'no committed unit with these inputs'})")
+            parts.append(f"computed {how_many(computed, committed=False)} "
+                         f"({self.why_not or 'no committed unit with these inputs'})")
         return "; ".join(parts) + "." if parts else "no searches."
 
     def save(self, saved: ChapterResults) -> None:
@@ -406,6 +407,18 @@ class Searches:
 
 
 # --- units back from their records ----------------------------------------------------------------------
+
+
+def how_many(rows: Sequence[dict], *, committed: bool = True) -> str:
+    """"3 committed searches", or, where draws of prompts are among them, "3 committed searches and 3 draws of
+    prompts" (``rows``: report rows, each with its ``kind``)."""
+    draws = sum(r.get("kind") == "draw" for r in rows)
+    searches = len(rows) - draws
+    named = [f"{searches} {'committed ' if committed else ''}search{'es' if searches != 1 else ''}"] if searches else []
+    if draws:
+        named.append(f"{draws} {'committed ' if committed and not searches else ''}draw{'s' if draws != 1 else ''} "
+                     "of prompts")
+    return " and ".join(named)
 
 
 def _node_circuit(unit: dict) -> Circuit:
