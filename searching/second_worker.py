@@ -11,7 +11,8 @@ worker stops when it reaches a unit the chapter has finished or is working on. I
         MECHBOOK_RESULTS=/work/main/searching/results MECHBOOK_RESUME=1 \
         /work/main/.venv/bin/python /work/main/searching/second_worker.py gemma3-270m b7
 
-Plans: b7 only (its keys are those of stability.circuits_by_size and stability.draws_apart).
+Plans: those of scripts/paper_size.sh, with the chapters' own keys (b7: stability.circuits_by_size and
+stability.draws_apart; b2: its pruning cell, ``<task>/<n_prompts>/<seed>``).
 """
 from __future__ import annotations
 
@@ -44,14 +45,31 @@ def b7_units(sizes=(64, 128), seeds=(0, 1, 2), apart_size=64):
     return units
 
 
+def b2_units(n_prompts: int, seeds=(0, 1, 2, 3, 4)):
+    """The b2 plan's units from its end (the last seed first): one pruning per task and seed."""
+    return [(f"{task}/{n_prompts}/{s}", task, n_prompts, s, None)
+            for s in reversed(seeds) for task in reversed(sequences.PAPER_TASKS)]
+
+
+# (model, chapter): the chapter's results folder, its units from the end, the corrupted prompts per draw; as
+# scripts/paper_size.sh plans them
+PLANS = {
+    ("gemma3-270m", "b7"): ("b7_circuit_stability", b7_units, 64),
+    ("gemma3-270m", "b2"): ("b2_node_pruning", lambda: b2_units(512), 512),
+    ("smollm2-135m", "b2"): ("b2_node_pruning", lambda: b2_units(128), 128),
+}
+
+
 def main(model_name: str, chapter: str) -> None:
-    if chapter != "b7":
-        sys.exit(f"second_worker: no plan for {chapter}; plans: b7")
+    if (model_name, chapter) not in PLANS:
+        sys.exit(f"second_worker: no plan for {model_name} {chapter}; plans: "
+                 + ", ".join(" ".join(p) for p in PLANS))
     if os.environ.get("MECHBOOK_RESUME") != "1":
         sys.exit("second_worker: set MECHBOOK_RESUME=1, or the checkpoints of the chapter's run are deleted")
+    folder, units, n_corrupted = PLANS[(model_name, chapter)]
     model = mechbook.load_model(model_name)
-    searches = Searches("b7_circuit_stability", model)
-    for key, task, n, clean, corrupted in b7_units():
+    searches = Searches(folder, model)
+    for key, task, n, clean, corrupted in units():
         stem = searches.checkpoints / key.replace("/", "--")
         done, under_way = stem.with_suffix(".unit.json"), stem.with_suffix(".decisions.json")
         if done.exists():
@@ -61,7 +79,7 @@ def main(model_name: str, chapter: str) -> None:
             print(f"second_worker: {key} is under way in the chapter, stopping", flush=True)
             return
         print(f"second_worker: {key}", flush=True)
-        t = saved_circuits.drawn_task(searches, task, n_prompts=n, n_corrupted=64, seed=clean,
+        t = saved_circuits.drawn_task(searches, task, n_prompts=n, n_corrupted=n_corrupted, seed=clean,
                                       corrupted_seed=corrupted)
         searches.node_pruning(key, t.batch, t.means, t.metric, threshold=0.2, tokens=t.tokens)
     print("second_worker: every unit of the plan is done", flush=True)
