@@ -126,3 +126,11 @@ def test_b7_stability():
                           "score_low": 80.0, "score_high": 90.0} for t in TASKS for n in (8, 16) for s in (0, 1)])
     fig = figures.sizes_and_scores(runs, [8, 16], [0, 1], threshold=0.2)
     assert np.isclose(fig.axes[2].get_lines()[-1].get_ydata()[0], 80.0)
+    margins = pd.DataFrame([{"task": t, "n_prompts": n, "seed": s, "head": h, "kept_by": by, "in_circuit": m <= 0,
+                             "margin": m} for t in TASKS for n in (8, 16) for s in (0, 1)
+                            for h, by, m in (("1.0", "every seed", -12.0), ("2.1", "some seeds", 0.5 - s))])
+    fig = figures.decision_margins(margins, TASKS, title="margins")
+    assert len(fig.axes) == len(TASKS) and fig.axes[0].get_title() == TASKS[0]
+    # every head and seed is one point, the bar one grey line at 0
+    assert sum(len(c.get_offsets()) for c in fig.axes[0].collections) == 2 * 2 * 2
+    assert fig.axes[0].get_lines()[-1].get_ydata()[0] == 0

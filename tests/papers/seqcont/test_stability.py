@@ -85,3 +85,23 @@ def test_agreement_tables_refuse_empty_input():
     for table in (pd.DataFrame(), pd.DataFrame({"size": [1], "jaccard": [1.0]})):
         with pytest.raises(MechbookError, match="reads the table of agreement"):
             stability.smallest_stable_size(table)
+
+
+def test_decision_margins_are_each_heads_last_decision_against_the_bar(tiny_gpt2, monkeypatch):
+    monkeypatch.setattr(stability, "prepare_task", _fake_prepare(tiny_gpt2))
+    _, found = stability.circuits_by_size(tiny_gpt2, ["a"], [6], [0, 1, 2], threshold=0.3)
+    table = stability.decision_margins(found, threshold=0.3)
+    kept = {s: {c.label for c in found[("a", 6, s)].components if c.kind == "head"} for s in (0, 1, 2)}
+    union, every = set.union(*kept.values()), set.intersection(*kept.values())
+    assert len(table) == 3 * len(union) and set(table["head"]) == union
+    for s in (0, 1, 2):  # by hand: walk the log, the last score each head was decided on
+        last = {}
+        for row in found[("a", 6, s)].log.itertuples():
+            if row.kind == "head":
+                last[row.component] = row.score_without
+        for r in table[table.seed == s].itertuples():
+            assert r.margin == pytest.approx(last[r.head] - 70.0, abs=1e-9)
+            assert r.in_circuit == (r.head in kept[s]) == (r.margin <= 0)  # kept: the score without it fell to the bar
+            assert r.kept_by == ("every seed" if r.head in every else "some seeds")
+    with pytest.raises(MechbookError, match="no decision log"):
+        stability.decision_margins({("a", 6, 0): Circuit([(0, 0)], [])}, threshold=0.3)

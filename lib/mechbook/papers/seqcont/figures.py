@@ -516,3 +516,26 @@ def sizes_and_scores(runs: pd.DataFrame, sizes: Sequence[int], seeds: Sequence[i
     axes[2].legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
+
+
+def decision_margins(margins: pd.DataFrame, tasks: Sequence[str], *, title: str):
+    """Each kept head's last decision against the pruning's bar, by task and sample size: the heads every seed keeps
+    against those only some keep (one point per head and seed).
+
+    ``margins`` is :func:`mechbook.papers.seqcont.stability.decision_margins`' table; 0 (grey) is the bar, below
+    it the head was kept.
+    """
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.8), sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        with seeded_numpy():
+            sns.stripplot(data=margins[margins.task == task], x="n_prompts", y="margin", hue="kept_by",
+                          hue_order=["every seed", "some seeds"], dodge=True, size=3, ax=ax)
+        ax.axhline(0, color="grey", linewidth=1)
+        ax.set(xlabel="prompts per task", ylabel="score without the head − bar (points)", title=task)
+        if ax.legend_ is not None:
+            ax.legend_.remove()
+    axes[0][-1].legend(*axes[0][0].get_legend_handles_labels(), title="kept by", loc="upper left",
+                       bbox_to_anchor=(1.01, 1))
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

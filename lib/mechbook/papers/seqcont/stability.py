@@ -14,6 +14,8 @@ the circuits agree:
   agrees at least ``at_least`` across seeds and with the next size;
 - :func:`draws_apart`: the same with one draw moved and the other held, to tell
   whether the clean prompts or the corrupted means move the heads;
+- :func:`decision_margins`: how far from the pruning's bar each head's decision fell,
+  for the heads every seed keeps and for those only some keep;
 - :func:`inclusion_frequency` and :func:`stable_circuits`: stability selection
   (Meinshausen & Bühlmann 2010) over draws at one size: how often each head and MLP
   is kept, and the circuit of the components kept in at least a stated share of draws.
@@ -118,6 +120,42 @@ def _jaccard_row(pairs: Sequence[tuple[Circuit, Circuit]]) -> dict[str, float | 
     mlps = [jaccard(a.mlps, b.mlps) for a, b in pairs]
     return {"pairs": len(pairs), "heads": float(np.mean(heads)), "heads_lowest": float(np.min(heads)),
             "mlps": float(np.mean(mlps)), "mlps_lowest": float(np.min(mlps))}
+
+
+KEPT_BY = ("every seed", "some seeds")  # a head kept at one size by each seed's circuit, or by some only
+
+
+def decision_margins(circuits: Mapping[tuple[str, int, int], Circuit], *, threshold: float) -> pd.DataFrame:
+    """How far from the pruning's bar each head's decision fell: why the heads that move between seeds move.
+
+    ``circuits`` as :func:`circuits_by_size` gives them, each with its decision log. For
+    every (task, n_prompts), the heads kept by at least one seed's circuit, and for each
+    seed the score of the circuit without the head at the last decision on it (the one that
+    kept or removed it) minus the bar, 100 x (1 - ``threshold``): the ``margin`` in points
+    of the full model's metric, negative where the head was kept. ``kept_by`` says whether
+    every seed's circuit kept the head or only some did. One row per (task, n_prompts,
+    seed, head).
+    """
+    if not circuits:
+        raise MechbookError("no circuits; pass {(task, n_prompts, seed): Circuit} from circuits_by_size")
+    missing = [key for key, c in circuits.items() if c.log is None]
+    if missing:
+        raise MechbookError(f"circuits {missing[:3]} carry no decision log; pass the circuits pruning returned")
+    threshold = check("threshold", threshold)
+    bar = 100.0 * (1.0 - threshold)
+    rows = []
+    for task, n in dict.fromkeys((t, m) for t, m, _ in circuits):
+        seeds = [s for t, m, s in circuits if (t, m) == (task, n)]
+        kept = {s: {c.label for c in circuits[(task, n, s)].components if c.kind == "head"} for s in seeds}
+        every = set.intersection(*kept.values())
+        for s in seeds:
+            log = circuits[(task, n, s)].log
+            last = log[log.kind == "head"].groupby("component", sort=False).score_without.last()
+            for head in sorted(set.union(*kept.values()), key=lambda label: tuple(map(int, label.split(".")))):
+                rows.append({"task": task, "n_prompts": n, "seed": s, "head": head,
+                             "kept_by": KEPT_BY[0] if head in every else KEPT_BY[1], "in_circuit": head in kept[s],
+                             "margin": float(last[head]) - bar if head in last.index else float("nan")})
+    return pd.DataFrame(rows)
 
 
 def smallest_stable_size(table: pd.DataFrame, *, at_least: float = STABLE) -> int | None:
