@@ -523,7 +523,7 @@ def decision_margins(margins: pd.DataFrame, tasks: Sequence[str], *, title: str)
     against those only some keep (one point per head and seed).
 
     ``margins`` is :func:`mechbook.papers.seqcont.stability.decision_margins`' table; 0 (grey) is the bar, below
-    it the head was kept.
+    it the head was kept. The axis is linear within 5 points of the bar and logarithmic beyond.
     """
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.8), sharey=True, squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -531,6 +531,11 @@ def decision_margins(margins: pd.DataFrame, tasks: Sequence[str], *, title: str)
             sns.stripplot(data=margins[margins.task == task], x="n_prompts", y="margin", hue="kept_by",
                           hue_order=["every seed", "some seeds"], dodge=True, size=3, ax=ax)
         ax.axhline(0, color="grey", linewidth=1)
+        # linear within 5 points of the bar, where the heads that move lie; logarithmic beyond, where the margins
+        # of the heads every seed keeps run to tens of points
+        ax.set_yscale("symlog", linthresh=5)
+        ax.set_yticks([-50, -20, -5, 0, 5, 20])
+        ax.set_yticklabels(["−50", "−20", "−5", "0", "5", "20"])
         ax.set(xlabel="prompts per task", ylabel="score without the head − bar (points)", title=task)
         if ax.legend_ is not None:
             ax.legend_.remove()
