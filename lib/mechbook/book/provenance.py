@@ -31,6 +31,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -333,11 +334,21 @@ def box(saved: Any = None) -> Box:
     return Box(rows, files, note)
 
 
+def how_many(rows: Sequence[dict], *, committed: bool = True) -> str:
+    """"3 committed searches", or, where draws of prompts are among them, "3 committed searches and 3 draws of
+    prompts" (``rows``: report rows, each with its ``kind``)."""
+    draws = sum(r.get("kind") == "draw" for r in rows)
+    searches = len(rows) - draws
+    named = [f"{searches} {'committed ' if committed else ''}search{'es' if searches != 1 else ''}"] if searches else []
+    if draws:
+        named.append(f"{draws} {'committed ' if committed and not searches else ''}draw{'s' if draws != 1 else ''} "
+                     "of prompts")
+    return " and ".join(named)
+
+
 def searches_text(searches: dict[str, Any]) -> str:
     """What a run did with its chapter's searches (:mod:`mechbook.book.searches`): computed them, or checked them
     against which computation."""
-    from mechbook.book.searches import how_many
-
     units = searches.get("units", [])
     computed = searches.get("computed", {})
     parts = []

@@ -373,6 +373,8 @@ class Searches:
 
     def summary(self) -> str:
         """One sentence: what this run computed or checked, and the check's time (for the chapter to print)."""
+        from mechbook.book.provenance import how_many
+
         checked = [r for r in self.rows if r["outcome"] == "checked"]
         computed = [r for r in self.rows if r["outcome"] != "checked"]
         parts = []
@@ -407,18 +409,6 @@ class Searches:
 
 
 # --- units back from their records ----------------------------------------------------------------------
-
-
-def how_many(rows: Sequence[dict], *, committed: bool = True) -> str:
-    """"3 committed searches", or, where draws of prompts are among them, "3 committed searches and 3 draws of
-    prompts" (``rows``: report rows, each with its ``kind``)."""
-    draws = sum(r.get("kind") == "draw" for r in rows)
-    searches = len(rows) - draws
-    named = [f"{searches} {'committed ' if committed else ''}search{'es' if searches != 1 else ''}"] if searches else []
-    if draws:
-        named.append(f"{draws} {'committed ' if committed and not searches else ''}draw{'s' if draws != 1 else ''} "
-                     "of prompts")
-    return " and ".join(named)
 
 
 def _node_circuit(unit: dict) -> Circuit:
