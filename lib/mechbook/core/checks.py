@@ -97,6 +97,7 @@ PARAMETERS: dict[str, Allowed] = {
     "add_scale": Allowed(-100, 100, what="a weight", e_g=1.0),
     "sizes": Allowed(2, whole=True, each=True, what="a list of prompt counts", e_g=(8, 16)),
     "seeds": Allowed(0, whole=True, each=True, what="a list of seeds", e_g=(0, 1, 2)),
+    "apart_size": Allowed(2, whole=True, what="a count of prompts (b7: one of its sizes)", e_g=64),
     "tasks": Allowed(names=True, what="a list of task names"),
 }
 
