@@ -69,12 +69,16 @@ def main(model_name: str, chapter: str) -> None:
     folder, units, n_corrupted = PLANS[(model_name, chapter)]
     model = mechbook.load_model(model_name)
     searches = Searches(folder, model)
+    started = False  # the units a restarted worker finished itself are passed over, up to its first unfinished one
     for key, task, n, clean, corrupted in units():
         stem = searches.checkpoints / key.replace("/", "--")
         done, under_way = stem.with_suffix(".unit.json"), stem.with_suffix(".decisions.json")
+        if done.exists() and not started:
+            continue
         if done.exists():
             print(f"second_worker: {key} is finished; the chapter has come this far, stopping", flush=True)
             return
+        started = True
         if under_way.exists() and time.time() - under_way.stat().st_mtime < BUSY_SECONDS:
             print(f"second_worker: {key} is under way in the chapter, stopping", flush=True)
             return
