@@ -435,6 +435,26 @@ def test_published_prompt_values_check_the_decisions_on_a_sample_of_prompts(shar
         assert_agrees(check_node_decisions(sharp, clean, means, metric, pruned, threshold=0.3, material=other))
 
 
+def test_the_checked_variants_are_each_circuit_before_its_decision_less_its_candidate(sharp, pruned):
+    """The circuits a check and its published prompt values run: the full model, then for each picked decision the
+    circuit the log had before it with that decision's candidate out; a log that no longer replays is refused."""
+    log = pruned.log
+    picked = list(range(len(log)))
+    variants = pruning_checks._variants(sharp, log, picked)
+    assert variants[0] == Circuit.full(sharp) and len(variants) == len(log) + 1
+    circuit = Circuit.full(sharp)  # the slow replay, written out
+    for (_, r), variant in zip(log.iterrows(), variants[1:]):
+        assert r.component not in variant.labels() and r.component in circuit.labels()
+        assert set(variant.labels()) == set(circuit.labels()) - {r.component}
+        circuit = variant if r.removed else circuit
+    assert circuit == pruned
+    broken = log.copy()
+    broken.attrs = dict(log.attrs)
+    broken["removed"] = ~broken["removed"]
+    with pytest.raises(MechbookError, match="does not replay"):
+        pruning_checks._variants(sharp, broken, picked)
+
+
 def test_core_metrics_restrict_to_rows():
     import torch
 

@@ -249,7 +249,9 @@ class Searches:
             decisions = self._checkpoint(key, "decisions")
             found = prune_nodes(self.model, batch, means, metric, threshold=threshold, max_rounds=max_rounds,
                                 start=start, max_rows=max_rows, tokens=tokens, checkpoint=decisions)
-            return {"seconds": json.loads(decisions.read_text())["seconds"], "size": len(found.log), "attrs": _plain({k: v for k, v in found.log.attrs.items() if k not in inputs}),
+            seconds = json.loads(decisions.read_text())["seconds"]  # over every run that worked on it
+            return {"seconds": seconds, "size": len(found.log),
+                    "attrs": _plain({k: v for k, v in found.log.attrs.items() if k not in inputs}),
                     "rows": _records(found.log), "circuit": {**found.to_dict(), "score": found.score}}
 
         def check(found: Circuit) -> pd.DataFrame:

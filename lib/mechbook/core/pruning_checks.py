@@ -273,15 +273,21 @@ def prompt_sample(n: int, *, seed: int, share: int = PROMPT_SHARE) -> list[int]:
     return sample_units([False] * n, seed, lambda s: len(s) <= want)
 
 
+def _variants_of(model: LoadedModel, befores: Sequence[Circuit], records: Sequence[dict],
+                 picked: Sequence[int]) -> list[Circuit]:
+    """The full model, then for each picked decision the circuit before it (``befores``, from
+    :func:`_replay_nodes`) minus its candidate."""
+    return [Circuit.full(model)] + [Circuit.from_components(x for x in befores[i].components
+                                                            if x != _component(records[i])) for i in picked]
+
+
 def _variants(model: LoadedModel, log: pd.DataFrame, picked: Sequence[int]) -> list[Circuit]:
-    """The full model, then for each picked decision the circuit before it minus its candidate."""
+    """:func:`_variants_of` from a log replayed here; a log that does not replay is refused."""
     start = Circuit(**log.attrs["start"]) if "start" in log.attrs else Circuit.full(model)
     befores, _, problems = _replay_nodes(model, log, start, log.attrs.get("max_rounds"), float(log.attrs["threshold"]))
     if problems:
         raise MechbookError(f"the decision log does not replay ({problems[0][1]}); recompute the search")
-    records = log.to_dict("records")
-    return [Circuit.full(model)] + [Circuit.from_components(x for x in befores[i].components
-                                                            if x != _component(records[i])) for i in picked]
+    return _variants_of(model, befores, log.to_dict("records"), picked)
 
 
 def node_material(model: LoadedModel, batch: TokenBatch, means: Mapping[str, Tensor], metric: Metric,
@@ -442,11 +448,7 @@ def check_node_decisions(
             log, picked, prompts_checked=n_rows, began=began,
             passes=math.ceil((len(picked) + 1) / max(1, max_rows // max(1, n_rows))),
             blocks=(len(picked) + 1) * n_rows * model.n_layers))
-    records = log.to_dict("records")
-    variants = [Circuit.full(model)]
-    for i in picked:
-        c = _component(records[i])
-        variants.append(Circuit.from_components(x for x in befores[i].components if x != c))
+    variants = _variants_of(model, befores, log.to_dict("records"), picked)
     values = circuit_metrics(model, batch, variants, means, metric, max_rows=max_rows, tokens=tokens).mean(1)
     rows += _score_rows(log, picked, values[1:].tolist(), float(values[0]), threshold=threshold)
     n, per_pass = len(batch), max(1, max_rows // len(batch))

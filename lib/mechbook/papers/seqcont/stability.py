@@ -148,10 +148,11 @@ def decision_margins(circuits: Mapping[tuple[str, int, int], Circuit], *, thresh
         seeds = [s for t, m, s in circuits if (t, m) == (task, n)]
         kept = {s: {c.label for c in circuits[(task, n, s)].components if c.kind == "head"} for s in seeds}
         every = set.intersection(*kept.values())
+        heads = sorted(set.union(*kept.values()), key=lambda label: tuple(map(int, label.split("."))))
         for s in seeds:
             log = circuits[(task, n, s)].log
             last = log[log.kind == "head"].groupby("component", sort=False).score_without.last()
-            for head in sorted(set.union(*kept.values()), key=lambda label: tuple(map(int, label.split(".")))):
+            for head in heads:
                 rows.append({"task": task, "n_prompts": n, "seed": s, "head": head,
                              "kept_by": KEPT_BY[0] if head in every else KEPT_BY[1], "in_circuit": head in kept[s],
                              "margin": float(last[head]) - bar if head in last.index else float("nan")})

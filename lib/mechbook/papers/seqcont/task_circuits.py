@@ -92,15 +92,16 @@ def prepare_task(model: LoadedModel, task: str, *, n_prompts: int, n_corrupted: 
     corrupted prompts behind the means (chapter b7 moves one draw and holds the other).
     """
     prompts = components.solved_paper_prompts(model, task, n_prompts=n_prompts, seed=seed)
-    return task_set(model, prompts, _corrupted_draw(model, task, prompts, n_corrupted, seed, corrupted_seed))
+    return task_set(model, prompts, _corrupted_draw(model, task, prompts, n_corrupted,
+                                                    seed if corrupted_seed is None else corrupted_seed))
 
 
 def _corrupted_draw(model: LoadedModel, task: str, prompts: sequences.SeqPromptSet, n_corrupted: int | None,
-                    seed: int, corrupted_seed: int | None) -> sequences.SeqPromptSet:
-    """The corrupted prompts behind the means: the paper's, drawn with ``corrupted_seed`` (``seed`` when None)."""
+                    drawn: int) -> sequences.SeqPromptSet:
+    """The corrupted prompts behind the means: the paper's, drawn with seed ``drawn`` (the corrupted draw's seed,
+    the clean draw's when it has none of its own)."""
     pool = sequences.tokenize_prompts(sequences.load_paper_prompts(task, "corrupted"), model.tokenizer)
-    return components.corrupted_sample(pool, prompts, n_prompts=n_corrupted,
-                                       seed=seed if corrupted_seed is None else corrupted_seed)
+    return components.corrupted_sample(pool, prompts, n_prompts=n_corrupted, seed=drawn)
 
 
 def check_draw(model: LoadedModel, ts: TaskSet, *, n_prompts: int, n_corrupted: int | None, seed: int,
@@ -149,7 +150,7 @@ def check_draw(model: LoadedModel, ts: TaskSet, *, n_prompts: int, n_corrupted: 
     if interleaved != chosen:
         problems.append("the clean prompts are not in the order the templates take turns")
     drawn = seed if corrupted_seed is None else corrupted_seed
-    expected = _corrupted_draw(model, ts.task, ts.prompts, n_corrupted, seed, corrupted_seed)
+    expected = _corrupted_draw(model, ts.task, ts.prompts, n_corrupted, drawn)
     if [int(i) for i in expected.source_index] != [int(i) for i in ts.corrupted.source_index]:
         problems.append(f"the corrupted rows are not the seeded sample of {n_corrupted} (seed {drawn})")
     rows.append(check_row(f"{ts.task}: rows drawn", "draw", status="differs" if problems else "agrees",
