@@ -226,3 +226,36 @@ def test_a_results_root_that_does_not_exist_is_refused_not_reported_empty(tmp_pa
         with pytest.raises(MechbookError, match=r"^results root '.*nonexistent' is not a folder; pass the folder"):
             table(missing)
     assert compare.icl_accuracy_table(tmp_path) is None  # an existing folder without results: nothing to show
+
+
+def test_verdict_changes_set_each_verdict_beside_its_earlier_one() -> None:
+    """The committed earlier table is a verdicts_table; a claim measured again with a verdict that flips is marked
+    moved and changed, one measured again with the same verdict moved only, and the rest neither."""
+    earlier = pd.read_csv(compare.EARLIER_VERDICTS)
+    assert list(earlier.columns) == ["model", "claim", "task", "condition", "ours", "ci_low", "ci_high", "n",
+                                     "paper", "paper_model", "verdict"]
+    assert set(earlier.verdict) <= {"holds", "does not hold here", "cannot tell"}
+    assert not earlier.duplicated(compare.VERDICT_KEY).any()
+    same = compare.verdict_changes(earlier, earlier)
+    assert len(same) == len(earlier) and not same.moved.any() and not same.changed.any()
+
+    now = earlier.copy()
+    flip = now.index[now.verdict == "holds"][0]  # measured on more prompts: the paper's number now falls outside
+    now.loc[flip, ["n", "ci_low", "ci_high"]] = [512, now.loc[flip, "paper"] + 1.0, now.loc[flip, "paper"] + 2.0]
+    now.loc[flip, "verdict"] = stats.verdict(now.loc[flip, "paper"], now.loc[flip, "ci_low"],
+                                             now.loc[flip, "ci_high"], widest=100.0)
+    keep = now.index[now.verdict == "holds"][1]
+    now.loc[keep, ["n", "ours"]] = [512, now.loc[keep, "ours"] * 1.01]
+    now = now.drop(index=now.index[-1])  # a claim gone from the new table is not compared
+    changes = compare.verdict_changes(now, earlier)
+    assert len(changes) == len(earlier) - 1
+    row = changes.set_index(compare.VERDICT_KEY)
+    key = lambda i: tuple(earlier.loc[i, compare.VERDICT_KEY])  # noqa: E731
+    assert row.loc[key(flip), "changed"] and row.loc[key(flip), "moved"]
+    assert row.loc[key(flip), ["verdict_before", "verdict"]].tolist() == ["holds", "does not hold here"]
+    assert row.loc[key(keep), "moved"] and not row.loc[key(keep), "changed"]
+    assert changes.moved.sum() == 2 and changes.changed.sum() == 1
+    with pytest.raises(MechbookError, match="columns"):
+        compare.verdict_changes(now.drop(columns="verdict"), earlier)
+    with pytest.raises(MechbookError, match="twice"):
+        compare.verdict_changes(pd.concat([now, now.iloc[:1]]), earlier)

@@ -409,6 +409,34 @@ def verdicts_table(tables: dict[str, pd.DataFrame | None]) -> pd.DataFrame | Non
     return pd.DataFrame(rows) if rows else None
 
 
+# The verdicts as they stood before chapter b2 pruned at the paper's size: every row of verdicts_table() on the
+# results committed at e002d3a, where b2 (and so b4's cross-task scores) rested on 16 prompts per task.
+EARLIER_VERDICTS = Path(__file__).resolve().parent / "earlier" / "verdicts_b2_16_prompts.csv"
+VERDICT_KEY = ["model", "claim", "task", "condition"]
+
+
+def verdict_changes(verdicts: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFrame:
+    """Each verdict beside the one the same claim got in ``earlier`` (a table of :func:`verdicts_table`).
+
+    One row per (model, claim, task, condition) in both tables: the number, its interval,
+    its ``n`` and its verdict before (``*_before``) and now; ``moved`` where the number or
+    its ``n`` differs (it was measured again), ``changed`` where the verdict differs.
+    """
+    need = [*VERDICT_KEY, "ours", "ci_low", "ci_high", "n", "verdict"]
+    for name, table in (("verdicts", verdicts), ("earlier", earlier)):
+        if not isinstance(table, pd.DataFrame) or not set(need) <= set(table.columns):
+            raise MechbookError(f"{name} must be a table of verdicts_table() (columns {', '.join(need)})")
+    for name, table in (("verdicts", verdicts), ("earlier", earlier)):
+        twice = table[table.duplicated(VERDICT_KEY)]
+        if len(twice):
+            raise MechbookError(f"{name} holds {len(twice)} rows twice, e.g. {dict(twice[VERDICT_KEY].iloc[0])}")
+    both = earlier[need].merge(verdicts[[*need, "paper"]], on=VERDICT_KEY, suffixes=("_before", ""))
+    both["moved"] = (both.n != both.n_before) | ~np.isclose(both.ours, both.ours_before, rtol=1e-4, atol=1e-6)
+    both["changed"] = both.verdict != both.verdict_before
+    return both[[*VERDICT_KEY, "paper", "n_before", "ours_before", "ci_low_before", "ci_high_before",
+                 "verdict_before", "n", "ours", "ci_low", "ci_high", "verdict", "moved", "changed"]]
+
+
 # ------------------------------------------------------------------ what held here
 
 
