@@ -28,7 +28,12 @@ case "$model:$chapter" in
   # size: 128 prompts is the largest at which its five draws fit in about 3.5 hours on 2 cores.
   smollm2-135m:b2) params=(-p n_prompts=128 -p n_corrupted=128 -p "seeds=[0, 1, 2, 3, 4]"); reads=() ;;
   gemma3-270m:b7) params=(-p "sizes=[8, 16, 32, 64, 128]" -p "seeds=[0, 1, 2]" -p apart_size=64); reads=(b2) ;;
-  *) echo "no plan for $model $chapter; plans: gemma3-270m b2, gemma3-270m b7, smollm2-135m b2" >&2; exit 2 ;;
+  # After b2: b3 path patches every edge of b2's circuits on the first 128 of its prompts (on all 512 it would take
+  # about 2.6 hours on 2 cores), and b4 scores every circuit and its random controls on all of b2's prompts. Both
+  # read b2's results from this folder; they can run side by side, one thread each.
+  gemma3-270m:b3) params=(-p n_prompts=128); reads=(b2) ;;
+  gemma3-270m:b4) params=(); reads=(b2) ;;
+  *) echo "no plan for $model $chapter; plans: gemma3-270m b2, b3, b4 and b7, smollm2-135m b2" >&2; exit 2 ;;
 esac
 
 export MECHBOOK_RESULTS="${MECHBOOK_RESULTS:-$PWD/searching/results}"

@@ -13,13 +13,15 @@ names the command that writes the missing or damaged results.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pandas as pd
 
 from mechbook.book import results
 from mechbook.book.searches import Searches
+from mechbook.core.checks import check
 from mechbook.core.circuits import Circuit
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
@@ -27,6 +29,33 @@ from mechbook.papers.seqcont import components, task_circuits
 
 NODE_CHAPTER = "b2_node_pruning"
 SHARED_CHAPTER = "b4_shared_circuit"
+
+
+@dataclass(frozen=True)
+class PruningSize:
+    """How chapter b2 prunes a model: solved prompts per task, corrupted prompts behind the means, one draw per seed."""
+
+    n_prompts: int
+    n_corrupted: int
+    seeds: tuple[int, ...]
+
+
+# The sizes at which the book pruned each model, its searches published with b2's results (searching/README.md):
+# on gemma3-270m the paper's 512 prompts per task (its code: 512 per template), five draws. Any other model gets
+# ELSEWHERE, which a 2-core CPU prunes in minutes: a size of its own is a campaign of hours, run once.
+PRUNED_AT = {"gemma3-270m": PruningSize(512, 512, (0, 1, 2, 3, 4))}
+ELSEWHERE = PruningSize(16, 64, (0,))
+
+
+def pruning_size(model_name: str, *, n_prompts: int | None = None, n_corrupted: int | None = None,
+                 seeds: Sequence[int] | None = None) -> PruningSize:
+    """Chapter b2's sizes for ``model_name``: each one given, else the book's for that model (:data:`PRUNED_AT`,
+    :data:`ELSEWHERE` for a model not in it). Out-of-range values get the one-line error of ``mechbook run``."""
+    book = PRUNED_AT.get(model_name, ELSEWHERE)
+    return PruningSize(
+        book.n_prompts if n_prompts is None else check("n_prompts", n_prompts),
+        book.n_corrupted if n_corrupted is None else check("n_corrupted", n_corrupted),
+        book.seeds if seeds is None else tuple(check("seeds", seeds)))
 
 
 def _rerun(model_name: str, *chapters: str) -> str:
@@ -75,8 +104,13 @@ def load_task_sets(model: LoadedModel, root: str | Path | None = None, *,
         sets = task_circuits.task_sets_from_record(model, record)
     except MechbookError as exc:
         raise MechbookError(f"{path}: {exc}; rerun: {_rerun(model.name, 'b2')}") from exc
-    if n_prompts is None:
-        return sets
+    return sets if n_prompts is None else first_prompts(model, sets, n_prompts)
+
+
+def first_prompts(model: LoadedModel, sets: dict[str, task_circuits.TaskSet],
+                  n_prompts: int) -> dict[str, task_circuits.TaskSet]:
+    """Each task set with its first ``n_prompts`` solved prompts (b2's order takes the templates in turn, so they
+    stay mixed) and its means as they were, over all its corrupted prompts."""
     fewest = min(len(t) for t in sets.values())
     if not isinstance(n_prompts, int) or isinstance(n_prompts, bool) or not 2 <= n_prompts <= fewest:
         raise MechbookError(f"n_prompts = {n_prompts!r} is out of range: chapter b2 saved {fewest} prompts for its "

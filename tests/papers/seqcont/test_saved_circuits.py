@@ -115,3 +115,20 @@ def test_selection_says_how_b2_chose_its_circuits(tmp_path):
     _publish(tmp_path, "tiny", "b2_node_pruning", summary=pd.DataFrame([{"task": "numerals"}]))
     with pytest.raises(MechbookError, match="no draws, kept_in and n_prompts.*--chapters b2"):
         selection("tiny", tmp_path)
+
+
+def test_b2_prunes_each_model_at_the_books_size_unless_told():
+    """None takes the book's size for the model (the paper's 512 and five draws where the book searched at it,
+    16 prompts and one draw elsewhere); a value given wins; an out-of-range one is refused in mechbook run's words."""
+    from mechbook.book.saved_circuits import ELSEWHERE, PRUNED_AT, pruning_size
+
+    assert pruning_size("gemma3-270m") == PRUNED_AT["gemma3-270m"]
+    assert (PRUNED_AT["gemma3-270m"].n_prompts, len(PRUNED_AT["gemma3-270m"].seeds)) == (512, 5)
+    assert pruning_size("some-other-model") == ELSEWHERE
+    assert (ELSEWHERE.n_prompts, ELSEWHERE.n_corrupted, ELSEWHERE.seeds) == (16, 64, (0,))
+    mixed = pruning_size("gemma3-270m", n_prompts=32, seeds=[3])
+    assert (mixed.n_prompts, mixed.n_corrupted, mixed.seeds) == (32, 512, (3,))
+    with pytest.raises(MechbookError, match="n_prompts = 0 is out of range"):
+        pruning_size("gemma3-270m", n_prompts=0)
+    with pytest.raises(MechbookError, match="seeds = \\[-1\\] is out of range"):
+        pruning_size("gemma3-270m", seeds=[-1])
