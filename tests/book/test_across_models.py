@@ -259,3 +259,15 @@ def test_verdict_changes_set_each_verdict_beside_its_earlier_one() -> None:
         compare.verdict_changes(now.drop(columns="verdict"), earlier)
     with pytest.raises(MechbookError, match="twice"):
         compare.verdict_changes(pd.concat([now, now.iloc[:1]]), earlier)
+
+
+def test_circuit_choices_say_how_b2_chose_each_models_circuits() -> None:
+    """One pruning where b2 pruned one draw (or saved no draws column), the share and the draws where it pruned
+    several; the paper's rows are not measured models."""
+    sizes = pd.DataFrame({
+        "model": ["a", "a", "b", "gpt2-small (paper)"], "task": ["numerals", "months", "numerals", "numerals"],
+        "n_prompts": [512, 512, 16, None], "draws": [5, 5, 1, None], "kept_in": [0.6, 0.6, 0.6, None]})
+    assert compare.circuit_choices(sizes) == {"a": "kept in at least 60% of 5 draws of 512 prompts",
+                                              "b": "one pruning on 16 prompts"}
+    older = sizes.drop(columns=["draws", "kept_in"])
+    assert compare.circuit_choices(older)["a"] == "one pruning on 512 prompts"

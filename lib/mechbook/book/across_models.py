@@ -31,6 +31,7 @@ from mechbook.book.results import MARKER, complete_markers, default_root, load_j
 from mechbook.core import stats
 from mechbook.core.errors import MechbookError
 from mechbook.papers.seqcont import reported as seqcont_reported
+from mechbook.papers.seqcont import stability as seqcont_stability
 from mechbook.papers.vector_arithmetic import reported as vector_arithmetic_reported
 
 PAPER_SUFFIX = " (paper)"
@@ -217,7 +218,7 @@ def circuit_size_table(root: str | Path | None = None) -> pd.DataFrame | None:
     # score_low/score_high: the score's 95% bootstrap interval over the task's prompts (NaN for results saved
     # before b2 computed it)
     table = table.reindex(columns=[c for c in ["model", "task", "n_heads", "n_mlps", "score", "score_low", "score_high",
-                                               "threshold", "n_prompts"]
+                                               "threshold", "n_prompts", "draws", "kept_in"]
                                    if c in table.columns or c.startswith("score_")])
     totals = {model: info.get("n_layers", 0) * info.get("n_heads", 0)
               for model, info in load_json("b5_components", "key_heads", root).items()}
@@ -228,6 +229,19 @@ def circuit_size_table(root: str | Path | None = None) -> pd.DataFrame | None:
                           "share_of_heads": paper.value / GPT2_SMALL_HEADS})
     both = pd.concat([table, paper], ignore_index=True)
     return both.astype({c: "Int64" for c in ["n_heads", "n_mlps"] if c in both.columns})
+
+
+def circuit_choices(sizes: pd.DataFrame) -> dict[str, str]:
+    """How chapter b2 chose each measured model's circuits, from :func:`circuit_size_table`: model -> ``"kept in at
+    least 60% of 5 draws of 512 prompts"`` or ``"one pruning on 16 prompts"`` (results saved before b2 pruned several
+    draws: one pruning)."""
+    measured = sizes[~sizes.model.map(is_paper)]
+    out = {}
+    for model, rows in measured.groupby("model", sort=False):
+        draws = int(rows.draws.max()) if "draws" in rows and rows.draws.notna().any() else 1
+        share = float(rows.kept_in.max()) if "kept_in" in rows and rows.kept_in.notna().any() else 1.0
+        out[model] = seqcont_stability.selection_phrase(draws, share, int(rows.n_prompts.max()))
+    return out
 
 
 def circuit_overlap_table(root: str | Path | None = None) -> pd.DataFrame | None:

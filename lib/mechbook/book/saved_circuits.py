@@ -25,7 +25,7 @@ from mechbook.core.checks import check
 from mechbook.core.circuits import Circuit
 from mechbook.core.errors import MechbookError
 from mechbook.core.loading import LoadedModel
-from mechbook.papers.seqcont import components, task_circuits
+from mechbook.papers.seqcont import components, stability, task_circuits
 
 NODE_CHAPTER = "b2_node_pruning"
 SHARED_CHAPTER = "b4_shared_circuit"
@@ -133,9 +133,7 @@ def selection(model_name: str, root: str | Path | None = None) -> str:
     except (AttributeError, ValueError) as exc:
         raise MechbookError(f"{path} has no draws, kept_in and n_prompts columns ({exc}); rerun: "
                             f"{_rerun(model_name, 'b2')}") from exc
-    if draws == 1:
-        return f"one pruning on {n} prompts"
-    return f"kept in at least {share:.0%} of {draws} draws of {n} prompts"
+    return stability.selection_phrase(draws, share, n)
 
 
 def load_shared_circuit(model: LoadedModel, root: str | Path | None = None) -> tuple[Circuit, str]:

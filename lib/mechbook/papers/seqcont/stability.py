@@ -209,6 +209,14 @@ def inclusion_frequency(circuits: Mapping[tuple[str, int], Circuit]) -> pd.DataF
     return df
 
 
+def selection_phrase(draws: int, share: float, n_prompts: int) -> str:
+    """How a task's circuit was chosen, for the tables and figures that show it: ``"kept in at least 60% of 5 draws
+    of 512 prompts"`` (:func:`stable_circuits` over ``draws`` prunings), or ``"one pruning on 16 prompts"``."""
+    if draws == 1:
+        return f"one pruning on {n_prompts} prompts"
+    return f"kept in at least {share:.0%} of {draws} draws of {n_prompts} prompts"
+
+
 def stable_circuits(frequency: pd.DataFrame, *, share: float) -> dict[str, Circuit]:
     """Per task, the circuit of the components kept in at least ``share`` of the draws (stability selection).
 
